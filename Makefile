@@ -1,0 +1,29 @@
+# Set-up and entry points. `make setup` creates .venv with torch==2.13.0 installed first
+# (the CPU wheel on a machine without CUDA; set TORCH_SPEC to use your own build), then the project.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup test test-fast bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip wheel
+	$(PY) -m pip install "$(TORCH_SPEC)"
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

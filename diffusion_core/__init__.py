@@ -1,0 +1,26 @@
+"""diffusion_core: the DDPM math (Ho et al. 2020), the UNet, samplers and the exact likelihood.
+
+Public API (DESIGN.md): ``DiffusionConfig``, ``GaussianDiffusion``, ``UNet``, ``UNetConfig``.
+This package imports neither Ray nor MLflow and does no I/O beyond the checkpoints it is handed.
+Names are resolved lazily (PEP 562) so that ``import diffusion_core.images`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DiffusionConfig": "diffusion_core.config",
+    "UNetConfig": "diffusion_core.config",
+    "GaussianDiffusion": "diffusion_core.diffusion",
+    "UNet": "diffusion_core.unet",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'diffusion_core' has no attribute {name!r}")

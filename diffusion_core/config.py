@@ -1,0 +1,177 @@
+"""Frozen, validated configuration dataclasses for the diffusion process and the UNet.
+
+Both configs round-trip through plain dicts (``to_dict`` / ``from_dict``), which is how they are
+written beside every checkpoint (JSON) and read from the YAML training configs. Unknown keys and
+out-of-range values raise ``ValueError`` naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, TypeVar, get_args
+
+Schedule = Literal["linear", "cosine"]
+Prediction = Literal["eps", "x_start", "v"]
+Variance = Literal["fixed_small", "fixed_large", "learned_range"]
+Loss = Literal["simple", "vlb", "hybrid"]
+
+_C = TypeVar("_C")
+
+
+def _check_choice(name: str, value: Any, literal: Any) -> None:
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
+    """Build a config dataclass from a mapping, rejecting unknown keys.
+
+    Sequence-valued fields given as lists (JSON/YAML) are converted to tuples.
+
+    Raises:
+        TypeError: if ``data`` is not a mapping.
+        ValueError: on a key that ``cls`` does not define (the message lists the known keys),
+            or on any value that ``cls.__post_init__`` rejects.
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys are {names}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Settings of the Gaussian diffusion process (Ho et al. 2020; Nichol & Dhariwal 2021).
+
+    Attributes:
+        num_timesteps: T, the number of diffusion steps (>= 2). Timesteps are 0-based: index t
+            is the paper's t+1, index 0 is the decoder step p(x_0|x_1).
+        schedule: "linear" (betas from 1e-4*(1000/T) to 0.02*(1000/T), Ho et al. 2020 sec. 4)
+            or "cosine" (s = 0.008, betas capped at 0.999; Nichol & Dhariwal 2021 eq. 17).
+        prediction: what the network outputs in its first C channels: the noise "eps", the clean
+            image "x_start", or the velocity "v" = sqrt(abar)*eps - sqrt(1-abar)*x_0
+            (Salimans & Ho 2022).
+        variance: reverse-process variance: "fixed_small" (posterior beta-tilde), "fixed_large"
+            (beta_t), or "learned_range" (the network's last C channels interpolate
+            log beta-tilde and log beta; Nichol & Dhariwal 2021 eq. 15).
+        loss: "simple" (MSE on the parameterized target, Ho et al. eq. 14), "vlb" (the true
+            variational bound terms in bits/dim), or "hybrid" (simple + vlb_weight * vlb with the
+            mean stopped in the vlb term; Nichol & Dhariwal 2021 sec. 3.1).
+        vlb_weight: lambda of the hybrid loss (0.001 in Nichol & Dhariwal 2021).
+    """
+
+    num_timesteps: int = 1000
+    schedule: Schedule = "linear"
+    prediction: Prediction = "eps"
+    variance: Variance = "fixed_small"
+    loss: Loss = "simple"
+    vlb_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        _check_positive_int("num_timesteps", self.num_timesteps)
+        if self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps={self.num_timesteps} must be >= 2")
+        _check_choice("schedule", self.schedule, Schedule)
+        _check_choice("prediction", self.prediction, Prediction)
+        _check_choice("variance", self.variance, Variance)
+        _check_choice("loss", self.loss, Loss)
+        if not (isinstance(self.vlb_weight, (int, float)) and self.vlb_weight >= 0):
+            raise ValueError(f"vlb_weight={self.vlb_weight!r} must be a number >= 0")
+
+    @property
+    def learn_sigma(self) -> bool:
+        """True when the network outputs 2C channels (variance == "learned_range")."""
+        return self.variance == "learned_range"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON/YAML-serializable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DiffusionConfig":
+        """Inverse of ``to_dict``; raises ``ValueError`` on unknown keys or bad values."""
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the UNet of Ho et al. 2020 (appendix B), built by ``diffusion_core.UNet``.
+
+    Attributes:
+        image_size: H (= W) of the input in pixels; must be divisible by 2**(len(channel_mult)-1).
+        in_channels: C of the images, 1 (grayscale) or 3 (RGB).
+        out_channels: C or 2C (2C when the diffusion's variance is "learned_range").
+        model_channels: base channel count ("ch"; 128 for Ho et al.'s CIFAR-10 model).
+        channel_mult: per-resolution multipliers of ``model_channels`` ((1, 2, 2, 2) for CIFAR-10).
+        num_res_blocks: residual blocks per resolution on the way down (2 for CIFAR-10).
+        attention_resolutions: feature-map sizes in pixels at which self-attention is applied
+            ((16,) for CIFAR-10 32x32).
+        dropout: dropout probability inside residual blocks (0.1 for CIFAR-10).
+        num_groups: GroupNorm groups (32 in Ho et al.); must divide every channel count.
+        num_heads: attention heads; must divide the channel count where attention is applied.
+    """
+
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_groups: int = 32
+    num_heads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "model_channels", "num_res_blocks", "num_groups", "num_heads"):
+            _check_positive_int(name, getattr(self, name))
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels={self.in_channels!r} must be 1 or 3")
+        if self.out_channels not in (self.in_channels, 2 * self.in_channels):
+            raise ValueError(
+                f"out_channels={self.out_channels!r} must be in_channels ({self.in_channels}) "
+                f"or 2*in_channels ({2 * self.in_channels})"
+            )
+        if not self.channel_mult or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.channel_mult
+        ):
+            raise ValueError(f"channel_mult={self.channel_mult!r} must be a non-empty tuple of positive ints")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by 2**(len(channel_mult)-1) = {factor}"
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        for mult in self.channel_mult:
+            if (self.model_channels * mult) % self.num_groups:
+                raise ValueError(
+                    f"num_groups={self.num_groups} must divide every channel count "
+                    f"(model_channels*mult = {self.model_channels * mult})"
+                )
+        resolutions = {self.image_size // 2**i for i in range(len(self.channel_mult))}
+        for res in self.attention_resolutions:
+            if res not in resolutions:
+                raise ValueError(
+                    f"attention_resolutions entry {res} is not one of the feature-map sizes {sorted(resolutions)}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (tuples become lists in JSON/YAML)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":
+        """Inverse of ``to_dict``; raises ``ValueError`` on unknown keys or bad values."""
+        return config_from_dict(cls, data)
