@@ -22,6 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads, i.e. after this hook):
+    # on 2 shared cores, spinning 2-thread torch ops ran ~10x slower than 1 thread.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +37,70 @@ def fashion_mnist_dir() -> Path:
         "Fashion-MNIST not found; set FASHION_MNIST_DIR or install Debian's dataset-fashion-mnist "
         f"(looked in {[c for c in _FASHION_MNIST_CANDIDATES if c]})"
     )
+
+
+# ----------------------------------------------------------------------------- training tests
+# Session-scoped so that the Ray instance, the shards and the two small training runs are made
+# once and shared by test_train_ray.py, test_mlflow_server.py and test_evaluate.py.
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An in-process Ray instance of its own (address="local": never someone else's cluster) with
+    4 logical CPUs on purpose, so that 2 one-CPU train workers leave Ray Data a CPU. Reuses an
+    instance that is already up (and then leaves it up)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(ray_local, fashion_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of the first 80 Fashion-MNIST training images made by the real preprocessing
+    (66 train / 14 val with the seeded hash split)."""
+    from _train_helpers import SHARD_LIMIT, SHARD_VAL_FRACTION, TRAIN_IMAGES
+    from pipelines.preprocess import PreprocessConfig, run_preprocess
+
+    output = tmp_path_factory.mktemp("fmnist") / "shards"
+    manifest = run_preprocess(PreprocessConfig(
+        input=str(fashion_mnist_dir / "train-images-idx3-ubyte.gz"), output=str(output),
+        limit=SHARD_LIMIT, val_fraction=SHARD_VAL_FRACTION,
+    ))
+    assert manifest.counts["train"] == TRAIN_IMAGES, manifest.counts
+    return output
+
+
+@pytest.fixture(scope="session")
+def train_sandbox(tmp_path_factory: pytest.TempPathFactory):
+    """A folder for checkpoints and a SQLite MLflow store, made the process's MLFLOW_TRACKING_URI
+    for the session (restored afterwards)."""
+    root = tmp_path_factory.mktemp("train")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    yield root
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(ray_local, fmnist_shards: Path, train_sandbox: Path):
+    """Two 4-step runs of configs/tiny_cpu.yaml on the same data, seed and global batch: with 2
+    gloo workers and with 1. Returns ``{num_workers: TinyRun}``."""
+    from _train_helpers import TinyRun, tiny_config
+    from pipelines.train import run
+
+    runs = {}
+    for workers in (2, 1):
+        log_dir = train_sandbox / f"workers{workers}"
+        config = tiny_config(fmnist_shards, train_sandbox / "runs", f"ddp-{workers}",
+                             scaling__num_workers=workers, train__worker_log_dir=str(log_dir))
+        runs[workers] = TinyRun(config=config, outcome=run(config), worker_log_dir=log_dir)
+    return runs
