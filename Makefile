@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-fast bench clean
+.PHONY: setup test test-fast bench clean demo demo-stop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
+
+# End-to-end demo on this machine (Ray cluster, preprocessing, training, evaluation, Serve, MLflow UI);
+# outputs in outputs/demo/. `make demo-stop` stops the cluster and the MLflow server it started.
+demo: setup
+	bash scripts/demo.sh
+
+demo-stop:
+	bash scripts/demo_stop.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -73,7 +73,9 @@ def _check_state_dict(state_dict: Mapping[str, torch.Tensor], unet_config: UNetC
         tensor = state_dict[key]
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(ref.shape):
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"weights do not match the UNet config: {key} has shape {got}, expected {tuple(ref.shape)}")
+            raise ValueError(
+                f"weights do not match the UNet config: {key} has shape {got}, expected {tuple(ref.shape)}"
+            )
 
 
 def save_checkpoint(
@@ -167,7 +169,9 @@ def read_checkpoint_config(directory: str | os.PathLike[str]) -> tuple[UNetConfi
         raise ValueError(f"corrupt checkpoint config {path.resolve()}: {err}") from err
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         version = payload.get("format_version") if isinstance(payload, dict) else None
-        raise ValueError(f"{path.resolve()}: format_version={version!r}; this code reads format_version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path.resolve()}: format_version={version!r}; this code reads format_version {FORMAT_VERSION}"
+        )
     missing = [k for k in ("unet", "diffusion") if not isinstance(payload.get(k), dict)]
     if missing:
         raise ValueError(f"{path.resolve()}: missing or non-object section(s) {missing}")

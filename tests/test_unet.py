@@ -77,7 +77,11 @@ def test_fashion_mnist_odd_feature_map_shapes():
 
 @pytest.mark.parametrize(
     "shape,match",
-    [((2, 3, 16, 16), r"\(2, 3, 16, 16\).*\[N, 3, 8, 8\]"), ((2, 1, 8, 8), r"\(2, 1, 8, 8\)"), ((3, 8, 8), r"\(3, 8, 8\)")],
+    [
+        ((2, 3, 16, 16), r"\(2, 3, 16, 16\).*\[N, 3, 8, 8\]"),
+        ((2, 1, 8, 8), r"\(2, 1, 8, 8\)"),
+        ((3, 8, 8), r"\(3, 8, 8\)"),
+    ],
 )
 def test_wrong_input_shape_raises_value_error(shape, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,303 @@
+"""Batched sampling and likelihood on one loaded checkpoint: the compute behind the Serve app.
+
+No Ray here, so it is tested directly. A ``ModelRunner`` holds a ``LoadedModel`` and
+
+* turns validated requests into jobs, checking what depends on the model (image size and
+  channels, T for DDPM / the exact bound, K <= 2T): ``make_sample_job``, ``make_likelihood_job``;
+* runs a batch of jobs so that they share network evaluations while every job keeps its own
+  ``torch.Generator`` seeded from its ``seed``, so the same seed gives the same result whatever
+  else is in the batch: ``sample_many``, ``likelihood_many``. A job's failure is returned as its
+  result (an ``Exception``) and never affects the other jobs.
+
+Sampling groups jobs by settings (sampler, num_steps, eta, clip_denoised) and runs one batched
+loop per group over ``GaussianDiffusion.p_sample`` / ``ddim_sample`` with the per-step noise of
+each job drawn from its own generator and concatenated, in the same order as
+``p_sample_loop`` / ``ddim_sample_loop`` draw it. The likelihood runs the core's unchanged
+``calc_bpd_loop`` / ``calc_bpd_estimate`` per job, each in a thread, against a
+``LockstepModel`` that merges their network calls into one forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from deploy.lockstep import LockstepModel, run_lockstep
+from deploy.model_source import ModelSource, describe_model_uri, read_manifest_summary
+from deploy.schemas import (
+    LikelihoodOptions,
+    RequestError,
+    SampleRequest,
+    check_exact_cost,
+    check_images_for_model,
+    resolve_num_steps,
+)
+from diffusion_core.checkpoint import LoadedModel
+from diffusion_core.images import uint8_to_float
+from diffusion_core.sampling import ddim_timesteps
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One validated sampling request for a given model.
+
+    Attributes:
+        num_images: N >= 1.
+        sampler: "ddpm" or "ddim".
+        num_steps: network evaluations per image (T for DDPM).
+        eta: DDIM stochasticity (0 for DDPM, where it is unused).
+        seed: seed of the job's torch.Generator (initial and per-step noise).
+        clip_denoised: clamp the predicted x_0 to [-1, 1] at every step.
+    """
+
+    num_images: int
+    sampler: Literal["ddpm", "ddim"]
+    num_steps: int
+    eta: float
+    seed: int
+    clip_denoised: bool
+
+    @property
+    def settings(self) -> tuple[str, int, float, bool]:
+        """Jobs with equal settings share network evaluations: (sampler, num_steps, eta, clip_denoised)."""
+        return (self.sampler, self.num_steps, self.eta, self.clip_denoised)
+
+
+@dataclass(frozen=True)
+class LikelihoodJob:
+    """One validated likelihood request for a given model.
+
+    Attributes:
+        pixels: uint8 [N, H, W, C] images matching the model.
+        method: "exact" (all T terms) or "estimate" (stratified, K terms).
+        num_samples: K of the estimate (unused by "exact").
+        seed: seed of the job's torch.Generator (timesteps and noise of the bound).
+        breakdown: also return per-term values.
+    """
+
+    pixels: np.ndarray
+    method: Literal["exact", "estimate"]
+    num_samples: int
+    seed: int
+    breakdown: bool
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+class ModelRunner:
+    """Sampling and bits/dim for one loaded checkpoint.
+
+    Args:
+        loaded: the checkpoint (``diffusion_core.checkpoint.load_checkpoint``); its model must be
+            in eval mode on ``device``.
+        source: where the model came from (name, version, run id).
+        manifest: summary of the training data's manifest, or ``None``.
+    """
+
+    def __init__(self, loaded: LoadedModel, source: ModelSource, manifest: dict[str, Any] | None = None) -> None:
+        self.loaded = loaded
+        self.source = source
+        self.manifest = manifest
+        first = next(loaded.model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's images."""
+        cfg = self.loaded.unet_config
+        return (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+    @property
+    def num_timesteps(self) -> int:
+        """T of the model's diffusion."""
+        return self.loaded.diffusion.num_timesteps
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description: name, version, alias, run_id, uri, config (unet, diffusion),
+        checkpoint metadata, data manifest summary, image_shape [C, H, W], device, parameter count."""
+        return {
+            **self.source.to_dict(),
+            "config": {"unet": self.loaded.unet_config.to_dict(), "diffusion": self.loaded.diffusion_config.to_dict()},
+            "metadata": self.loaded.metadata,
+            "data_manifest": self.manifest,
+            "image_shape": list(self.image_shape),
+            "device": str(self.device),
+            "num_parameters": sum(p.numel() for p in self.loaded.model.parameters()),
+        }
+
+    # ------------------------------------------------------------------ validation
+    def make_sample_job(self, request: SampleRequest, seed: int, max_num_steps: int) -> SampleJob:
+        """A ``SampleJob`` for ``request`` with ``seed`` (already resolved when the request had none).
+
+        Raises:
+            RequestError: 422 if ``num_steps`` does not fit the model, 413 if the network
+                evaluations per image exceed ``max_num_steps``.
+        """
+        steps = resolve_num_steps(request.sampler, request.num_steps, self.num_timesteps, max_num_steps)
+        return SampleJob(
+            request.num_images, request.sampler, steps, float(request.eta), int(seed), request.clip_denoised
+        )
+
+    def make_likelihood_job(
+        self, options: LikelihoodOptions, pixels: np.ndarray, seed: int, images_field: str, max_num_steps: int
+    ) -> LikelihoodJob:
+        """A ``LikelihoodJob`` for uint8 ``pixels`` [N, H, W, C] and the request ``options``.
+
+        Raises:
+            RequestError: 422 naming ``images_field`` if the images do not match the model's
+                (C, H, W), 422 if ``num_samples`` is outside [2, 2T], 413 if the exact bound's T
+                network evaluations exceed ``max_num_steps``.
+        """
+        check_images_for_model(pixels, self.image_shape, images_field)
+        if options.method == "exact":
+            check_exact_cost(self.num_timesteps, max_num_steps)
+        elif not 2 <= options.num_samples <= 2 * self.num_timesteps:
+            raise RequestError(
+                422, "num_samples", f"{options.num_samples} must be in [2, {2 * self.num_timesteps}] "
+                f"(two draws per stratum of this model's T={self.num_timesteps} steps)",
+            )
+        return LikelihoodJob(pixels, options.method, options.num_samples, int(seed), options.breakdown)
+
+    # ------------------------------------------------------------------ sampling
+    def sample_many(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor | Exception]:
+        """Samples for every job, float32 [num_images, C, H, W] in [-1, 1] when clipped, on CPU.
+
+        Jobs with equal ``settings`` run as one batch; each job's images equal
+        ``p_sample_loop``/``ddim_sample_loop`` run alone with ``torch.Generator().manual_seed(seed)``
+        (up to float rounding of the larger network batch). A group that fails is retried job by
+        job, so a failure is returned only for the job that causes it.
+        """
+        results: list[torch.Tensor | Exception | None] = [None] * len(jobs)
+        order = sorted(range(len(jobs)), key=lambda i: repr(jobs[i].settings))
+        for _, members in itertools.groupby(order, key=lambda i: jobs[i].settings):
+            indices = list(members)
+            for index, result in zip(indices, self._sample_isolated([jobs[i] for i in indices])):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _sample_isolated(self, jobs: list[SampleJob]) -> list[torch.Tensor | Exception]:
+        try:
+            return list(self.sample_group(jobs))
+        except Exception as err:  # noqa: BLE001 - isolate the failing job below
+            if len(jobs) == 1:
+                return [err]
+        return [self._sample_isolated([job])[0] for job in jobs]
+
+    @torch.no_grad()
+    def sample_group(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor]:
+        """Run jobs of identical ``settings`` as one batched sampler loop.
+
+        The starting noise x_T and the noise of every step are drawn per job from the job's own
+        generator (shape [num_images, C, H, W], in the order of the core samplers) and
+        concatenated, then one ``p_sample`` (Ho et al. 2020, Alg. 2) or ``ddim_sample``
+        (Song et al. 2021, eq. 12) step updates the whole batch.
+
+        Returns:
+            per job, float32 [num_images, C, H, W] on CPU.
+
+        Raises:
+            ValueError: if the jobs' settings differ, or from the core on bad values.
+        """
+        settings = {job.settings for job in jobs}
+        if len(settings) != 1:
+            raise ValueError(f"sample_group needs jobs with one settings tuple, got {sorted(map(repr, settings))}")
+        first = jobs[0]
+        diffusion, model, device = self.loaded.diffusion, self.loaded.model, self.device
+        generators = [_generator(job.seed, device) for job in jobs]
+        shapes = [(job.num_images, *self.image_shape) for job in jobs]
+
+        def per_job_noise() -> torch.Tensor:
+            return torch.cat([torch.randn(s, generator=g, device=device, dtype=torch.float32)
+                              for s, g in zip(shapes, generators)])
+
+        x = per_job_noise()
+        n = x.shape[0]
+        if first.sampler == "ddpm":
+            for t_index in range(self.num_timesteps - 1, -1, -1):
+                t = torch.full((n,), t_index, dtype=torch.long, device=device)
+                x = diffusion.p_sample(model, x, t, clip_denoised=first.clip_denoised, noise=per_job_noise())["sample"]
+        else:
+            steps = ddim_timesteps(self.num_timesteps, first.num_steps)
+            for i, t_index in enumerate(steps):
+                t = torch.full((n,), int(t_index), dtype=torch.long, device=device)
+                t_prev = torch.full_like(t, int(steps[i + 1]) if i + 1 < len(steps) else -1)
+                noise = per_job_noise() if first.eta > 0 else None
+                x = diffusion.ddim_sample(model, x, t, t_prev, first.eta, first.clip_denoised, noise=noise)["sample"]
+        return list(x.float().cpu().split([s[0] for s in shapes]))
+
+    # ------------------------------------------------------------------ likelihood
+    def likelihood_many(self, jobs: Sequence[LikelihoodJob]) -> list[list[dict[str, Any]] | Exception]:
+        """Bits/dim of every job's images: per job a list with one dict per image, or the
+        ``Exception`` that job raised.
+
+        Each job runs ``calc_bpd_loop`` ("exact") or ``calc_bpd_estimate`` ("estimate") with its
+        own generator, so its values equal the core function called alone with
+        ``torch.Generator().manual_seed(seed)`` (up to float rounding); the network calls of all
+        jobs are merged by a ``LockstepModel``.
+        """
+        results, _ = run_lockstep(self.loaded.model, list(jobs), self.likelihood_one)
+        return results
+
+    def likelihood_one(self, model: LockstepModel | torch.nn.Module, job: LikelihoodJob) -> list[dict[str, Any]]:
+        """Bits/dim of one job's images with ``model`` (the network or a ``LockstepModel`` around it).
+
+        Returns:
+            one dict per image: "bpd" (bits/dim of the full bound, prior included); for "estimate"
+            also "stderr" (bits/dim) and "num_samples" (K); with ``breakdown`` also "prior_bpd"
+            and, for "exact", "terms_bpd" (list [T], L_t in bits/dim, index 0 = decoder L_0),
+            for "estimate", "terms_bpd_estimate" (the estimated sum of the T terms).
+        """
+        x = torch.from_numpy(uint8_to_float(job.pixels).transpose(0, 3, 1, 2).copy()).to(self.device)
+        generator = _generator(job.seed, self.device)
+        diffusion = self.loaded.diffusion
+        if job.method == "exact":
+            out = diffusion.calc_bpd_loop(model, x, generator=generator)
+        else:
+            out = diffusion.calc_bpd_estimate(model, x, num_samples=job.num_samples, generator=generator)
+        rows = []
+        for i in range(x.shape[0]):
+            row: dict[str, Any] = {"bpd": float(out["total_bpd"][i])}
+            if job.method == "estimate":
+                row.update(stderr=float(out["stderr"][i]), num_samples=int(out["num_samples"]))
+            if job.breakdown:
+                row["prior_bpd"] = float(out["prior_bpd"][i])
+                if job.method == "exact":
+                    row["terms_bpd"] = [float(v) for v in out["vb"][i]]
+                else:
+                    row["terms_bpd_estimate"] = float(out["total_bpd"][i] - out["prior_bpd"][i])
+            rows.append(row)
+        return rows
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible to this process (e.g. a replica with ``num_gpus``), else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_runner(model_uri: str, device: str | torch.device | None = None) -> ModelRunner:
+    """Fetch ``model_uri`` (``models:/name/version``, ``models:/name@alias``, ``runs:/...``,
+    ``s3://...`` or a local folder; see ``pipelines.model_store.fetch_checkpoint``), load it on
+    ``device`` (default: ``default_device()``) and resolve its registry identity.
+
+    The downloaded files live in a temporary folder that is removed once the weights are in memory.
+
+    Raises:
+        ValueError / FileNotFoundError: from ``fetch_checkpoint`` / ``load_checkpoint`` on a bad
+            URI, a missing model or a corrupt checkpoint.
+    """
+    from diffusion_core.checkpoint import load_checkpoint
+    from pipelines.model_store import fetch_checkpoint
+
+    device = torch.device(device) if device is not None else default_device()
+    with tempfile.TemporaryDirectory(prefix="ddpm-serve-") as tmp:
+        folder = fetch_checkpoint(model_uri, dst=tmp)
+        loaded = load_checkpoint(folder, device=device)
+        manifest = read_manifest_summary(folder)
+    return ModelRunner(loaded, describe_model_uri(model_uri, loaded.metadata), manifest)

@@ -1,0 +1,69 @@
+"""Helpers shared by the training tests (configs, worker logs, ports); fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.train_config import TrainConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+#: --limit and --val-fraction of the test shards: 66 training images (one global batch = one
+#: epoch, so any split of it over workers covers the same images) and 14 validation images.
+SHARD_LIMIT, SHARD_VAL_FRACTION, TRAIN_IMAGES = 80, 0.2, 66
+EXPERIMENT = "ddpm-test"
+REGISTERED_MODEL = "ddpm-test"
+
+#: Overrides that make configs/tiny_cpu.yaml run in seconds: 4 steps, everything logged each step.
+FAST = {
+    "train.total_steps": 4,
+    "train.global_batch_size": TRAIN_IMAGES,
+    "train.log_every": 1,
+    "train.checkpoint_every": 2,
+    "train.sample_every": 2,
+    "train.sample_images": 4,
+    "train.sample_steps": 4,
+    "train.bpd_every": 2,
+    "train.bpd_images": 8,
+    "train.bpd_samples": 2,
+    "train.final_bpd_images": 2,
+    "scaling.torch_threads": 1,
+    "scaling.max_failures": 0,
+    "tracking.experiment_name": EXPERIMENT,
+    "tracking.registered_model_name": REGISTERED_MODEL,
+}
+
+
+def tiny_config(shards: Path, storage: Path, run_name: str, **overrides: Any) -> TrainConfig:
+    """configs/tiny_cpu.yaml with ``FAST`` and ``overrides`` (``section__key=value``) applied."""
+    extra = {key.replace("__", "."): value for key, value in overrides.items()}
+    config = load_config(TINY_CONFIG)
+    return config.replace({**FAST, "data.shards": str(shards), "train.storage_path": str(storage),
+                           "train.run_name": run_name, **extra})
+
+
+def read_worker_log(folder: Path, rank: int) -> list[dict[str, Any]]:
+    """The JSON lines a worker wrote with ``train.worker_log_dir`` (step, sha256, local_loss, pid)."""
+    path = Path(folder) / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """One finished training run of the session: its config, what ``pipelines.train.run`` returned,
+    and the folder of its worker logs."""
+
+    config: TrainConfig
+    outcome: dict[str, Any]
+    worker_log_dir: Path

@@ -1,0 +1,136 @@
+"""pipelines.model_store against a real SQLite-backed MLflow: log, register, fetch back, load."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from s3_server import running_s3_server
+
+from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
+from diffusion_core.config import DiffusionConfig, UNetConfig
+from diffusion_core.unet import UNet
+from pipelines.mlflow_setup import ensure_experiment
+from pipelines.model_store import ModelRef, fetch_checkpoint, log_checkpoint_model
+
+TINY_UNET = UNetConfig(
+    image_size=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2),
+    num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, num_groups=4, num_heads=1,
+)
+TINY_DIFFUSION = DiffusionConfig(num_timesteps=50)
+MANIFEST = {"schema_version": 1, "source_checksum": "sha256:abc123", "counts": {"train": 9, "val": 1}}
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite tracking store for the module (creating one costs seconds), made the
+    process-wide default meanwhile; each test registers under its own model name."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = UNet(TINY_UNET)
+    return save_checkpoint(tmp_path / "ckpt", model.state_dict(), TINY_UNET, TINY_DIFFUSION, {"step": 7})
+
+
+def _log(checkpoint: Path, tracking: str, **kwargs) -> ModelRef:
+    experiment_id = ensure_experiment(MlflowClient(tracking), "model-store-test", tracking)
+    with mlflow.start_run(experiment_id=experiment_id):
+        return log_checkpoint_model(checkpoint, **kwargs)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    return (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_registered_model_round_trip(tracking: str, checkpoint: Path, tmp_path: Path) -> None:
+    ref = _log(checkpoint, tracking, registered_model_name="ddpm-test", manifest=MANIFEST)
+    assert ref.model_uri == "models:/ddpm-test/1" and ref.name == "ddpm-test" and ref.version == "1"
+
+    folder = fetch_checkpoint(ref.model_uri, str(tmp_path / "dl"))
+    assert folder.is_absolute() and folder.is_relative_to(tmp_path / "dl")
+    assert _same_weights(folder, checkpoint)
+    assert json.loads((folder / "manifest.json").read_text()) == MANIFEST
+    loaded = load_checkpoint(folder)
+    assert loaded.metadata == {"step": 7} and loaded.unet_config == TINY_UNET
+    torch.manual_seed(0)
+    reference = UNet(TINY_UNET)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
+
+    client = MlflowClient(tracking)
+    version = client.get_model_version("ddpm-test", "1")
+    assert version.run_id == ref.run_id
+    assert version.tags["data_manifest_checksum"] == "sha256:abc123"
+    client.set_registered_model_alias("ddpm-test", "champion", "1")
+    by_alias = fetch_checkpoint("models:/ddpm-test@champion", str(tmp_path / "alias"))
+    assert _same_weights(by_alias, checkpoint)
+    by_run = fetch_checkpoint(f"runs:/{ref.run_id}/model")
+    assert _same_weights(by_run, checkpoint)
+
+
+def test_second_version_and_unregistered(tracking: str, checkpoint: Path, tmp_path: Path) -> None:
+    _log(checkpoint, tracking, registered_model_name="ddpm-second")
+    second = save_checkpoint(tmp_path / "ckpt2", UNet(TINY_UNET).state_dict(), TINY_UNET, TINY_DIFFUSION, {"step": 9})
+    ref2 = _log(second, tracking, registered_model_name="ddpm-second")
+    assert ref2.version == "2"
+    assert load_checkpoint(fetch_checkpoint("models:/ddpm-second/2")).metadata == {"step": 9}
+    assert load_checkpoint(fetch_checkpoint("models:/ddpm-second/1")).metadata == {"step": 7}
+    plain = _log(checkpoint, tracking)
+    assert plain.name is None and plain.version is None and plain.model_uri == f"runs:/{plain.run_id}/model"
+    assert not (fetch_checkpoint(plain.model_uri) / "manifest.json").exists()
+
+
+def test_local_folder(checkpoint: Path, tmp_path: Path) -> None:
+    assert fetch_checkpoint(str(checkpoint)) == checkpoint.resolve()
+    assert fetch_checkpoint(str(tmp_path)) == checkpoint.resolve()  # found one level down
+    copied = fetch_checkpoint(str(checkpoint), str(tmp_path / "copy"))
+    assert copied != checkpoint.resolve() and _same_weights(copied, checkpoint)
+
+
+def test_bad_inputs(tracking: str, checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        fetch_checkpoint("")
+    with pytest.raises(ValueError, match="unsupported model uri 'ftp://x/y'"):
+        fetch_checkpoint("ftp://x/y")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fetch_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no folder with model.safetensors"):
+        fetch_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="models:/never-registered/1"):
+        fetch_checkpoint("models:/never-registered/1", str(tmp_path / "dl"))
+    with pytest.raises(FileNotFoundError, match="ddpm-test"):
+        fetch_checkpoint("models:/ddpm-test/99", str(tmp_path / "dl"))
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        log_checkpoint_model(checkpoint)
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt checkpoint config"):
+        _log(checkpoint, tracking)
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        _log(tmp_path / "empty", tracking)
+
+
+def test_s3_prefix(checkpoint: Path, tmp_path: Path) -> None:
+    with running_s3_server(set_environ=True) as s3:
+        s3.create_bucket("models")
+        uri = s3.upload_folder(checkpoint, "models", "ddpm/v1")
+        folder = fetch_checkpoint(uri, str(tmp_path / "from-s3"))
+    assert folder.is_relative_to(tmp_path / "from-s3") and _same_weights(folder, checkpoint)
+    assert load_checkpoint(folder).metadata == {"step": 7}

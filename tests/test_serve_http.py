@@ -1,0 +1,251 @@
+"""The Serve app over real HTTP: `serve deploy` of a deploy/serve_config.yaml-style config on a private
+local Ray cluster, serving a tiny model trained here and registered in a SQLite MLflow registry."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from _serve_helpers import RegisteredModels, read_idx_images, register_tiny_models
+from deploy.local_cluster import LocalRayCluster, derive_serve_config
+from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.images import encode_png, images_to_pngs, uint8_to_float
+
+pytestmark = pytest.mark.slow
+
+LIMITS = {"max_num_images": 6, "max_num_steps": 100, "max_num_samples": 32, "max_likelihood_images": 8,
+          "max_upload_bytes": 300_000, "max_image_pixels": 4096}
+T = 40  # the tiny model's num_timesteps (see _serve_helpers.TINY_DIFFUSION)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> RegisteredModels:
+    return register_tiny_models(tmp_path_factory.mktemp("serve-models"), fashion_mnist_dir)
+
+
+@pytest.fixture(scope="module")
+def served(models: RegisteredModels, tmp_path_factory: pytest.TempPathFactory):
+    """(cluster, deploy(model_uri)) with models:/<name>/1 deployed and healthy."""
+    cluster = LocalRayCluster(num_cpus=4)
+    config_path = tmp_path_factory.mktemp("serve-config") / "serve_config.yaml"
+
+    def deploy(model_uri: str) -> None:
+        cluster.serve_deploy(derive_serve_config(models.tracking_uri, cluster, model_uri, LIMITS), config_path)
+
+    try:
+        deploy(models.v1.model_uri)
+        cluster.wait_healthy()
+        yield cluster, deploy
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def http(served) -> str:
+    return served[0].http
+
+
+@pytest.fixture(scope="module")
+def test_images(fashion_mnist_dir: Path) -> np.ndarray:
+    """Four real Fashion-MNIST test images, uint8 [4, 28, 28]."""
+    return read_idx_images(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz", 4)
+
+
+@pytest.fixture(scope="module")
+def local_v1(models: RegisteredModels):
+    torch.set_num_threads(1)  # like the replica (num_cpus: 1)
+    return load_checkpoint(models.checkpoint_v1)
+
+
+def _pngs(response: requests.Response) -> list[bytes]:
+    assert response.status_code == 200, response.text
+    return [base64.b64decode(image) for image in response.json()["images"]]
+
+
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [-1, 1]."""
+    return torch.from_numpy(uint8_to_float(images)[:, None].copy())
+
+
+def test_healthz_and_model_info(http: str, models: RegisteredModels) -> None:
+    health = requests.get(f"{http}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["model"]["version"] == "1"
+    info = requests.get(f"{http}/model", timeout=30).json()
+    assert (info["name"], info["version"], info["run_id"]) == ("ddpm-serve-test", "1", models.v1.run_id)
+    assert info["config"]["diffusion"]["num_timesteps"] == T and info["image_shape"] == [1, 28, 28]
+    assert info["data_manifest"]["counts"] == {"train": 512, "val": 0}
+    assert info["replica"]["torch_threads"] == 1 and info["batching"]["max_batch_size"] == 8
+
+
+def test_sampling_returns_seeded_pngs_for_ddim_and_ddpm(http: str, local_v1) -> None:
+    request = {"num_images": 3, "sampler": "ddim", "num_steps": 6, "eta": 0.0, "seed": 1234}
+    first = _pngs(requests.post(f"{http}/sample", json=request, timeout=120))
+    assert len(first) == 3
+    for png in first:
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and image.size == (28, 28) and image.mode == "L"
+    assert _pngs(requests.post(f"{http}/sample", json=request, timeout=120)) == first  # same seed, same bytes
+    other = _pngs(requests.post(f"{http}/sample", json={**request, "seed": 99}, timeout=120))
+    assert other != first
+    # ...and they are the core sampler's images for that seed
+    expected = local_v1.diffusion.ddim_sample_loop(local_v1.model, (3, 1, 28, 28), num_steps=6,
+                                                   generator=torch.Generator().manual_seed(1234))
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in first])
+    reference = np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in images_to_pngs(expected)])
+    assert np.abs(decoded.astype(int) - reference.astype(int)).max() <= 1
+
+    ddpm = {"num_images": 2, "sampler": "ddpm", "seed": 7}
+    response = requests.post(f"{http}/sample", json=ddpm, timeout=120)
+    body = response.json()
+    assert body["num_steps"] == T and body["shape"] == [2, 28, 28, 1] and body["model"]["version"] == "1"
+    assert _pngs(response) == _pngs(requests.post(f"{http}/sample", json=ddpm, timeout=120))
+
+
+def test_grid_and_npy_formats(http: str) -> None:
+    request = {"num_images": 4, "num_steps": 3, "seed": 5, "eta": 1.0}
+    grid = requests.post(f"{http}/sample", json={**request, "format": "grid"}, timeout=120)
+    assert grid.status_code == 200 and grid.headers["content-type"] == "image/png" and grid.headers["x-seed"] == "5"
+    assert Image.open(io.BytesIO(grid.content)).size == (2 * 28 + 3 * 2, 2 * 28 + 3 * 2)
+    npy = requests.post(f"{http}/sample", json={**request, "format": "npy"}, timeout=120)
+    assert npy.headers["content-type"] == "application/octet-stream"
+    array = np.load(io.BytesIO(npy.content))
+    assert array.dtype == np.uint8 and array.shape == (4, 28, 28, 1)
+    pngs = _pngs(requests.post(f"{http}/sample", json=request, timeout=120))
+    assert [encode_png(a) for a in array] == pngs
+
+
+def test_likelihood_matches_the_core_bound(http: str, local_v1, test_images: np.ndarray) -> None:
+    x = _to_float(test_images)
+    diffusion, model = local_v1.diffusion, local_v1.model
+    exact = requests.post(f"{http}/likelihood", json={"pixels": test_images.tolist(), "method": "exact", "seed": 3,
+                                                      "breakdown": True}, timeout=120)
+    assert exact.status_code == 200, exact.text
+    body = exact.json()
+    reference = diffusion.calc_bpd_loop(model, x, generator=torch.Generator().manual_seed(3))
+    assert body["unit"] == "bits/dim" and body["method"] == "exact"
+    np.testing.assert_allclose([r["bpd"] for r in body["results"]], reference["total_bpd"].numpy(), rtol=1e-4)
+    np.testing.assert_allclose(body["results"][2]["terms_bpd"], reference["vb"][2].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([r["prior_bpd"] for r in body["results"]], reference["prior_bpd"].numpy(), rtol=1e-4)
+
+    files = [("files", (f"img{i}.png", encode_png(img[..., None]), "image/png")) for i, img in enumerate(test_images)]
+    estimate = requests.post(f"{http}/likelihood", files=files, data={"num_samples": "8", "seed": "11"}, timeout=120)
+    assert estimate.status_code == 200, estimate.text
+    body = estimate.json()
+    reference = diffusion.calc_bpd_estimate(model, x, num_samples=8, generator=torch.Generator().manual_seed(11))
+    assert body["method"] == "estimate" and body["num_samples"] == 8
+    np.testing.assert_allclose([r["bpd"] for r in body["results"]], reference["total_bpd"].numpy(), rtol=1e-4)
+    np.testing.assert_allclose([r["stderr"] for r in body["results"]], reference["stderr"].numpy(), rtol=1e-3)
+    # the same images sent as JSON pixels give the same numbers
+    as_json = requests.post(f"{http}/likelihood", json={"pixels": test_images.tolist(), "num_samples": 8, "seed": 11},
+                            timeout=120).json()
+    assert [r["bpd"] for r in as_json["results"]] == [r["bpd"] for r in body["results"]]
+
+
+def _png_bytes(shape: tuple[int, ...], mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), mode=mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bad_requests(http: str, image: np.ndarray) -> dict[str, tuple[Callable[[], requests.Response], int, str]]:
+    """name -> (send, expected status, field the error must name)."""
+    good_png = encode_png(image[..., None])
+
+    def sample(body: Any, raw: bool = False) -> Callable[[], requests.Response]:
+        if raw:
+            return lambda: requests.post(f"{http}/sample", data=body, headers={"content-type": "application/json"},
+                                         timeout=120)
+        return lambda: requests.post(f"{http}/sample", json=body, timeout=120)
+
+    def upload(data: bytes, **form: str) -> Callable[[], requests.Response]:
+        return lambda: requests.post(f"{http}/likelihood", files=[("files", ("x.png", data, "image/png"))], data=form,
+                                     timeout=120)
+
+    def pixels(values: Any, **options: Any) -> Callable[[], requests.Response]:
+        body = json.dumps({"pixels": values, **options}).encode()
+        return lambda: requests.post(f"{http}/likelihood", data=body, headers={"content-type": "application/json"},
+                                     timeout=120)
+
+    grey = image.tolist()
+    return {
+        "bad json": (sample(b'{"num_images": 2,', raw=True), 422, "body"),
+        "zero images": (sample({"num_images": 0}), 422, "num_images"),
+        "negative images": (sample({"num_images": -4}), 422, "num_images"),
+        "zero steps": (sample({"num_steps": 0}), 422, "num_steps"),
+        "unknown sampler": (sample({"sampler": "euler"}), 422, "sampler"),
+        "nan eta": (sample(b'{"eta": NaN}', raw=True), 422, "eta"),
+        "unknown format": (sample({"format": "gif"}), 422, "format"),
+        "too many images": (sample({"num_images": 7}), 413, "num_images"),
+        "too many steps": (sample({"num_steps": 101}), 413, "num_steps"),
+        "ddpm wrong steps": (sample({"sampler": "ddpm", "num_steps": 10}), 422, "num_steps"),
+        "ddim more steps than T": (sample({"num_steps": 41}), 422, "num_steps"),
+        "not an image": (upload(b"GIF89a? no, plain text"), 422, "files[0]"),
+        "truncated png": (upload(_png_bytes((28, 28))[:300]), 422, "files[0]"),
+        "wrong size": (upload(_png_bytes((32, 32))), 422, "files"),
+        "wrong channels": (upload(_png_bytes((28, 28, 3))), 422, "files"),
+        "too many pixels": (upload(_png_bytes((80, 80))), 413, "files[0]"),
+        "zero num_samples": (upload(good_png, num_samples="0"), 422, "num_samples"),
+        "unknown method": (upload(good_png, method="approx"), 422, "method"),
+        "pixels out of range": (pixels([[[300] * 28] * 28]), 422, "pixels"),
+        "negative pixels": (pixels([[[-1] * 28] * 28]), 422, "pixels"),
+        "nan pixels": (lambda: requests.post(f"{http}/likelihood", data=b'{"pixels": [[[NaN, 1]]]}',
+                                             headers={"content-type": "application/json"}, timeout=120), 422, "pixels"),
+        "wrong size pixels": (pixels([[row[:20] for row in grey[:20]]]), 422, "pixels"),
+        "upload too large": (upload(b"\0" * 400_000), 413, "body"),
+        "too many samples": (pixels([grey], num_samples=33), 413, "num_samples"),
+    }
+
+
+def test_bad_inputs_get_4xx_naming_the_field_and_good_requests_still_succeed(
+    http: str, test_images: np.ndarray
+) -> None:
+    cases = _bad_requests(http, test_images[0])
+    good_sample = {"num_images": 2, "num_steps": 4, "seed": 21}
+    good_likelihood = {"pixels": test_images[:2].tolist(), "num_samples": 4, "seed": 2}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        bad = {name: pool.submit(send) for name, (send, _, _) in cases.items()}
+        good = [pool.submit(requests.post, f"{http}/sample", json=good_sample, timeout=120),
+                pool.submit(requests.post, f"{http}/likelihood", json=good_likelihood, timeout=120)]
+    for name, (_, status, field) in cases.items():
+        response = bad[name].result()
+        assert response.status_code == status, (name, response.status_code, response.text)
+        body = response.json()
+        assert set(body) == {"error", "field"} and body["field"] == field, (name, body)
+        assert body["error"].startswith(f"{field}: "), (name, body)
+    sample, likelihood = (future.result() for future in good)
+    assert sample.status_code == 200 and len(sample.json()["images"]) == 2, sample.text
+    assert likelihood.status_code == 200 and len(likelihood.json()["results"]) == 2, likelihood.text
+    missing = requests.get(f"{http}/no-such-endpoint", timeout=30)
+    assert missing.status_code == 404 and "error" in missing.json() and "detail" not in missing.json()
+    # the replica survived all of it
+    assert requests.get(f"{http}/healthz", timeout=30).status_code == 200
+
+
+def test_user_config_change_reloads_without_restarting_the_replica(served, models: RegisteredModels) -> None:
+    cluster, deploy = served
+    before = requests.get(f"{cluster.http}/model", timeout=30).json()
+    replicas_before = cluster.model_replicas()
+    request = {"num_images": 2, "num_steps": 5, "seed": 77}
+    images_v1 = _pngs(requests.post(f"{cluster.http}/sample", json=request, timeout=120))
+
+    deploy(f"models:/{models.v2.name}@champion")
+    after = before
+    for _ in range(120):
+        after = requests.get(f"{cluster.http}/model", timeout=30).json()
+        if after.get("version") == "2":
+            break
+        __import__("time").sleep(0.5)
+    assert (after["version"], after["alias"], after["run_id"]) == ("2", "champion", models.v2.run_id)
+    assert after["replica"] == before["replica"]  # same replica id, actor id and pid: reconfigured in place
+    assert cluster.model_replicas() == replicas_before
+    assert _pngs(requests.post(f"{cluster.http}/sample", json=request, timeout=120)) != images_v1

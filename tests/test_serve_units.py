@@ -1,0 +1,409 @@
+"""Request validation, batching and response encoding of the Serve app, without Ray Serve (fast)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from ray.serve.schema import ServeDeploySchema
+
+from deploy.http_io import parse_json_model, sample_response
+from deploy.lockstep import LockstepModel, run_lockstep
+from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob
+from deploy.model_source import ModelSource, describe_model_uri, read_manifest_summary
+from deploy.schemas import (
+    IngressConfig,
+    LikelihoodJsonRequest,
+    LikelihoodOptions,
+    Limits,
+    ModelDeploymentConfig,
+    RequestError,
+    SampleRequest,
+    check_content_length,
+    check_likelihood_limits,
+    check_sample_limits,
+    decode_image_upload,
+    pixels_from_json,
+    resolve_num_steps,
+)
+from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
+from diffusion_core.checkpoint import LoadedModel
+from diffusion_core.images import uint8_to_float
+from deploy.local_cluster import SERVE_CONFIG
+
+UNET = UNetConfig(image_size=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, num_groups=4)
+DIFFUSION = DiffusionConfig(num_timesteps=24)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """One torch thread: OpenMP threads spinning on a shared 2-core machine are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    torch.manual_seed(0)
+    model = UNet(UNET).eval()
+    return ModelRunner(LoadedModel(model, GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {}), ModelSource(uri="mem"))
+
+
+class _CountCalls:
+    """Forward hook recording the batch size of every network evaluation."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.sizes: list[int] = []
+        self._handle = model.register_forward_hook(lambda _m, args, _out: self.sizes.append(args[0].shape[0]))
+
+    def __enter__(self) -> "_CountCalls":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+def _error(fn, *args) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        fn(*args)
+    return info.value
+
+
+def _png(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- request schemas and limits
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"{not json", "body"),
+        (b"[1, 2]", "body"),
+        (b'{"num_images": 0}', "num_images"),
+        (b'{"num_images": -2}', "num_images"),
+        (b'{"num_images": 2.5}', "num_images"),
+        (b'{"num_images": "3"}', "num_images"),
+        (b'{"num_steps": 0}', "num_steps"),
+        (b'{"sampler": "euler"}', "sampler"),
+        (b'{"eta": NaN}', "eta"),
+        (b'{"eta": 1.5}', "eta"),
+        (b'{"seed": -1}', "seed"),
+        (b'{"format": "gif"}', "format"),
+        (b'{"num_imagez": 2}', "num_imagez"),
+        (b'{"sampler": "ddpm", "eta": 0.5}', "body"),
+    ],
+)
+def test_sample_request_rejects_bad_fields_by_name(body: bytes, field: str) -> None:
+    err = _error(parse_json_model, SampleRequest, body)
+    assert err.status == 422 and err.field == field
+    assert err.body()["error"].startswith(f"{field}: ") and err.body()["field"] == field
+
+
+def test_sample_request_defaults_and_limits() -> None:
+    request = parse_json_model(SampleRequest, b'{"num_images": 3, "seed": 5}')
+    fields = (request.num_images, request.sampler, request.num_steps, request.eta, request.format)
+    assert fields == (3, "ddim", None, 0.0, "png")
+    limits = Limits(max_num_images=2, max_num_steps=10)
+    assert _error(check_sample_limits, request, limits).status == 413
+    too_many_steps = SampleRequest(num_steps=11)
+    err = _error(check_sample_limits, too_many_steps, limits)
+    assert (err.status, err.field) == (413, "num_steps")
+    check_sample_limits(SampleRequest(num_images=2, num_steps=10), limits)  # at the limits: fine
+
+
+def test_resolve_num_steps_follows_the_model() -> None:
+    assert resolve_num_steps("ddpm", None, 40, 100) == 40
+    assert resolve_num_steps("ddim", None, 40, 100) == 40 and resolve_num_steps("ddim", None, 1000, 1000) == 50
+    assert resolve_num_steps("ddim", 7, 40, 100) == 7
+    assert _error(resolve_num_steps, "ddpm", 10, 40, 100).status == 422
+    assert _error(resolve_num_steps, "ddim", 41, 40, 100).status == 422
+    err = _error(resolve_num_steps, "ddpm", None, 40, 39)
+    assert (err.status, err.field) == (413, "num_steps")
+
+
+def test_likelihood_options_and_limits() -> None:
+    err = _error(parse_json_model, LikelihoodJsonRequest, b'{"pixels": [[[0]]], "method": "approx"}')
+    assert err.field == "method"
+    err = _error(parse_json_model, LikelihoodJsonRequest, b'{"pixels": [[[0]]], "num_samples": 1}')
+    assert err.field == "num_samples"
+    assert _error(parse_json_model, LikelihoodJsonRequest, b'{"pixels": []}').field == "pixels"
+    options = LikelihoodOptions(num_samples=40)
+    err = _error(check_likelihood_limits, options, 1, "files", Limits(max_num_samples=32))
+    assert (err.status, err.field) == (413, "num_samples")
+    err = _error(check_likelihood_limits, LikelihoodOptions(), 5, "files", Limits(max_likelihood_images=4))
+    assert (err.status, err.field) == (413, "files")
+    # form fields arrive as strings: the multipart path validates them leniently
+    assert LikelihoodOptions.model_validate({"num_samples": "8", "breakdown": "true"}, strict=False).num_samples == 8
+
+
+def test_content_length_is_checked_before_reading() -> None:
+    check_content_length("100", 100)
+    assert _error(check_content_length, "101", 100).status == 413
+    assert _error(check_content_length, None, 100).status == 411
+    assert _error(check_content_length, "abc", 100).status == 411
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        ([[[0, 1], [2]]], "ragged"),
+        ([[0, 1]], "4-D"),
+        ([[[0, 256]]], "[0, 255]"),
+        ([[[0, -1]]], "[0, 255]"),
+        ([[[0.0, float("nan")]]], "NaN"),
+        ([[[0.5, 1.0]]], "fractional"),
+        ([[["a", "b"]]], "integers"),
+        ([[[True, False]]], "integers"),
+    ],
+)
+def test_json_pixels_rejected(pixels, message: str) -> None:
+    err = _error(pixels_from_json, pixels, 10_000)
+    assert err.status == 422 and err.field == "pixels" and message in err.message
+
+
+def test_json_pixels_accepted_and_bounded() -> None:
+    grey = pixels_from_json([[[0, 255], [7, 8]]], 100)
+    assert grey.dtype == np.uint8 and grey.shape == (1, 2, 2, 1) and grey[0, 1, 0, 0] == 7
+    assert pixels_from_json([[[[1, 2, 3]]]], 100).shape == (1, 1, 1, 3)
+    assert pixels_from_json([[[1.0, 2.0]]], 100).dtype == np.uint8
+    assert _error(pixels_from_json, [[[0] * 11]], 10).status == 413
+
+
+def test_image_uploads() -> None:
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    assert np.array_equal(decode_image_upload(_png(grey), "files[0]", 100)[..., 0], grey)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    assert decode_image_upload(_png(rgb), "files[0]", 100).shape == (8, 8, 3)
+    assert decode_image_upload(_png(grey, "JPEG"), "files[0]", 100).shape == (8, 8, 1)
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)  # incompressible
+    cases = {
+        b"hello, not an image": "not a PNG/JPEG",
+        _png(noise)[: len(_png(noise)) // 2]: "truncated",
+        _png(np.zeros((8, 8, 4), np.uint8)): "mode 'RGBA'",
+        b"": "empty",
+    }
+    for data, message in cases.items():
+        err = _error(decode_image_upload, data, "files[1]", 100)
+        assert (err.status, err.field) == (422, "files[1]") and message in err.message
+    huge = _png(np.zeros((2000, 2000), np.uint8))  # 4 MP of zeros compress to a few KB
+    assert len(huge) < 50_000
+    err = _error(decode_image_upload, huge, "files[0]", 1_000_000)
+    assert err.status == 413 and "2000x2000" in err.message
+
+
+def test_serve_config_yaml_is_valid() -> None:
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (application,) = schema.applications
+    assert application.import_path == "deploy.serve_app:app"
+    assert "MLFLOW_TRACKING_URI" in application.runtime_env["env_vars"]
+    deployments = {d.name: d for d in application.deployments}
+    model = deployments["DDPMModel"]
+    ModelDeploymentConfig.model_validate(model.user_config)
+    IngressConfig.model_validate(deployments["DDPMIngress"].user_config)
+    assert model.autoscaling_config["target_ongoing_requests"] > 0
+    assert model.max_ongoing_requests >= model.user_config["max_batch_size"]
+    assert model.ray_actor_options.num_cpus >= 1
+
+
+def test_app_builder_takes_key_value_args() -> None:
+    import pydantic
+
+    from deploy.serve_app import app_builder
+
+    ingress = app_builder({"model_uri": "/some/checkpoint", "max_batch_size": "4"})._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, model.name) == ("DDPMIngress", "DDPMModel")
+    assert ingress.user_config == IngressConfig().model_dump()
+    assert model.user_config == {"model_uri": "/some/checkpoint", "max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    with pytest.raises(pydantic.ValidationError):
+        app_builder({"model_uri": "x", "max_batch_sise": "4"})
+
+
+# ---------------------------------------------------------------- batching: sampling
+
+
+def _reference_sample(runner: ModelRunner, job: SampleJob) -> torch.Tensor:
+    diffusion, model = runner.loaded.diffusion, runner.loaded.model
+    generator = torch.Generator().manual_seed(job.seed)
+    shape = (job.num_images, *runner.image_shape)
+    if job.sampler == "ddpm":
+        return diffusion.p_sample_loop(model, shape, generator=generator, clip_denoised=job.clip_denoised)
+    return diffusion.ddim_sample_loop(model, shape, num_steps=job.num_steps, eta=job.eta, generator=generator,
+                                      clip_denoised=job.clip_denoised)
+
+
+def test_batched_sampling_equals_each_request_alone_and_shares_evaluations(runner: ModelRunner) -> None:
+    jobs = [
+        SampleJob(2, "ddim", 5, 0.5, 11, True),
+        SampleJob(1, "ddpm", 24, 0.0, 12, True),
+        SampleJob(3, "ddim", 5, 0.5, 13, True),
+        SampleJob(1, "ddim", 5, 0.0, 14, False),
+        SampleJob(1, "ddim", 5, 0.5, 15, True),
+    ]
+    with _CountCalls(runner.loaded.model) as calls:
+        results = runner.sample_many(jobs)
+    for job, result in zip(jobs, results):
+        assert result.shape == (job.num_images, 1, 8, 8)
+        torch.testing.assert_close(result, _reference_sample(runner, job), rtol=1e-5, atol=1e-5)
+    # three jobs share settings (ddim, 5, 0.5, clip): 5 evaluations of 6 images, not 15 of 1-3
+    assert sorted(calls.sizes) == sorted([6] * 5 + [1] * 24 + [1] * 5)
+    # the same seed alone gives the same images (batching does not change results)
+    torch.testing.assert_close(runner.sample_many([jobs[2]])[0], results[2], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(results[0], results[4][:1].expand(2, -1, -1, -1))
+
+
+def test_sampling_failure_is_isolated(runner: ModelRunner) -> None:
+    good = SampleJob(1, "ddim", 4, 0.0, 1, True)
+    same_group_bad = SampleJob(1, "ddim", 4, 0.0, 2**70, True)  # seed too large for torch: fails alone
+    too_many_steps = SampleJob(1, "ddim", 99, 0.0, 3, True)  # more steps than T=24: the core raises
+    results = runner.sample_many([good, too_many_steps, same_group_bad])
+    assert isinstance(results[0], torch.Tensor)
+    assert isinstance(results[1], ValueError) and isinstance(results[2], Exception)
+    torch.testing.assert_close(results[0], _reference_sample(runner, good), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- batching: likelihood
+
+
+def _images(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+
+
+def _reference_bpd(runner: ModelRunner, job: LikelihoodJob) -> dict:
+    x = torch.from_numpy(uint8_to_float(job.pixels).transpose(0, 3, 1, 2).copy())
+    generator = torch.Generator().manual_seed(job.seed)
+    diffusion, model = runner.loaded.diffusion, runner.loaded.model
+    if job.method == "exact":
+        return diffusion.calc_bpd_loop(model, x, generator=generator)
+    return diffusion.calc_bpd_estimate(model, x, num_samples=job.num_samples, generator=generator)
+
+
+def test_batched_likelihood_equals_core_per_seed_and_merges_calls(runner: ModelRunner) -> None:
+    jobs = [
+        LikelihoodJob(_images(0, 2), "estimate", 4, 100, False),
+        LikelihoodJob(_images(1, 1), "exact", 4, 101, True),
+        LikelihoodJob(_images(2, 3), "estimate", 4, 102, True),
+    ]
+    with _CountCalls(runner.loaded.model) as calls:
+        results = runner.likelihood_many(jobs)
+    for job, rows in zip(jobs, results):
+        reference = _reference_bpd(runner, job)
+        assert len(rows) == job.pixels.shape[0]
+        np.testing.assert_allclose([r["bpd"] for r in rows], reference["total_bpd"].numpy(), rtol=1e-5)
+        if job.method == "estimate":
+            np.testing.assert_allclose([r["stderr"] for r in rows], reference["stderr"].numpy(), rtol=1e-4)
+            assert all(r["num_samples"] == 4 for r in rows)
+    exact_terms = results[1][0]["terms_bpd"]
+    assert len(exact_terms) == 24 and results[1][0]["prior_bpd"] >= 0
+    assert abs(sum(exact_terms) + results[1][0]["prior_bpd"] - results[1][0]["bpd"]) < 1e-3
+    assert "terms_bpd_estimate" in results[2][0] and "prior_bpd" not in results[0][0]
+    # the first 4 evaluations merge all 6 images; the exact bound's other 20 run alone
+    assert calls.sizes == [6] * 4 + [1] * 20
+
+
+def test_likelihood_failure_is_isolated(runner: ModelRunner) -> None:
+    good = LikelihoodJob(_images(3, 1), "estimate", 2, 7, False)
+    wrong_size = LikelihoodJob(np.zeros((1, 6, 8, 1), np.uint8), "estimate", 2, 8, False)
+    bad_k = LikelihoodJob(_images(4, 1), "estimate", 1, 9, False)
+    results = runner.likelihood_many([good, wrong_size, bad_k])
+    assert isinstance(results[1], Exception) and isinstance(results[2], ValueError)
+    assert results[0][0]["bpd"] == pytest.approx(float(_reference_bpd(runner, good)["total_bpd"][0]), rel=1e-5)
+
+
+def test_likelihood_job_checks_against_the_model(runner: ModelRunner) -> None:
+    options = LikelihoodOptions()
+    err = _error(runner.make_likelihood_job, options, np.zeros((1, 9, 8, 1), np.uint8), 0, "files", 100)
+    assert (err.status, err.field) == (422, "files") and "8x8" in err.message
+    err = _error(runner.make_likelihood_job, options, np.zeros((1, 8, 8, 3), np.uint8), 0, "pixels", 100)
+    assert (err.status, err.field) == (422, "pixels") and "channel" in err.message
+    err = _error(runner.make_likelihood_job, LikelihoodOptions(num_samples=49), _images(0, 1), 0, "files", 100)
+    assert (err.status, err.field) == (422, "num_samples")
+    err = _error(runner.make_likelihood_job, LikelihoodOptions(method="exact"), _images(0, 1), 0, "files", 11)
+    assert (err.status, err.field) == (413, "method")
+    assert runner.make_likelihood_job(options, _images(0, 2), 5, "files", 100).seed == 5
+
+
+def test_lockstep_merges_concurrent_calls_and_releases_finished_participants() -> None:
+    seen: list[int] = []
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        if bool((t < 0).any()):
+            raise ValueError("negative timestep")
+        return x * 2 + t.view(-1, 1, 1, 1)
+
+    def work(shared, job):
+        calls, rows, bad_at = job
+        out = None
+        for i in range(calls):
+            t = torch.full((rows,), -1 if i == bad_at else i)
+            out = shared(torch.ones(rows, 1, 2, 2), t)
+            assert torch.equal(out, 2 + t.view(-1, 1, 1, 1).float().expand(rows, 1, 2, 2))
+        return out.shape[0]
+
+    results, shared = run_lockstep(model, [(3, 1, None), (1, 2, None), (3, 4, 1)], work)
+    assert results[0] == 1 and results[1] == 2 and isinstance(results[2], ValueError)
+    # call 0: all three merged (7 rows); call 1: the bad participant's rows fail the merged pass
+    # (5 rows), which is retried call by call (1 row, and 4 that fail); call 2: participant 0 alone
+    assert seen[:2] == [7, 5] and sorted(seen[2:4]) == [1, 4] and seen[4:] == [1]
+    assert shared.forward_batch_sizes == [7, 1, 1]
+    with pytest.raises(ValueError):
+        LockstepModel(model, 0)
+
+
+def test_lockstep_is_thread_safe_under_many_participants() -> None:
+    lock = threading.Lock()
+    calls = {"n": 0}
+
+    def model(x, t):
+        with lock:
+            calls["n"] += 1
+        return x + 1
+
+    jobs = list(range(16))
+    results, shared = run_lockstep(model, jobs, lambda m, j: [float(m(torch.full((1, 1, 1, 1), j), torch.zeros(1))[0])
+                                                               for _ in range(5)][-1])
+    assert results == [j + 1.0 for j in jobs] and calls["n"] == 5 and shared.forward_batch_sizes == [16] * 5
+
+
+# ---------------------------------------------------------------- responses and model identity
+
+
+def test_sample_response_formats() -> None:
+    images = torch.linspace(-1, 1, 2 * 1 * 4 * 4).reshape(2, 1, 4, 4).numpy()
+    meta = {"seed": 3, "model": {"version": "7"}}
+    as_json = sample_response(images, "png", meta)
+    body = __import__("json").loads(as_json.body)
+    assert body["shape"] == [2, 4, 4, 1] and body["seed"] == 3
+    first = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))))
+    assert first.shape == (4, 4) and first[0, 0] == 0 and first.dtype == np.uint8
+    npy = sample_response(images, "npy", meta)
+    array = np.load(io.BytesIO(npy.body))
+    assert npy.media_type == "application/octet-stream" and array.dtype == np.uint8 and array.shape == (2, 4, 4, 1)
+    assert array[1, 3, 3, 0] == 255 and np.array_equal(array[0, ..., 0], first)
+    grid = sample_response(images, "grid", meta)
+    assert grid.media_type == "image/png" and grid.headers["x-seed"] == "3" and grid.headers["x-model-version"] == "7"
+    assert Image.open(io.BytesIO(grid.body)).size == (2 * 4 + 3 * 2, 1 * 4 + 2 * 2)
+
+
+def test_model_source_and_manifest_summary(tmp_path) -> None:
+    assert describe_model_uri("runs:/abc123/model").run_id == "abc123"
+    local = describe_model_uri(str(tmp_path), {"run_id": "r1"})
+    assert (local.name, local.version, local.run_id) == (None, None, "r1")
+    assert read_manifest_summary(tmp_path) is None
+    (tmp_path / "manifest.json").write_text('{"counts": {"train": 5}, "rejected": [1, 2], "command": "x"}')
+    assert read_manifest_summary(tmp_path) == {"counts": {"train": 5}, "num_rejected": 2}

@@ -1,0 +1,108 @@
+"""Data-parallel training on real Ray Train workers (gloo on CPU) on real Fashion-MNIST shards.
+
+The session fixture ``tiny_runs`` trains configs/tiny_cpu.yaml for 4 steps twice, with 2 workers
+and with 1, same seed and global batch (66 images = the whole training split, so both runs
+see the same images at every step however Ray Data splits them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from _train_helpers import EXPERIMENT, REGISTERED_MODEL, read_worker_log
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from diffusion_core.checkpoint import load_checkpoint
+from pipelines.mlflow_setup import resolve_tracking_uri
+from pipelines.train_config import TrainConfig
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def _losses(run_id: str) -> list[tuple[int, float]]:
+    history = MlflowClient(resolve_tracking_uri()).get_metric_history(run_id, "loss")
+    return sorted((m.step, m.value) for m in history)
+
+
+def test_workers_hold_identical_weights_after_every_step(tiny_runs) -> None:
+    log_dir = tiny_runs[2].worker_log_dir
+    rank0, rank1 = read_worker_log(log_dir, 0), read_worker_log(log_dir, 1)
+    assert [e["step"] for e in rank0] == list(range(1, STEPS + 1))
+    assert [e["step"] for e in rank1] == list(range(1, STEPS + 1))
+    for a, b in zip(rank0, rank1):
+        assert a["sha256"] == b["sha256"], f"weights of rank 0 and 1 differ after step {a['step']}"
+    assert len({e["sha256"] for e in rank0}) == STEPS, "weights did not change at every step"
+    # each worker saw a different half of the batch: their local losses differ
+    assert all(a["local_loss"] != b["local_loss"] for a, b in zip(rank0, rank1))
+
+
+def test_two_workers_match_one_worker(tiny_runs) -> None:
+    two, one = _losses(tiny_runs[2].outcome["mlflow_run_id"]), _losses(tiny_runs[1].outcome["mlflow_run_id"])
+    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=1e-5)
+    # the loss of the 2-worker run is the mean of its workers' local means (equal halves)
+    log_dir = tiny_runs[2].worker_log_dir
+    ranks = zip(read_worker_log(log_dir, 0), read_worker_log(log_dir, 1))
+    local = [(a["local_loss"] + b["local_loss"]) / 2 for a, b in ranks]
+    np.testing.assert_allclose([v for _, v in two], local, rtol=1e-5)
+    # and after 4 Adam steps both runs hold the same weights
+    final = [Path(tiny_runs[w].outcome["checkpoint"]) / "raw_model.safetensors" for w in (2, 1)]
+    weights_two, weights_one = load_file(str(final[0])), load_file(str(final[1]))
+    assert weights_two.keys() == weights_one.keys()
+    for key in weights_two:
+        torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_holds_the_full_training_state(tiny_runs) -> None:
+    run = tiny_runs[2]
+    folder = Path(run.outcome["checkpoint"])
+    assert folder.name == f"checkpoint_{STEPS:08d}" and folder.parent == Path(run.outcome["run_folder"])
+    state = json.loads((folder / "train_state.json").read_text())
+    assert state["step"] == STEPS and state["world_size"] == 2
+    assert state["mlflow_run_id"] == run.outcome["mlflow_run_id"]
+    assert TrainConfig.from_dict(yaml.safe_load((folder / "train_config.yaml").read_text())) == run.config
+    loaded = load_checkpoint(folder)  # the EMA weights, as serving loads them
+    assert loaded.metadata["step"] == STEPS and loaded.metadata["weights"] == "ema"
+    assert loaded.unet_config == run.config.model
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert len(optimizer["rng_states"]) == 2
+    assert all(s["step"] == STEPS for s in optimizer["optimizer"]["state"].values())
+    raw = load_file(str(folder / "raw_model.safetensors"))
+    ema_differs = any(not torch.equal(raw[k], v) for k, v in loaded.model.state_dict().items())
+    assert ema_differs, "EMA weights should lag behind the raw weights"
+    kept = sorted(p.name for p in folder.parent.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000002", "checkpoint_00000004"]
+
+
+def test_mlflow_run_has_config_metrics_samples_and_model(tiny_runs) -> None:
+    run = tiny_runs[2]
+    client = MlflowClient(resolve_tracking_uri())
+    data = client.get_run(run.outcome["mlflow_run_id"])
+    assert client.get_experiment(data.info.experiment_id).name == EXPERIMENT
+    assert data.info.status == "FINISHED"
+    assert data.data.params == run.config.flat_params()
+    for key in ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm", "images_per_s",
+                "val_bpd", "val_bpd_stderr", "val_bpd_exact"):
+        assert key in data.data.metrics, key
+    assert any(k.startswith("system/") for k in data.data.metrics), "system metrics missing"
+    assert [m.step for m in client.get_metric_history(data.info.run_id, "val_bpd")] == [2, 4]
+    assert 0 < data.data.metrics["val_bpd_exact"] < 30
+    lrs = sorted((m.step, m.value) for m in client.get_metric_history(data.info.run_id, "lr"))
+    assert [v for _, v in lrs] == pytest.approx([1e-3 * s / 20 for s in range(1, STEPS + 1)])  # warm-up
+    samples = [a.path for a in client.list_artifacts(data.info.run_id, "samples")]
+    assert samples == ["samples/step_00000002.png", "samples/step_00000004.png"]
+    manifest = json.loads((Path(run.config.data.shards) / "manifest.json").read_text())
+    assert data.data.tags["data.manifest_checksum"] == manifest["source_checksum"]
+    assert data.data.tags["data.shards"] == run.config.data.shards
+    model_uri = data.data.tags["ddpm.model_uri"]
+    assert model_uri.startswith(f"models:/{REGISTERED_MODEL}/")
+    version = client.get_model_version(REGISTERED_MODEL, model_uri.rsplit("/", 1)[1])
+    assert version.run_id == data.info.run_id
+    assert version.tags["data_manifest_checksum"] == manifest["source_checksum"]
