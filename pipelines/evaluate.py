@@ -65,6 +65,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _logged_model_id(model_version: Any) -> str | None:
+    """The MLflow 3 logged-model id behind a registered version: ``model_id``, or parsed from a
+    ``models:/m-<id>`` source (the SQLite registry leaves ``model_id`` empty)."""
+    if getattr(model_version, "model_id", None):
+        return model_version.model_id
+    source = model_version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def describe_model(uri: str, metadata: dict[str, Any], client: Any) -> ModelSource:
     """Registry facts about ``uri``: name/version/model id for ``models:/`` URIs, the training
     run from the registry, the ``runs:/`` URI or the checkpoint's metadata."""
@@ -78,7 +87,7 @@ def describe_model(uri: str, metadata: dict[str, Any], client: Any) -> ModelSour
         else:
             name, _, version = ref.partition("/")
             mv = client.get_model_version(name, version)
-        version, model_id, run_id = str(mv.version), getattr(mv, "model_id", None), mv.run_id or run_id
+        version, model_id, run_id = str(mv.version), _logged_model_id(mv), mv.run_id or run_id
     elif uri.startswith("runs:/"):
         run_id = uri.removeprefix("runs:/").split("/", 1)[0]
     return ModelSource(uri=uri, name=name, version=version, model_id=model_id, source_run_id=run_id)

@@ -27,6 +27,9 @@ CONFIG="configs/fashion_mnist_demo.yaml"
 export PATH="$VENV_BIN:$PATH"
 export RAY_AUTH_MODE=disabled          # a local, loopback-only demo cluster: no token authentication
 export RAY_USAGE_STATS_ENABLED=0
+# OpenMP threads sleep instead of spin-waiting: the training worker shares 2 cores with Ray Data, MLflow
+# and Serve (measured here: a training step at 2 threads took 4.4 s spinning vs 0.65 s passive, on a busy machine).
+export OMP_WAIT_POLICY=PASSIVE
 cd "$REPO"
 mkdir -p "$LOGS"
 
@@ -134,7 +137,8 @@ start_mlflow() {
 }
 
 job_env_json() {
-    printf '{"env_vars": {"MLFLOW_TRACKING_URI": "%s", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}}' "$MLFLOW"
+    printf '{"env_vars": {"MLFLOW_TRACKING_URI": "%s", "MLFLOW_ENABLE_ASYNC_LOGGING": "false", "OMP_WAIT_POLICY": "PASSIVE"}}' \
+        "$MLFLOW"
 }
 
 preprocess() {

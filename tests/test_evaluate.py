@@ -55,7 +55,8 @@ def test_exact_evaluation_of_registered_model(tiny_runs, fmnist_shards: Path, ca
     tags = run.data.tags
     assert (tags["eval.model_name"], tags["eval.model_version"]) == (REGISTERED_MODEL, version)
     assert tags["eval.source_run_id"] == training["mlflow_run_id"]
-    model_id = client.get_model_version(name, version).model_id
+    registered = client.get_model_version(name, version)
+    model_id = registered.model_id or registered.source.removeprefix("models:/")
     linked = {m.key: m.value for m in client.get_logged_model(model_id).metrics or []}
     assert linked["eval_bpd"] == pytest.approx(run.data.metrics["eval_bpd"])
     assert np.isfinite(run.data.metrics["eval_prior_bpd"]) and run.data.metrics["eval_prior_bpd"] < 1e-3
