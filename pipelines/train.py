@@ -117,11 +117,13 @@ def build_trainer(config: TrainConfig, loop_config: dict[str, Any]) -> Any:
     )
 
 
-def check_resources(config: TrainConfig) -> None:
-    """Fail early when the cluster cannot host the worker group and still leave Ray Data a CPU.
+def check_resources(config: TrainConfig, fixed_size: bool) -> None:
+    """Check that the cluster can host the worker group and still leave Ray Data a CPU (else
+    ingest starves and training hangs). Fatal for a fixed-size cluster (the local instance this
+    entry point started); a warning otherwise, since an autoscaler may still add nodes.
 
     Raises:
-        ValueError: naming the scaling settings and the cluster's resources.
+        ValueError: naming the scaling settings and the cluster's resources (``fixed_size`` only).
     """
     import ray
 
@@ -129,12 +131,16 @@ def check_resources(config: TrainConfig) -> None:
     scaling = config.scaling
     need_cpu = scaling.num_workers * scaling.cpus_per_worker + 1
     need_gpu = scaling.num_workers if scaling.use_gpu else 0
-    if total.get("CPU", 0) < need_cpu or total.get("GPU", 0) < need_gpu:
-        raise ValueError(
-            f"scaling.num_workers={scaling.num_workers} x (CPU {scaling.cpus_per_worker}"
-            f"{', GPU 1' if scaling.use_gpu else ''}) plus 1 CPU for Ray Data needs CPU {need_cpu}, GPU {need_gpu}; "
-            f"the Ray cluster has CPU {total.get('CPU', 0)}, GPU {total.get('GPU', 0)}"
-        )
+    if total.get("CPU", 0) >= need_cpu and total.get("GPU", 0) >= need_gpu:
+        return
+    message = (
+        f"scaling.num_workers={scaling.num_workers} x (CPU {scaling.cpus_per_worker}"
+        f"{', GPU 1' if scaling.use_gpu else ''}) plus 1 CPU for Ray Data needs CPU {need_cpu}, GPU {need_gpu}; "
+        f"the Ray cluster has CPU {total.get('CPU', 0)}, GPU {total.get('GPU', 0)}"
+    )
+    if fixed_size:
+        raise ValueError(f"{message} (raise --num-cpus or lower scaling.cpus_per_worker)")
+    print(f"warning: {message}; waiting for the cluster to grow", file=sys.stderr)
 
 
 def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
@@ -151,10 +157,12 @@ def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
     from pipelines.tracking import open_run, run_folder
 
     manifest = check_data(config)
+    started_locally = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, **({"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}))
-    check_resources(config)
+        started_locally = address == "local"
+        ray.init(address=address, **({"num_cpus": num_cpus, "include_dashboard": False} if started_locally else {}))
+    check_resources(config, fixed_size=started_locally)
     tracking_uri = resolve_tracking_uri()
     run_id, resumed = open_run(config, tracking_uri, manifest)
     loop_config = {"config": config.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
