@@ -9,7 +9,7 @@ store). Throughput is measured over whole logging windows after a warm-up window
 ``images_per_s`` metric of each window (wall time of the window's steps, data loading included).
 The plain loop runs before and after the Ray job, to bracket drifts in machine load.
 
-    python benchmarks/bench_train.py --shards data/fashion-mnist-shards
+    python benchmarks/bench_train.py --shards data/fashion-mnist-shards --threads 1 2
 
 Prints a table and writes ``benchmarks/results/bench_train.json``.
 """
@@ -40,16 +40,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="preprocessed shard folder (pipelines/preprocess.py)")
     parser.add_argument("--window", type=int, default=10, help="steps per measured window")
     parser.add_argument("--windows", type=int, default=3, help="measured windows (after one warm-up window)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts to measure, each a full comparison (default: the config's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if min(args.window, args.windows) < 1 or (args.threads is not None and args.threads < 1):
+    if min(args.window, args.windows, *(args.threads or [1])) < 1:
         parser.error("--window, --windows and --threads must be >= 1")
     return args
 
 
-def bench_config(args: argparse.Namespace, storage: str) -> Any:
+def bench_config(args: argparse.Namespace, threads: int | None, storage: str) -> Any:
     """The config under test: one CPU worker, nothing but training and loss logging."""
     from pipelines.train_config import load_config
 
@@ -62,8 +63,8 @@ def bench_config(args: argparse.Namespace, storage: str) -> Any:
         "scaling.num_workers": 1, "scaling.use_gpu": False, "scaling.max_failures": 0,
         "tracking.registered_model_name": None, "tracking.experiment_name": "bench-train",
     }
-    if args.threads:
-        overrides["scaling.torch_threads"] = args.threads
+    if threads:
+        overrides["scaling.torch_threads"] = threads
     if args.batch:
         overrides["train.global_batch_size"] = args.batch
     return config.replace(overrides)
@@ -122,8 +123,47 @@ def mean_rate(rates: list[float], window: int, batch: int) -> float:
     return len(rates) * window * batch / sum(window * batch / r for r in rates)
 
 
+def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str, Any]:
+    """Plain loop, Ray job, plain loop again for one thread count; the numbers as a dict."""
+    config = bench_config(args, threads, f"{tmp}/runs-{threads}")
+    load_before = os.getloadavg()
+    plain_before = plain_loop(config)
+    ray_rates = ray_job(config)
+    plain_after = plain_loop(config)
+    load_after = os.getloadavg()
+    batch = config.per_worker_batch_size
+    before, after = mean_rate(plain_before, args.window, batch), mean_rate(plain_after, args.window, batch)
+    plain = mean_rate(plain_before + plain_after, args.window, batch)
+    ray_rate = mean_rate(ray_rates, args.window, batch)
+    return {
+        "torch_threads": config.scaling.torch_threads, "batch": batch,
+        "plain_images_per_s": {"before": plain_before, "after": plain_after, "mean_before": before,
+                               "mean_after": after, "mean": plain},
+        "ray_images_per_s": {"windows": ray_rates, "mean": ray_rate},
+        "ratio_ray_over_plain": ray_rate / plain,
+        "ratio_ray_over_plain_before": ray_rate / before, "ratio_ray_over_plain_after": ray_rate / after,
+        "load_average_1m": {"start": load_before[0], "end": load_after[0]},
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    """One row per (thread count, loop), then the ratios."""
+    print(f"{'threads':>7}  {'loop':<24}{'images/s':>10}   windows")
+    for r in results:
+        plain, ray_ = r["plain_images_per_s"], r["ray_images_per_s"]
+        for label, mean, windows in (("plain PyTorch (before)", plain["mean_before"], plain["before"]),
+                                     ("Ray Train + Ray Data", ray_["mean"], ray_["windows"]),
+                                     ("plain PyTorch (after)", plain["mean_after"], plain["after"])):
+            print(f"{r['torch_threads']:>7}  {label:<24}{mean:>10.2f}   {[round(w, 2) for w in windows]}")
+    for r in results:
+        print(f"threads {r['torch_threads']}: ratio Ray / plain {r['ratio_ray_over_plain']:.3f} (target >= 0.95; "
+              f"vs before {r['ratio_ray_over_plain_before']:.3f}, vs after {r['ratio_ray_over_plain_after']:.3f}), "
+              f"batch {r['batch']}, load average {r['load_average_1m']['start']:.1f} -> "
+              f"{r['load_average_1m']['end']:.1f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run both, print the table, write the JSON; returns the exit code."""
+    """Run both loops for each thread count, print the table, write the JSON; returns the exit code."""
     args = parse_args(argv)
     from pipelines.shards import load_manifest
 
@@ -136,37 +176,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        config = bench_config(args, f"{tmp}/runs")
-        load_before = os.getloadavg()
-        plain_before = plain_loop(config)
-        ray_rates = ray_job(config)
-        plain_after = plain_loop(config)
-        load_after = os.getloadavg()
-    batch = config.per_worker_batch_size
-    plain = mean_rate(plain_before + plain_after, args.window, batch)
-    before, after = mean_rate(plain_before, args.window, batch), mean_rate(plain_after, args.window, batch)
-    ray_rate = mean_rate(ray_rates, args.window, batch)
-    result = {
+        results = [measure(args, threads, tmp) for threads in (args.threads or [None])]
+    summary = {
         "config": str(Path(args.config).resolve()), "shards": str(Path(args.shards).resolve()),
-        "train_images": manifest.counts["train"], "batch": batch, "torch_threads": config.scaling.torch_threads,
-        "window_steps": args.window, "windows": args.windows,
-        "plain_images_per_s": {"before": plain_before, "after": plain_after, "mean": plain},
-        "ray_images_per_s": {"windows": ray_rates, "mean": ray_rate},
-        "ratio_ray_over_plain": ray_rate / plain, "target_ratio": 0.95,
-        "ratio_ray_over_plain_before": ray_rate / before, "ratio_ray_over_plain_after": ray_rate / after,
-        "load_average_1m": {"start": load_before[0], "end": load_after[0]},
+        "train_images": manifest.counts["train"], "window_steps": args.window, "windows": args.windows,
+        "target_ratio": 0.95, "results": results,
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
     }
-    print(f"{'loop':<28}{'images/s':>12}   windows")
-    print(f"{'plain PyTorch (before)':<28}{before:>12.2f}   {[round(r, 2) for r in plain_before]}")
-    print(f"{'Ray Train + Ray Data':<28}{ray_rate:>12.2f}   {[round(r, 2) for r in ray_rates]}")
-    print(f"{'plain PyTorch (after)':<28}{after:>12.2f}   {[round(r, 2) for r in plain_after]}")
-    print(f"ratio Ray / plain: {result['ratio_ray_over_plain']:.3f} (target >= 0.95; "
-          f"vs before {ray_rate / before:.3f}, vs after {ray_rate / after:.3f}); batch {batch}, "
-          f"threads {config.scaling.torch_threads}, load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    print_table(results)
     output = Path(args.output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
+    output.write_text(json.dumps(summary, indent=2))
     print(f"wrote {output}")
     return 0
 
