@@ -68,6 +68,7 @@ class LocalRayCluster:
         command += [f"{flag}={value}" for flag, value in ports.items()]
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        self.env.pop("RAY_ADDRESS", None)  # the CLIs talk to this cluster, whatever the caller's default
         self.log = open(Path(self.temp_dir) / "ray_start.log", "wb")
         self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True, cwd=str(REPO))

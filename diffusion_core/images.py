@@ -1,17 +1,21 @@
 """Pixel conventions and image encoding shared by preprocessing, training and serving.
 
 Data pixels are exactly ``k / 127.5 - 1`` for integer ``k`` in [0, 255] (DESIGN.md), so the
-mapping uint8 <-> [-1, 1] here is the only one the project uses.
+mapping uint8 <-> [-1, 1] here is the only one the project uses. This module does not import
+torch (it accepts torch tensors by duck typing), so Ray Data's preprocessing workers stay light.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 def uint8_to_float(pixels: np.ndarray) -> np.ndarray:
@@ -29,8 +33,8 @@ def uint8_to_float(pixels: np.ndarray) -> np.ndarray:
 def float_to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """Map floats in [-1, 1] (any shape) to uint8 by rounding ``(x + 1) * 127.5``; values outside
     [-1, 1] are clipped. The exact inverse of ``uint8_to_float`` on the 256-level grid."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
+    if hasattr(x, "detach"):  # a torch.Tensor, on any device and of any float dtype
+        x = x.detach().float().cpu().numpy()
     x = np.asarray(x, dtype=np.float32)
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.local_cluster import free_port  # noqa: F401  (re-exported for the tests)
 from pipelines.train_config import TrainConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +50,6 @@ def read_worker_log(folder: Path, rank: int) -> list[dict[str, Any]]:
     """The JSON lines a worker wrote with ``train.worker_log_dir`` (step, sha256, local_loss, pid)."""
     path = Path(folder) / f"rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from _unet_helpers import SMALL_UNET
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint, read_checkpoint_config, save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.unet import UNet
 
-UNET = UNetConfig(
-    image_size=8,
-    in_channels=1,
-    out_channels=2,
-    model_channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    dropout=0.1,
-    num_groups=4,
-)
+UNET = dataclasses.replace(SMALL_UNET, in_channels=1, out_channels=2, num_heads=1)
 DIFFUSION = DiffusionConfig(num_timesteps=50, schedule="cosine", variance="learned_range", loss="hybrid")
 
 

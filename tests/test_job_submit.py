@@ -4,75 +4,30 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
-from _train_helpers import EXPERIMENT, REPO_ROOT, free_port
+from _train_helpers import EXPERIMENT, REPO_ROOT
 from mlflow import MlflowClient
+
+from deploy.local_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the ``ray start --block`` process we started and everything in its process group
-    (GCS, raylet, dashboard, workers), SIGTERM first, then SIGKILL."""
-    group = os.getpgid(process.pid)
-    os.killpg(group, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):
-    """A head node of our own: own ports and temp dir, 4 logical CPUs, no token auth; its
-    dashboard (the job API) on 127.0.0.1:<free port>. Yields the dashboard URL."""
-    root = tmp_path_factory.mktemp("rayhead")
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = free_port()
-    ports = {flag: free_port() for flag in ("--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-                                            "--dashboard-agent-grpc-port", "--metrics-export-port",
-                                            "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    command = [f"{VENV_BIN}/ray", "start", "--head", "--block", "--num-cpus", "4", "--include-dashboard", "true",
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--node-ip-address", "127.0.0.1",
-               "--temp-dir", temp_dir, "--disable-usage-stats",
-               *[str(x) for flag, port in ports.items() for x in (flag, port)]]
-    log = open(root / "ray-start.log", "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
+def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
+    """A head node of our own (``deploy.local_cluster.LocalRayCluster``: free ports, own temp dir,
+    4 logical CPUs, no token auth). Yields its dashboard URL (the job API) and its environment."""
+    cluster = LocalRayCluster(num_cpus=4)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"{url}/api/version", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start failed: {(root / 'ray-start.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield url, env
+        yield cluster.dashboard, cluster.env
     finally:
-        _stop(process)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
 
 
 def test_ray_job_submit_runs_the_tiny_config(ray_head, fmnist_shards: Path, train_sandbox: Path) -> None:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +27,14 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from ray.experimental import internal_kv
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
 from requests.adapters import HTTPAdapter
 from s3_server import S3Server, running_s3_server
 from urllib3.util import Retry
 
+from deploy.local_cluster import free_port
 from pipelines.shards import load_manifest, read_split_numpy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,12 +43,6 @@ BUCKET = "ray-ddpm-multinode"
 NUM_IMAGES = 1200
 TOTAL_STEPS = 12
 RUN_NAME = "multinode"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -74,7 +69,7 @@ def _ray_start(args: list[str], temp_dir: str, groups: list[int]) -> None:
     `ray stop` (which would stop every Ray cluster on the machine)."""
     command = [RAY_CLI, "start", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
                "--object-store-memory=200000000", "--disable-usage-stats",
-               f"--dashboard-agent-listen-port={_free_port()}", *args]  # the default 52365 fits one node per machine
+               f"--dashboard-agent-listen-port={free_port()}", *args]  # the default 52365 fits one node per machine
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, cwd=REPO)
     groups.append(process.pid)
@@ -107,19 +102,23 @@ def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[TwoNodes]:
     both `ray start` on one short temp dir. The nodes carry no S3 settings: jobs bring them."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     temp_dir = tempfile.mkdtemp(prefix="rmn-")  # short: Ray's socket paths must fit in 107 bytes
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     address, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
     groups: list[int] = []
+    kv_client = internal_kv.internal_kv_get_gcs_client()  # this process's own Ray, if any
     try:
         _ray_start(
             ["--head", f"--port={gcs_port}", "--num-cpus=3", '--resources={"head_node": 1}',
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             f"--ray-client-server-port={_free_port()}"],
+             f"--ray-client-server-port={free_port()}"],
             temp_dir, groups,
         )
         _ray_start([f"--address={address}", "--num-cpus=2", '--resources={"second_node": 1}'], temp_dir, groups)
         _wait_for_job_api(dashboard)
-        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+        # The state API is asked through the dashboard's HTTP URL, never the GCS address: given a GCS
+        # address, Ray points this process's global internal-KV client at that GCS, and once this
+        # cluster is stopped the process's next Ray call waits 60 s for it and then exits.
+        nodes = list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True)
         by_resource = {name: n.node_id for n in nodes for name in ("head_node", "second_node") if name in n.resources_total}
         assert len(nodes) == 2 and len(by_resource) == 2, nodes
         yield TwoNodes(address, dashboard, by_resource["head_node"], by_resource["second_node"])
@@ -127,6 +126,8 @@ def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[TwoNodes]:
         for pgid in reversed(groups):
             _stop_group(pgid)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    # Nothing here may have re-pointed this process's Ray at the stopped cluster (see above).
+    assert internal_kv.internal_kv_get_gcs_client() is kv_client
 
 
 def _wait_for_job_api(dashboard: str) -> None:
@@ -213,6 +214,6 @@ def test_preprocess_and_ddp_training_across_two_nodes_with_s3_storage(
     assert state["step"] == TOTAL_STEPS
     assert state["world_size"] == 2
 
-    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+    workers = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
     assert len(workers) == 2, workers
     assert {w.node_id for w in workers} == {cluster.head_id, cluster.second_id}

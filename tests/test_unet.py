@@ -9,25 +9,15 @@ import pytest
 import torch
 import yaml
 
+from _unet_helpers import SMALL_UNET
+
 from diffusion_core.config import UNetConfig
 from diffusion_core.nn import timestep_embedding
 from diffusion_core.unet import UNet
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# Small enough to run in milliseconds, but with 2 resolutions, attention and a channel change.
-SMALL = UNetConfig(
-    image_size=8,
-    in_channels=3,
-    out_channels=3,
-    model_channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    dropout=0.1,
-    num_groups=4,
-    num_heads=2,
-)
+SMALL = SMALL_UNET
 
 
 def _model_config(name: str) -> UNetConfig:
