@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
+from diffusion_core.bound import strata_bounds
 from diffusion_core.likelihood import (
     approx_standard_normal_cdf,
     discretized_gaussian_log_likelihood,
@@ -196,3 +197,20 @@ def test_calc_bpd_estimate_errors_and_determinism():
     # with K = 2T every timestep is its own stratum, so only the noise is random
     full = d.calc_bpd_estimate(model, x0, num_samples=50, generator=torch.Generator().manual_seed(0))
     assert full["total_bpd"].shape == full["stderr"].shape == (2,)
+
+
+@pytest.mark.parametrize("num_t,num_strata", [(1000, 8), (1000, 16), (64, 3), (64, 64), (10, 9), (5, 2), (1, 1)])
+def test_strata_partition_the_timesteps_with_t0_alone(num_t, num_strata):
+    bounds = strata_bounds(num_t, num_strata)
+    assert bounds.dtype == np.int64 and len(bounds) == num_strata + 1
+    assert bounds[0] == 0 and bounds[-1] == num_t and np.all(np.diff(bounds) >= 1)
+    if num_strata >= 2:
+        assert bounds[1] == 1  # the decoder term L_0 is its own stratum
+        widths = np.diff(bounds)[1:]
+        assert np.all(np.diff(widths) >= -1)  # the strata widen with t (up to rounding)
+
+
+def test_strata_bounds_errors():
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="num_strata"):
+            strata_bounds(10, bad)
