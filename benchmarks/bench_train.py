@@ -84,7 +84,7 @@ def plain_loop(config: Any) -> list[float]:
     data = torch.from_numpy(images)
     torch.manual_seed(config.train.seed)
     net = UNet(config.model)
-    trainee = Trainee(model=net, net=net, ema=EMA(net, config.train.ema_decay),
+    trainee = Trainee(model=net, net=net, ema=EMA(net, config.train.ema_decay, warmup=config.train.ema_warmup),
                       optimizer=build_optimizer(net.parameters(), config.optimizer), step=0)
     diffusion = GaussianDiffusion(config.diffusion)
     batch, window, rates = config.per_worker_batch_size, Window(diffusion.num_timesteps, device), []

@@ -7,8 +7,10 @@ from torch import nn
 
 
 class EMA:
-    """Shadow copy ``ema <- decay * ema + (1 - decay) * w`` of every floating-point tensor in a
-    module's ``state_dict`` (non-float buffers are copied as they are).
+    """Shadow copy ``ema <- d * ema + (1 - d) * w`` of every floating-point tensor in a module's
+    ``state_dict`` (non-float buffers are copied as they are), with ``d = decay``, or with
+    ``warmup`` ``d = min(decay, (1 + s) / (10 + s))`` after optimizer step ``s`` (1-based; the
+    ``num_updates`` warm-up of TensorFlow's ExponentialMovingAverage).
 
     The shadow tensors live on the module's device, in float32 whatever the module's dtype.
 
@@ -16,26 +18,33 @@ class EMA:
         ValueError: if ``decay`` is not in [0, 1).
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay={decay!r} must be in [0, 1)")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.shadow = {
             k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).clone()
             for k, v in model.state_dict().items()
         }
 
+    def decay_at(self, step: int) -> float:
+        """The decay applied after optimizer step ``step`` (1-based)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the shadow weights towards ``model``'s current weights (one step of the average).
+    def update(self, model: nn.Module, step: int) -> None:
+        """Move the shadow weights towards ``model``'s current weights after optimizer step
+        ``step`` (1-based; it sets the warm-up decay).
 
         Raises:
             KeyError: if ``model`` has a tensor the shadow does not (a different architecture).
         """
+        weight = 1.0 - self.decay_at(step)
         for key, value in model.state_dict().items():
             target = self.shadow[key]
             if target.is_floating_point():
-                target.lerp_(value.to(target.dtype), 1.0 - self.decay)
+                target.lerp_(value.to(target.dtype), weight)
             else:
                 target.copy_(value)
 

@@ -122,6 +122,11 @@ class TrainSection:
             by ``scaling.num_workers`` (each worker gets ``global_batch_size / num_workers``).
         ema_decay: decay of the exponential moving average of the weights, in [0, 1)
             (0.9999 in Ho et al.); the EMA weights are what gets sampled, evaluated and served.
+        ema_warmup: if true, the decay used after optimizer step s (1-based) is
+            min(ema_decay, (1 + s) / (10 + s)) (the ``num_updates`` warm-up of TensorFlow's
+            ExponentialMovingAverage), so that in a short run the average is not dominated by the
+            initial weights (with a constant 0.999, 37% of the average is still the
+            initialization after 1,000 steps); false: Ho et al.'s constant decay.
         seed: seed of the initial weights, the per-example timesteps/noise and dropout.
         log_every: steps between metric points in MLflow (losses are averaged over the window).
         checkpoint_every: steps between checkpoints (a checkpoint is also written at the end); a
@@ -148,6 +153,7 @@ class TrainSection:
     total_steps: int = 1000
     global_batch_size: int = 128
     ema_decay: float = 0.9999
+    ema_warmup: bool = True
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 1000
@@ -174,6 +180,8 @@ class TrainSection:
                 f"train.checkpoint_every={self.checkpoint_every} must be a multiple of train.log_every={self.log_every}"
             )
         _number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        if not isinstance(self.ema_warmup, bool):
+            raise ValueError(f"train.ema_warmup={self.ema_warmup!r} must be true or false")
         _optional_str("train.run_name", self.run_name)
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")

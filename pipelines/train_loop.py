@@ -119,7 +119,7 @@ def build_trainee(config: TrainConfig, worker: Worker, state: TrainState | None)
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)
     net = net.to(worker.device)
-    ema = EMA(net, config.train.ema_decay)
+    ema = EMA(net, config.train.ema_decay, warmup=config.train.ema_warmup)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
     step = 0
     if state is not None:
@@ -201,7 +201,7 @@ def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Te
     clip = config.optimizer.grad_clip if config.optimizer.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), clip)
     trainee.optimizer.step()
-    trainee.ema.update(trainee.net)
+    trainee.ema.update(trainee.net, trainee.step)
     return losses.detach().float(), t, grad_norm
 
 

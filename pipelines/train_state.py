@@ -82,7 +82,7 @@ def save_train_state(directory: str | Path, state: TrainState, config: TrainConf
         state.ema_weights,
         config.model,
         config.diffusion,
-        metadata={"step": state.step, "weights": "ema", "ema_decay": config.train.ema_decay,
+        metadata={"step": state.step, "weights": "ema", "ema_decay": config.train.ema_decay, "ema_warmup": config.train.ema_warmup,
                   "mlflow_run_id": state.mlflow_run_id, "run_name": config.train.run_name},
     )
     save_file({k: v.detach().cpu().contiguous() for k, v in state.raw_weights.items()}, str(folder / RAW_WEIGHTS))

@@ -67,6 +67,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
         ("trian.total_steps=5", "unknown config section 'trian'"),
         ("train.total_steps=0", "train.total_steps=0 must be an integer >= 1"),
         ("train.ema_decay=1.5", "train.ema_decay=1.5 must be a number in [0.0, 1.0)"),
+        ("train.ema_warmup=3", "train.ema_warmup=3 must be true or false"),
         ("optimizer.lr=-1", "optimizer.lr=-1.0 must be a number in (0.0, 1.0]"),
         ("optimizer.name=sgd", "optimizer.name='sgd' is not allowed; choose one of ['adam', 'adamw']"),
         ("diffusion.prediction=score", "prediction='score' is not allowed"),
