@@ -122,14 +122,17 @@ class ModelDeploymentConfig(BaseModel):
         model_uri: ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``runs:/<id>/model``,
             ``s3://bucket/prefix`` or a local checkpoint folder (``fetch_checkpoint``).
         max_batch_size: most requests one ``@serve.batch`` call merges (per endpoint).
-        batch_wait_timeout_s: how long a batch waits for more requests after its first one.
+        batch_wait_timeout_s: how long a batch waits for more requests after its first one. 0.1 s
+            lets requests that reach the replica one by one through the ingress fill a batch
+            (measured on 2 CPU cores, 16 clients: /sample 12.1 req/s with 0.01 s, 17.6 with 0.1 s),
+            at the cost of up to 0.1 s more latency for a lone request.
     """
 
     model_config = _STRICT
 
     model_uri: str = Field(min_length=1)
     max_batch_size: int = Field(8, gt=0)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    batch_wait_timeout_s: float = Field(0.1, ge=0.0)
 
 
 class IngressConfig(BaseModel):

@@ -160,7 +160,7 @@ class AppArgs(BaseModel):
 
     model_uri: str = Field(min_length=1)
     max_batch_size: int = Field(8, gt=0)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    batch_wait_timeout_s: float = Field(0.1, ge=0.0)
     limits: Limits = Limits()
 
 
