@@ -238,23 +238,30 @@ def summarize(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
     return rows
 
 
+def _print_rows(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """One table: ``columns`` are (header, row key, format spec); endpoint and clients come first."""
+    header = f"{'endpoint':10s} {'clients':>7s} " + " ".join(f"{name:>{len(name) + 2}s}" for name, _, _ in columns)
+    print(f"\n{title}\n{header}\n" + "-" * len(header))
+    for r in rows:
+        cells = " ".join(f"{r[key]:>{len(name) + 2}{spec}}" for name, key, spec in columns)
+        print(f"{r['endpoint']:10s} {r['clients']:7d} {cells}")
+
+
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Throughput table, then the CPU-time table (CPU ms per request, robust to a busy machine)."""
     largest, smallest = max(args.batch_sizes), min(args.batch_sizes)
-    header = (f"{'endpoint':10s} {'clients':>7s} {f'req/s b={smallest}':>11s} {f'req/s b={largest}':>11s} "
-              f"{'p50 ms':>8s} {'p99 ms':>8s} {'speed-up':>8s} {'direct':>8s} {'serve/direct':>12s}")
-    print("\nthroughput (wall clock)\n" + header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['endpoint']:10s} {r['clients']:7d} {r['rps_batch_1']:11.2f} {r['rps_batched']:11.2f} "
-              f"{r['p50_ms_batched']:8.1f} {r['p99_ms_batched']:8.1f} {r['batching_speedup']:8.2f} "
-              f"{r['direct_rps_same_batch']:8.2f} {r['serve_over_direct']:12.2f}")
-    header = (f"{'endpoint':10s} {'clients':>7s} {f'replica b={smallest}':>12s} {f'replica b={largest}':>12s} "
-              f"{'all Ray':>8s} {'direct':>8s} {'direct/replica':>14s}")
-    print("\nCPU ms per request\n" + header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['endpoint']:10s} {r['clients']:7d} {r['replica_cpu_ms_batch_1']:12.1f} "
-              f"{r['replica_cpu_ms_batched']:12.1f} "
-              f"{r['cluster_cpu_ms_batched']:8.1f} {r['direct_cpu_ms']:8.1f} {r['direct_over_replica_cpu']:14.2f}")
+    _print_rows("throughput (wall clock)", rows, [
+        (f"req/s b={smallest}", "rps_batch_1", ".2f"), (f"req/s b={largest}", "rps_batched", ".2f"),
+        ("p50 ms", "p50_ms_batched", ".1f"), ("p99 ms", "p99_ms_batched", ".1f"),
+        ("speed-up", "batching_speedup", ".2f"), ("direct", "direct_rps_same_batch", ".2f"),
+        ("serve/direct", "serve_over_direct", ".2f"),
+    ])
+    _print_rows("CPU ms per request", rows, [
+        (f"replica b={smallest}", "replica_cpu_ms_batch_1", ".1f"),
+        (f"replica b={largest}", "replica_cpu_ms_batched", ".1f"),
+        ("all Ray", "cluster_cpu_ms_batched", ".1f"), ("direct", "direct_cpu_ms", ".1f"),
+        ("direct/replica", "direct_over_replica_cpu", ".2f"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> None:
