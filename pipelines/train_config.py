@@ -49,6 +49,11 @@ def _number_in(
         raise ValueError(f"{name}={value!r} must be a number in {interval}")
 
 
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+
+
 def _optional_str(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise ValueError(f"{name}={value!r} must be a non-empty string or null")
@@ -180,8 +185,7 @@ class TrainSection:
                 f"train.checkpoint_every={self.checkpoint_every} must be a multiple of train.log_every={self.log_every}"
             )
         _number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
-        if not isinstance(self.ema_warmup, bool):
-            raise ValueError(f"train.ema_warmup={self.ema_warmup!r} must be true or false")
+        _bool("train.ema_warmup", self.ema_warmup)
         _optional_str("train.run_name", self.run_name)
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")
@@ -218,8 +222,7 @@ class ScalingSection:
     def __post_init__(self) -> None:
         _int_at_least("scaling.num_workers", self.num_workers, 1)
         for name in ("use_gpu", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"scaling.{name}={getattr(self, name)!r} must be true or false")
+            _bool(f"scaling.{name}", getattr(self, name))
         _number_in("scaling.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
         if self.torch_threads is not None:
             _int_at_least("scaling.torch_threads", self.torch_threads, 1)
@@ -247,8 +250,7 @@ class TrackingSection:
         if self.experiment_name is None:
             raise ValueError("tracking.experiment_name must be a non-empty string")
         _optional_str("tracking.registered_model_name", self.registered_model_name)
-        if not isinstance(self.log_system_metrics, bool):
-            raise ValueError(f"tracking.log_system_metrics={self.log_system_metrics!r} must be true or false")
+        _bool("tracking.log_system_metrics", self.log_system_metrics)
 
 
 _SECTIONS: dict[str, type] = {
