@@ -11,6 +11,7 @@ Development tooling: it needs ``requests`` and ``psutil`` (the ``dev`` extra).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,37 @@ VENV_BIN = Path(sys.executable).parent
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All sockets stay bound until every port is drawn, so the kernel cannot hand out one port twice
+    (``ray start`` exits 1 when two of its components are given the same port).
+    """
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
+                   for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def worker_port_range(width: int = 100) -> tuple[int, int]:
+    """A ``width``-port range for a node's workers, below the kernel's ephemeral range.
+
+    ``free_ports`` draws from the ephemeral range (``/proc/sys/net/ipv4/ip_local_port_range``), so
+    this range never contains one of them; ``ray start`` exits 1 if a component port falls inside
+    the worker range. The range depends on the process id, so two test processes rarely share it;
+    Ray's own default (10002-19999, used by ``ray.init()`` clusters) is avoided too.
+    """
+    low_ephemeral = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    slots = max(1, (low_ephemeral - 20000) // width)
+    start = 20000 + (os.getpid() % slots) * width
+    return start, start + width - 1
 
 
 class LocalRayCluster:
@@ -51,16 +80,16 @@ class LocalRayCluster:
 
     def __init__(self, num_cpus: int = 4) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="rs_", dir="/tmp")  # short: Ray's socket paths are length-limited
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.http_port = free_port()
-        min_worker = 20000 + (os.getpid() % 200) * 100
+        ports = free_ports(10)
+        self.gcs_port, self.dashboard_port, self.http_port = ports[:3]
+        min_worker, max_worker = worker_port_range()
         ports = {
             "--port": self.gcs_port, "--dashboard-port": self.dashboard_port,
-            "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-            "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(), "--metrics-export-port": free_port(),
-            "--runtime-env-agent-port": free_port(), "--min-worker-port": min_worker,
-            "--max-worker-port": min_worker + 99,
+            "--node-manager-port": ports[3], "--object-manager-port": ports[4],
+            "--ray-client-server-port": ports[5], "--dashboard-agent-listen-port": ports[6],
+            "--dashboard-agent-grpc-port": ports[7], "--metrics-export-port": ports[8],
+            "--runtime-env-agent-port": ports[9], "--min-worker-port": min_worker,
+            "--max-worker-port": max_worker,
         }
         command = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
@@ -81,14 +110,21 @@ class LocalRayCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.process.returncode}; see {self.log.name}")
+                raise RuntimeError(f"ray start exited with {self.process.returncode}; the end of its log "
+                                   f"({self.log.name}):\n{self._log_tail()}")
             try:
                 if requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).ok:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"Ray dashboard at {self.dashboard} did not come up in {timeout_s} s")
+        raise TimeoutError(f"Ray dashboard at {self.dashboard} did not come up in {timeout_s} s; the end of "
+                           f"the ray start log ({self.log.name}):\n{self._log_tail()}")
+
+    def _log_tail(self, chars: int = 4000) -> str:
+        """The last ``chars`` characters of the ``ray start`` log (for error messages)."""
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
 
     def serve_deploy(self, config: dict[str, Any], path: Path) -> None:
         """Write ``config`` to ``path`` and ``serve deploy`` it to this cluster (CLI).

@@ -34,7 +34,7 @@ from requests.adapters import HTTPAdapter
 from s3_server import S3Server, running_s3_server
 from urllib3.util import Retry
 
-from deploy.local_cluster import free_port
+from deploy.local_cluster import free_port, free_ports
 from pipelines.shards import load_manifest, read_split_numpy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[TwoNodes]:
     both `ray start` on one short temp dir. The nodes carry no S3 settings: jobs bring them."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     temp_dir = tempfile.mkdtemp(prefix="rmn-")  # short: Ray's socket paths must fit in 107 bytes
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, client_port = free_ports(3)
     address, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
     groups: list[int] = []
     kv_client = internal_kv.internal_kv_get_gcs_client()  # this process's own Ray, if any
@@ -110,7 +110,7 @@ def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[TwoNodes]:
         _ray_start(
             ["--head", f"--port={gcs_port}", "--num-cpus=3", '--resources={"head_node": 1}',
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             f"--ray-client-server-port={free_port()}"],
+             f"--ray-client-server-port={client_port}"],
             temp_dir, groups,
         )
         _ray_start([f"--address={address}", "--num-cpus=2", '--resources={"second_node": 1}'], temp_dir, groups)
