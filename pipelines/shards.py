@@ -12,6 +12,13 @@ by copying the shards and writing ``manifest.json`` last. Readers refuse a root 
 manifest and read exactly the shard files the manifest lists, so a crashed, partial or
 concurrent run is never taken for a complete output, and two runs' shards never mix.
 
+**A failed job leaves nothing.** The staging folder holds a liveness marker (``_IN_PROGRESS``,
+:func:`open_staging`) for as long as the job may still publish. A failing job removes the marker
+first and then the folder (:func:`abandon_staging`); Ray Data cancels the job's other tasks
+without waiting for them, so a task that is still writing checks the marker after each write and,
+finding it gone, removes the staging folder itself. Whoever writes last therefore also removes
+last, on a local disk and on S3 (whose listings are strongly consistent).
+
 Readers (used by training, evaluation and tests):
 
 * :func:`load_manifest` -> :class:`Manifest`
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -171,6 +179,31 @@ class ShardTarget:
     image_shape: tuple[int, int, int]
 
 
+#: Name of the liveness marker in a job's staging folder (see the module docstring).
+LIVE_MARKER = "_IN_PROGRESS"
+
+
+def open_staging(tmp: storage.Location) -> None:
+    """Create the staging folder's liveness marker; call before any task writes into ``tmp``."""
+    storage.write_bytes(tmp.join(LIVE_MARKER), b"a preprocessing job is writing here; removed with it if it fails\n")
+
+
+def staging_is_live(tmp: storage.Location) -> bool:
+    """True while the job staging in ``tmp`` may still publish (its liveness marker exists)."""
+    return storage.exists(tmp.join(LIVE_MARKER))
+
+
+def abandon_staging(tmp: storage.Location) -> None:
+    """Give up a job's staging folder: remove the liveness marker, then everything under ``tmp``.
+
+    Tasks still running finish their write, find the marker gone and remove the folder again,
+    so nothing is left once they are done (see the module docstring). Never raises for a
+    folder that is already gone or being removed concurrently.
+    """
+    storage.remove_file(tmp.join(LIVE_MARKER))
+    storage.remove_tree(tmp, best_effort=True)
+
+
 #: Columns of the per-task report returned by :func:`write_shards`.
 REPORT_SCHEMA = pa.schema(
     [("split", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("file", pa.string()), ("reason", pa.string())]
@@ -196,25 +229,39 @@ def write_shards(block: pa.Table, target: ShardTarget) -> pa.Table:
     Returns:
         a small table (``REPORT_SCHEMA``): one row per shard written (split, path, rows) and one
         per rejected item (file, reason).
+
+    If the job was abandoned while this task ran (its staging folder lost the liveness marker,
+    see :func:`abandon_staging`), the task removes the staging folder after writing, even when
+    the write itself was interrupted (e.g. by Ray's task cancellation).
     """
     good_mask = pc.equal(block.column("error"), "")
     good = block.filter(good_mask)
     bad = block.filter(pc.invert(good_mask))
     report: list[dict[str, Any]] = []
-    for split, mask in (("train", pc.invert(good.column("is_val"))), ("val", good.column("is_val"))):
-        part = good.filter(mask).select(["image", "label"])
-        if part.num_rows == 0:
-            continue
-        relpath = f"{split}/{_shard_name(good.filter(mask))}"
-        destination = target.root.join(relpath)
-        if not destination.is_s3:
-            destination.fs.create_dir(target.root.join(split).path, recursive=True)
-        part = part.replace_schema_metadata(shard_schema_metadata(target.image_shape))
-        pq.write_table(part, destination.path, filesystem=destination.fs, compression=SHARD_COMPRESSION)
-        report.append({"split": split, "path": relpath, "rows": part.num_rows, "file": "", "reason": ""})
+    try:
+        for split, mask in (("train", pc.invert(good.column("is_val"))), ("val", good.column("is_val"))):
+            part = good.filter(mask).select(["image", "label"])
+            if part.num_rows == 0:
+                continue
+            relpath = f"{split}/{_shard_name(good.filter(mask))}"
+            _write_shard(part, target, relpath)
+            report.append({"split": split, "path": relpath, "rows": part.num_rows, "file": "", "reason": ""})
+    finally:
+        if not staging_is_live(target.root):
+            storage.remove_tree(target.root, best_effort=True)
     for file, reason in zip(bad.column("file").to_pylist(), bad.column("error").to_pylist()):
         report.append({"split": "", "path": "", "rows": 0, "file": file, "reason": reason})
     return pa.Table.from_pylist(report, schema=REPORT_SCHEMA)
+
+
+def _write_shard(part: pa.Table, target: ShardTarget, relpath: str) -> None:
+    """Write one shard (columns "image", "label") to ``target.root/relpath``, zstd-compressed and
+    stamped with ``shard_schema_metadata``."""
+    destination = target.root.join(relpath)
+    if not destination.is_s3:
+        destination.fs.create_dir(posixpath.dirname(destination.path), recursive=True)
+    part = part.replace_schema_metadata(shard_schema_metadata(target.image_shape))
+    pq.write_table(part, destination.path, filesystem=destination.fs, compression=SHARD_COMPRESSION)
 
 
 def output_exists(final: storage.Location) -> bool:
