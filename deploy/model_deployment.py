@@ -115,7 +115,7 @@ class DDPMModel:
         self, options: LikelihoodOptions, pixels: np.ndarray, seed: int, images_field: str, max_num_steps: int
     ) -> dict[str, Any] | RequestError:
         """Bits/dim of uint8 ``pixels`` [N, H, W, C]: ``{"results": [per-image dict], "model": ...}``
-        (see ``ModelRunner.likelihood_one``), or the ``RequestError`` explaining why not."""
+        (see ``ModelRunner.likelihood_group``), or the ``RequestError`` explaining why not."""
         runner = self._require_runner()
         try:
             job = runner.make_likelihood_job(options, pixels, seed, images_field, max_num_steps)

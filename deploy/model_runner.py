@@ -9,12 +9,12 @@ No Ray here, so it is tested directly. A ``ModelRunner`` holds a ``LoadedModel``
   else is in the batch: ``sample_many``, ``likelihood_many``. A job's failure is returned as its
   result (an ``Exception``) and never affects the other jobs.
 
-Sampling groups jobs by settings (sampler, num_steps, eta, clip_denoised) and runs one batched
-loop per group over ``GaussianDiffusion.p_sample`` / ``ddim_sample`` with the per-step noise of
-each job drawn from its own generator and concatenated, in the same order as
-``p_sample_loop`` / ``ddim_sample_loop`` draw it. The likelihood runs the core's unchanged
-``calc_bpd_loop`` / ``calc_bpd_estimate`` per job, each in a thread, against a
-``LockstepModel`` that merges their network calls into one forward pass.
+Jobs with equal settings (sampler, num_steps, eta, clip_denoised for sampling; method and K for
+the likelihood) form one group, computed by one call of the core's unchanged
+``ddim_sample_loop`` / ``p_sample_loop`` / ``calc_bpd_estimate`` / ``calc_bpd_loop`` on all their
+images at once, with a ``diffusion_core.RowGenerators`` that gives each job's rows its own
+generator: every job gets exactly the random draws it would get alone, and the network runs once
+per step for the whole group.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from __future__ import annotations
 import itertools
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from deploy.lockstep import LockstepModel, run_lockstep
 from deploy.model_source import ModelSource, describe_model_uri, read_manifest_summary
 from deploy.schemas import (
     LikelihoodOptions,
@@ -39,7 +38,11 @@ from deploy.schemas import (
 )
 from diffusion_core.checkpoint import LoadedModel
 from diffusion_core.images import uint8_to_float
-from diffusion_core.sampling import ddim_timesteps
+from diffusion_core.rng import RowGenerators
+
+
+_J = TypeVar("_J")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,33 @@ class LikelihoodJob:
     seed: int
     breakdown: bool
 
+    @property
+    def settings(self) -> tuple[str, int]:
+        """Jobs with equal settings share network evaluations: (method, K; K is unused by "exact")."""
+        return (self.method, self.num_samples if self.method == "estimate" else 0)
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
+
+def isolate_failures(jobs: Sequence[_J], run_group: Callable[[Sequence[_J]], list[_R]]) -> list[_R | Exception]:
+    """``run_group(jobs)``, or when that raises, each job on its own (recursively), so that a failure
+    is returned only for the job that causes it; results in job order."""
+    try:
+        return list(run_group(jobs))
+    except Exception as err:  # noqa: BLE001 - isolate the failing job below
+        if len(jobs) == 1:
+            return [err]
+    return [isolate_failures([job], run_group)[0] for job in jobs]
+
+
+def run_grouped(jobs: Sequence[_J], key: Callable[[_J], Any],
+                run_group: Callable[[Sequence[_J]], list[_R]]) -> list[_R | Exception]:
+    """Run jobs with equal ``key(job)`` together through ``isolate_failures``; results in job order."""
+    results: list[Any] = [None] * len(jobs)
+    order = sorted(range(len(jobs)), key=lambda i: repr(key(jobs[i])))
+    for _, members in itertools.groupby(order, key=lambda i: repr(key(jobs[i]))):
+        indices = list(members)
+        for index, result in zip(indices, isolate_failures([jobs[i] for i in indices], run_group)):
+            results[index] = result
+    return results
 
 
 class ModelRunner:
@@ -169,35 +196,18 @@ class ModelRunner:
     def sample_many(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor | Exception]:
         """Samples for every job, float32 [num_images, C, H, W] in [-1, 1] when clipped, on CPU.
 
-        Jobs with equal ``settings`` run as one batch; each job's images equal
+        Jobs with equal ``settings`` run as one batch (``sample_group``); each job's images equal
         ``p_sample_loop``/``ddim_sample_loop`` run alone with ``torch.Generator().manual_seed(seed)``
         (up to float rounding of the larger network batch). A group that fails is retried job by
         job, so a failure is returned only for the job that causes it.
         """
-        results: list[torch.Tensor | Exception | None] = [None] * len(jobs)
-        order = sorted(range(len(jobs)), key=lambda i: repr(jobs[i].settings))
-        for _, members in itertools.groupby(order, key=lambda i: jobs[i].settings):
-            indices = list(members)
-            for index, result in zip(indices, self._sample_isolated([jobs[i] for i in indices])):
-                results[index] = result
-        return results  # type: ignore[return-value]
-
-    def _sample_isolated(self, jobs: list[SampleJob]) -> list[torch.Tensor | Exception]:
-        try:
-            return list(self.sample_group(jobs))
-        except Exception as err:  # noqa: BLE001 - isolate the failing job below
-            if len(jobs) == 1:
-                return [err]
-        return [self._sample_isolated([job])[0] for job in jobs]
+        return run_grouped(jobs, lambda job: job.settings, self.sample_group)
 
     @torch.no_grad()
     def sample_group(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor]:
-        """Run jobs of identical ``settings`` as one batched sampler loop.
-
-        The starting noise x_T and the noise of every step are drawn per job from the job's own
-        generator (shape [num_images, C, H, W], in the order of the core samplers) and
-        concatenated, then one ``p_sample`` (Ho et al. 2020, Alg. 2) or ``ddim_sample``
-        (Song et al. 2021, eq. 12) step updates the whole batch.
+        """Run jobs of identical ``settings`` as one call of the core sampler on all their images:
+        ``p_sample_loop`` (Ho et al. 2020, Alg. 2) or ``ddim_sample_loop`` (Song et al. 2021,
+        eq. 12), with one generator per job (``RowGenerators``).
 
         Returns:
             per job, float32 [num_images, C, H, W] on CPU.
@@ -205,75 +215,82 @@ class ModelRunner:
         Raises:
             ValueError: if the jobs' settings differ, or from the core on bad values.
         """
+        first = self._one_settings(jobs)
+        sizes = [job.num_images for job in jobs]
+        generators = RowGenerators.from_seeds([job.seed for job in jobs], sizes, self.device)
+        shape = (sum(sizes), *self.image_shape)
+        diffusion, model = self.loaded.diffusion, self.loaded.model
+        if first.sampler == "ddpm":
+            x = diffusion.p_sample_loop(model, shape, generator=generators, clip_denoised=first.clip_denoised,
+                                        device=self.device)
+        else:
+            x = diffusion.ddim_sample_loop(model, shape, num_steps=first.num_steps, eta=first.eta,
+                                           generator=generators, clip_denoised=first.clip_denoised, device=self.device)
+        return list(x.float().cpu().split(sizes))
+
+    @staticmethod
+    def _one_settings(jobs: Sequence[SampleJob] | Sequence[LikelihoodJob]) -> Any:
+        """The first job, after checking that all jobs have the same ``settings`` (ValueError otherwise)."""
         settings = {job.settings for job in jobs}
         if len(settings) != 1:
-            raise ValueError(f"sample_group needs jobs with one settings tuple, got {sorted(map(repr, settings))}")
-        first = jobs[0]
-        diffusion, model, device = self.loaded.diffusion, self.loaded.model, self.device
-        generators = [_generator(job.seed, device) for job in jobs]
-        shapes = [(job.num_images, *self.image_shape) for job in jobs]
-
-        def per_job_noise() -> torch.Tensor:
-            return torch.cat([torch.randn(s, generator=g, device=device, dtype=torch.float32)
-                              for s, g in zip(shapes, generators)])
-
-        x = per_job_noise()
-        n = x.shape[0]
-        if first.sampler == "ddpm":
-            for t_index in range(self.num_timesteps - 1, -1, -1):
-                t = torch.full((n,), t_index, dtype=torch.long, device=device)
-                x = diffusion.p_sample(model, x, t, clip_denoised=first.clip_denoised, noise=per_job_noise())["sample"]
-        else:
-            steps = ddim_timesteps(self.num_timesteps, first.num_steps)
-            for i, t_index in enumerate(steps):
-                t = torch.full((n,), int(t_index), dtype=torch.long, device=device)
-                t_prev = torch.full_like(t, int(steps[i + 1]) if i + 1 < len(steps) else -1)
-                noise = per_job_noise() if first.eta > 0 else None
-                x = diffusion.ddim_sample(model, x, t, t_prev, first.eta, first.clip_denoised, noise=noise)["sample"]
-        return list(x.float().cpu().split([s[0] for s in shapes]))
+            raise ValueError(f"a group needs jobs with one settings tuple, got {sorted(map(repr, settings))}")
+        return jobs[0]
 
     # ------------------------------------------------------------------ likelihood
     def likelihood_many(self, jobs: Sequence[LikelihoodJob]) -> list[list[dict[str, Any]] | Exception]:
-        """Bits/dim of every job's images: per job a list with one dict per image, or the
-        ``Exception`` that job raised.
+        """Bits/dim of every job's images: per job a list with one dict per image (see
+        ``likelihood_group``), or the ``Exception`` that job raised.
 
-        Each job runs ``calc_bpd_loop`` ("exact") or ``calc_bpd_estimate`` ("estimate") with its
-        own generator, so its values equal the core function called alone with
-        ``torch.Generator().manual_seed(seed)`` (up to float rounding); the network calls of all
-        jobs are merged by a ``LockstepModel``.
+        Jobs with equal ``settings`` run as one batch; each job's values equal ``calc_bpd_loop``
+        ("exact") or ``calc_bpd_estimate`` ("estimate") called alone with
+        ``torch.Generator().manual_seed(seed)`` (up to float rounding of the larger network batch).
+        A group that fails is retried job by job.
         """
-        results, _ = run_lockstep(self.loaded.model, list(jobs), self.likelihood_one)
-        return results
+        return run_grouped(jobs, lambda job: job.settings, self.likelihood_group)
 
-    def likelihood_one(self, model: LockstepModel | torch.nn.Module, job: LikelihoodJob) -> list[dict[str, Any]]:
-        """Bits/dim of one job's images with ``model`` (the network or a ``LockstepModel`` around it).
+    @torch.no_grad()
+    def likelihood_group(self, jobs: Sequence[LikelihoodJob]) -> list[list[dict[str, Any]]]:
+        """Bits/dim of the images of jobs with identical ``settings``, in one core call on all of
+        them with one generator per job (``RowGenerators``).
 
         Returns:
-            one dict per image: "bpd" (bits/dim of the full bound, prior included); for "estimate"
-            also "stderr" (bits/dim) and "num_samples" (K); with ``breakdown`` also "prior_bpd"
-            and, for "exact", "terms_bpd" (list [T], L_t in bits/dim, index 0 = decoder L_0),
-            for "estimate", "terms_bpd_estimate" (the estimated sum of the T terms).
+            per job, one dict per image: "bpd" (bits/dim of the full bound, prior included); for
+            "estimate" also "stderr" (bits/dim) and "num_samples" (K); with ``breakdown`` also
+            "prior_bpd" and, for "exact", "terms_bpd" (list [T], L_t in bits/dim, index 0 = decoder
+            L_0), for "estimate", "terms_bpd_estimate" (the estimated sum of the T terms).
+
+        Raises:
+            ValueError: if the jobs' settings differ, or from the core on bad values.
         """
-        x = torch.from_numpy(uint8_to_float(job.pixels).transpose(0, 3, 1, 2).copy()).to(self.device)
-        generator = _generator(job.seed, self.device)
-        diffusion = self.loaded.diffusion
-        if job.method == "exact":
-            out = diffusion.calc_bpd_loop(model, x, generator=generator)
+        first = self._one_settings(jobs)
+        pixels = np.concatenate([job.pixels for job in jobs])
+        x = torch.from_numpy(uint8_to_float(pixels).transpose(0, 3, 1, 2).copy()).to(self.device)
+        sizes = [job.pixels.shape[0] for job in jobs]
+        generators = RowGenerators.from_seeds([job.seed for job in jobs], sizes, self.device)
+        diffusion, model = self.loaded.diffusion, self.loaded.model
+        if first.method == "exact":
+            out = diffusion.calc_bpd_loop(model, x, generator=generators)
         else:
-            out = diffusion.calc_bpd_estimate(model, x, num_samples=job.num_samples, generator=generator)
-        rows = []
-        for i in range(x.shape[0]):
-            row: dict[str, Any] = {"bpd": float(out["total_bpd"][i])}
-            if job.method == "estimate":
-                row.update(stderr=float(out["stderr"][i]), num_samples=int(out["num_samples"]))
-            if job.breakdown:
-                row["prior_bpd"] = float(out["prior_bpd"][i])
-                if job.method == "exact":
-                    row["terms_bpd"] = [float(v) for v in out["vb"][i]]
-                else:
-                    row["terms_bpd_estimate"] = float(out["total_bpd"][i] - out["prior_bpd"][i])
-            rows.append(row)
-        return rows
+            out = diffusion.calc_bpd_estimate(model, x, num_samples=first.num_samples, generator=generators)
+        results, start = [], 0
+        for job, size in zip(jobs, sizes):
+            results.append([self._likelihood_row(out, i, job) for i in range(start, start + size)])
+            start += size
+        return results
+
+    @staticmethod
+    def _likelihood_row(out: dict[str, Any], i: int, job: LikelihoodJob) -> dict[str, Any]:
+        """The result dict of image ``i`` of a core bound output ``out`` (see ``likelihood_group``)."""
+        row: dict[str, Any] = {"bpd": float(out["total_bpd"][i])}
+        if job.method == "estimate":
+            row.update(stderr=float(out["stderr"][i]), num_samples=int(out["num_samples"]))
+        if job.breakdown:
+            row["prior_bpd"] = float(out["prior_bpd"][i])
+            if job.method == "exact":
+                row["terms_bpd"] = [float(v) for v in out["vb"][i]]
+            else:
+                row["terms_bpd_estimate"] = float(out["total_bpd"][i] - out["prior_bpd"][i])
+        return row
 
 
 def default_device() -> torch.device:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 import torch
 
+from diffusion_core import rng
 from diffusion_core.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from diffusion_core.validation import check_images, check_int_in_range
 
@@ -88,7 +89,7 @@ def prior_bpd(diffusion: "GaussianDiffusion", x_start: torch.Tensor) -> torch.Te
 
 def _term_with_mse(diffusion, model, x_start, t, clip_denoised, generator):
     """(L_t [N] bits/dim, x0-MSE [N], eps-MSE [N]) for one fresh noise draw per image."""
-    noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+    noise = rng.randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
     x_t = diffusion.q_sample(x_start, t, noise)
     terms = vb_terms_bpd(diffusion, model(x_t, t), x_start, x_t, t, clip_denoised)
     xstart_mse = mean_flat((terms["pred_xstart"] - x_start) ** 2)
@@ -102,7 +103,7 @@ def calc_bpd_loop(
     model: Model,
     x_start: torch.Tensor,
     clip_denoised: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: rng.Generator = None,
     progress: Progress = None,
 ) -> dict[str, torch.Tensor]:
     """The full variational bound in bits/dim, every term evaluated once (Ho et al. 2020, eq. 5).
@@ -115,7 +116,8 @@ def calc_bpd_loop(
         model: callable (x_t, t) -> [N, C or 2C, H, W].
         x_start: x_0, float32 [N, C, H, W], pixels k/127.5 - 1.
         clip_denoised: clamp pred_xstart to [-1, 1] in every term.
-        generator: torch.Generator on x_start's device (same seed -> same result).
+        generator: torch.Generator on x_start's device (same seed -> same result), or a
+            ``rng.RowGenerators`` (one generator per group of rows, see ``diffusion_core.rng``).
         progress: optional callback ``progress(step_index, total_steps)`` called after each of
             the T terms with step_index = 0..T-1.
 
@@ -183,7 +185,7 @@ def calc_bpd_estimate(
     x_start: torch.Tensor,
     num_samples: int = 16,
     clip_denoised: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: rng.Generator = None,
 ) -> dict:
     """Unbiased stratified Monte-Carlo estimate of the full bound (bits/dim) with its standard error,
     from K = ``num_samples`` network calls instead of T.
@@ -208,7 +210,8 @@ def calc_bpd_estimate(
         x_start: x_0, float32 [N, C, H, W], pixels k/127.5 - 1.
         num_samples: K, number of network calls per image; 2 <= K <= 2T.
         clip_denoised: clamp pred_xstart to [-1, 1] in every term.
-        generator: torch.Generator on x_start's device for the timesteps and noise.
+        generator: torch.Generator on x_start's device for the timesteps and noise, or a
+            ``rng.RowGenerators`` (one generator per group of rows, see ``diffusion_core.rng``).
 
     Returns:
         dict: "total_bpd" [N] float32 (estimate of prior + sum of all T terms, bits/dim),
@@ -230,7 +233,7 @@ def calc_bpd_estimate(
         draws = 3 if (num_samples % 2 and h == len(bounds) - 2) else 2
         values = []
         for _ in range(draws):
-            u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+            u = rng.rand((n,), generator, device=device, dtype=torch.float64)
             t = (start + torch.floor(u * size)).long().clamp(max=start + size - 1)
             values.append(_term_with_mse(diffusion, model, x_start, t, clip_denoised, generator)[0].double())
         ys = torch.stack(values, dim=1)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from diffusion_core import bound, losses, sampling
+from diffusion_core import bound, losses, rng, sampling
 from diffusion_core.config import DiffusionConfig
 from diffusion_core.parameterization import ParameterizationMixin
 from diffusion_core.schedule import get_named_beta_schedule
@@ -133,7 +133,7 @@ class GaussianDiffusion(ParameterizationMixin):
         x_start: torch.Tensor,
         t: torch.Tensor,
         noise: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: rng.Generator = None,
     ) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0): ``sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps`` (Ho et al. eq. 4).
 
@@ -141,7 +141,8 @@ class GaussianDiffusion(ParameterizationMixin):
             x_start: x_0, float [N, C, H, W].
             t: int64 [N], 0-based timesteps in [0, T).
             noise: eps ~ N(0, I) with x_start's shape; drawn with ``generator`` when None.
-            generator: optional torch.Generator (on x_start's device) for the drawn noise.
+            generator: optional torch.Generator (on x_start's device) or ``rng.RowGenerators``
+                for the drawn noise.
 
         Returns:
             x_t, [N, C, H, W] with x_start's dtype.
@@ -151,7 +152,7 @@ class GaussianDiffusion(ParameterizationMixin):
         """
         self._check(x_start, t, "x_start")
         if noise is None:
-            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+            noise = rng.randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
         check_same_shape(noise, x_start, "noise", "x_start")
         return (
             self.extract(self.sqrt_alphas_cumprod, t, x_start) * x_start

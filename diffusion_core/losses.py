@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from diffusion_core import rng
 from diffusion_core.bound import mean_flat, vb_terms_bpd
 from diffusion_core.validation import check_model_output, check_same_shape
 
@@ -23,7 +24,7 @@ def training_losses(
     x_start: torch.Tensor,
     t: torch.Tensor,
     noise: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: rng.Generator = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image losses for one timestep per image, with one model call.
 
@@ -47,7 +48,7 @@ def training_losses(
         x_start: x_0, float [N, C, H, W] in [-1, 1] (vlb/hybrid assume the 256-level grid).
         t: int64 [N], 0-based timesteps in [0, T).
         noise: optional eps [N, C, H, W]; drawn with ``generator`` when None.
-        generator: optional torch.Generator on x_start's device.
+        generator: optional torch.Generator on x_start's device, or ``rng.RowGenerators``.
 
     Returns:
         dict of float tensors [N]: "loss" (what to minimise, mean it over the batch), "mse"
@@ -59,7 +60,7 @@ def training_losses(
     """
     diffusion._check(x_start, t, "x_start")
     if noise is None:
-        noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        noise = rng.randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
     check_same_shape(noise, x_start, "noise", "x_start")
     x_t = diffusion.q_sample(x_start, t, noise)
     output = model(x_t, t)

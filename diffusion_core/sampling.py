@@ -2,9 +2,10 @@
 eq. 12). Called through the GaussianDiffusion methods of the same names.
 
 Every sampler runs under ``torch.no_grad()``, draws its noise with
-``torch.randn(..., generator=generator, device=device)`` (so a seeded generator gives the same
-images on the same hardware; the generator must live on ``device``), and returns float32
-[N, C, H, W] (in [-1, 1] when ``clip_denoised``).
+``diffusion_core.rng.randn(..., generator, device=device)`` (so a seeded generator gives the same
+images on the same hardware; the generator must live on ``device``; a ``rng.RowGenerators``
+gives each group of rows its own generator), and returns float32 [N, C, H, W] (in [-1, 1] when
+``clip_denoised``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from diffusion_core import rng
 from diffusion_core.validation import check_images, check_int_in_range, check_same_shape, check_timesteps
 
 if TYPE_CHECKING:
@@ -41,12 +43,12 @@ def _initial_noise(shape: Sequence[int], noise, generator, device) -> torch.Tens
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={shape}")
         return noise.to(device=device, dtype=torch.float32)
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return rng.randn(shape, generator, device=device, dtype=torch.float32)
 
 
 def _noise_like(x: torch.Tensor, noise, generator) -> torch.Tensor:
     if noise is None:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
     check_same_shape(noise, x, "noise", "x")
     return noise
 
@@ -59,7 +61,7 @@ def p_sample(
     t: torch.Tensor,
     clip_denoised: bool = True,
     denoised_fn=None,
-    generator: Optional[torch.Generator] = None,
+    generator: rng.Generator = None,
     noise: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """One ancestral step: x_{t-1} = mean + exp(0.5 log_variance) * z with z ~ N(0, I), and no
@@ -73,7 +75,8 @@ def p_sample(
         t: int64 [N], 0-based timesteps in [0, T).
         clip_denoised: clamp pred_xstart to [-1, 1].
         denoised_fn: optional map applied to pred_xstart.
-        generator: torch.Generator (on x's device) for z; z is drawn even where t == 0.
+        generator: torch.Generator (on x's device) or ``rng.RowGenerators`` for z; z is drawn
+            even where t == 0.
         noise: z itself [N, C, H, W], instead of drawing it.
 
     Returns:
@@ -94,7 +97,7 @@ def p_sample_loop(
     diffusion: "GaussianDiffusion",
     model: Model,
     shape: Sequence[int],
-    generator: Optional[torch.Generator] = None,
+    generator: rng.Generator = None,
     clip_denoised: bool = True,
     progress: Progress = None,
     noise: Optional[torch.Tensor] = None,
@@ -107,7 +110,8 @@ def p_sample_loop(
         diffusion: the GaussianDiffusion.
         model: callable (x_t, t) -> [N, C or 2C, H, W].
         shape: (N, C, H, W) of the images.
-        generator: torch.Generator on ``device`` (same seed -> same images on the same hardware).
+        generator: torch.Generator on ``device`` (same seed -> same images on the same hardware),
+            or ``rng.RowGenerators`` (one generator per group of rows).
         clip_denoised: clamp pred_xstart to [-1, 1] at every step (the output is then in [-1, 1]).
         progress: optional callback ``progress(step_index, total_steps)`` called after each step,
             step_index = 0..T-1.
@@ -160,7 +164,7 @@ def ddim_sample(
     eta: float = 0.0,
     clip_denoised: bool = True,
     denoised_fn=None,
-    generator: Optional[torch.Generator] = None,
+    generator: rng.Generator = None,
     noise: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12):
@@ -182,7 +186,7 @@ def ddim_sample(
         eta: >= 0, the stochasticity.
         clip_denoised: clamp x0_hat to [-1, 1].
         denoised_fn: optional map applied to x0_hat.
-        generator: torch.Generator for z (drawn only when eta > 0).
+        generator: torch.Generator or ``rng.RowGenerators`` for z (drawn only when eta > 0).
         noise: z itself [N, C, H, W], instead of drawing it.
 
     Returns:
@@ -217,7 +221,7 @@ def ddim_sample_loop(
     shape: Sequence[int],
     num_steps: int = 50,
     eta: float = 0.0,
-    generator: Optional[torch.Generator] = None,
+    generator: rng.Generator = None,
     clip_denoised: bool = True,
     progress: Progress = None,
     noise: Optional[torch.Tensor] = None,
@@ -233,7 +237,7 @@ def ddim_sample_loop(
         shape: (N, C, H, W).
         num_steps: number of steps, 1 <= num_steps <= T.
         eta: 0 for deterministic DDIM, 1 for DDPM-like noise.
-        generator: torch.Generator on ``device``.
+        generator: torch.Generator on ``device``, or ``rng.RowGenerators`` (one per group of rows).
         clip_denoised: clamp x0_hat to [-1, 1] each step.
         progress: optional ``progress(step_index, total_steps)`` after each step (0-based index).
         noise: optional starting x_T [N, C, H, W].

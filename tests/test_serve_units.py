@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from deploy.http_io import parse_json_model, sample_response
-from deploy.lockstep import LockstepModel, run_lockstep
 from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob
 from deploy.model_source import ModelSource, describe_model_uri, read_manifest_summary
 from deploy.schemas import (
@@ -311,8 +309,8 @@ def test_batched_likelihood_equals_core_per_seed_and_merges_calls(runner: ModelR
     assert len(exact_terms) == 24 and results[1][0]["prior_bpd"] >= 0
     assert abs(sum(exact_terms) + results[1][0]["prior_bpd"] - results[1][0]["bpd"]) < 1e-3
     assert "terms_bpd_estimate" in results[2][0] and "prior_bpd" not in results[0][0]
-    # the first 4 evaluations merge all 6 images; the exact bound's other 20 run alone
-    assert calls.sizes == [6] * 4 + [1] * 20
+    # the two estimates (K=4, 2 + 3 images) share 4 evaluations of 5 images; the exact bound runs alone
+    assert sorted(calls.sizes) == sorted([5] * 4 + [1] * 24)
 
 
 def test_likelihood_failure_is_isolated(runner: ModelRunner) -> None:
@@ -335,49 +333,6 @@ def test_likelihood_job_checks_against_the_model(runner: ModelRunner) -> None:
     err = _error(runner.make_likelihood_job, LikelihoodOptions(method="exact"), _images(0, 1), 0, "files", 11)
     assert (err.status, err.field) == (413, "method")
     assert runner.make_likelihood_job(options, _images(0, 2), 5, "files", 100).seed == 5
-
-
-def test_lockstep_merges_concurrent_calls_and_releases_finished_participants() -> None:
-    seen: list[int] = []
-
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        seen.append(x.shape[0])
-        if bool((t < 0).any()):
-            raise ValueError("negative timestep")
-        return x * 2 + t.view(-1, 1, 1, 1)
-
-    def work(shared, job):
-        calls, rows, bad_at = job
-        out = None
-        for i in range(calls):
-            t = torch.full((rows,), -1 if i == bad_at else i)
-            out = shared(torch.ones(rows, 1, 2, 2), t)
-            assert torch.equal(out, 2 + t.view(-1, 1, 1, 1).float().expand(rows, 1, 2, 2))
-        return out.shape[0]
-
-    results, shared = run_lockstep(model, [(3, 1, None), (1, 2, None), (3, 4, 1)], work)
-    assert results[0] == 1 and results[1] == 2 and isinstance(results[2], ValueError)
-    # call 0: all three merged (7 rows); call 1: the bad participant's rows fail the merged pass
-    # (5 rows), which is retried call by call (1 row, and 4 that fail); call 2: participant 0 alone
-    assert seen[:2] == [7, 5] and sorted(seen[2:4]) == [1, 4] and seen[4:] == [1]
-    assert shared.forward_batch_sizes == [7, 1, 1]
-    with pytest.raises(ValueError):
-        LockstepModel(model, 0)
-
-
-def test_lockstep_is_thread_safe_under_many_participants() -> None:
-    lock = threading.Lock()
-    calls = {"n": 0}
-
-    def model(x, t):
-        with lock:
-            calls["n"] += 1
-        return x + 1
-
-    jobs = list(range(16))
-    results, shared = run_lockstep(model, jobs, lambda m, j: [float(m(torch.full((1, 1, 1, 1), j), torch.zeros(1))[0])
-                                                               for _ in range(5)][-1])
-    assert results == [j + 1.0 for j in jobs] and calls["n"] == 5 and shared.forward_batch_sizes == [16] * 5
 
 
 # ---------------------------------------------------------------- responses and model identity
