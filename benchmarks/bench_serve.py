@@ -11,9 +11,10 @@ What it does (loopback only):
    replica reconfigures in place), each endpoint and each client count: every client sends
    ``--requests-per-client`` requests back to back (at most ``--max-seconds`` per cell), one
    image per request. Requests/s = completed requests / wall time; p50/p99 of per-request latency.
-3. Direct baseline, measured right after each batched cell (same machine load): the core call
-   (``ddim_sample_loop`` / ``calc_bpd_estimate``) on min(clients, largest batch size) images at
-   once, in this process, single-threaded like the replica.
+3. Direct baseline, measured right after each batched cell (same machine load): the replica's
+   own compute (``deploy.model_runner.ModelRunner``: ``sample_many`` / ``likelihood_many``, i.e.
+   ``ddim_sample_loop`` / ``calc_bpd_estimate`` on the TorchScript network) on min(clients,
+   largest batch size) one-image requests at once, in this process, single-threaded like the replica.
 4. CPU time per request of the model replica, of all cluster processes, and of the direct
    calls: on a machine shared with other work, wall-clock throughput depends on how the
    scheduler splits the cores; CPU time per request does much less.
@@ -115,35 +116,36 @@ def run_cell(send: Callable[[requests.Session, int], bool], clients: int, per_cl
 
 
 class DirectBaseline:
-    """The core calls in this process, single-threaded like the replica: ``ddim_sample_loop`` /
-    ``calc_bpd_estimate`` on ``batch`` one-image requests at once."""
+    """The replica's compute called in this process, single-threaded like the replica: the same
+    ``ModelRunner`` (``load_runner``: TorchScript network, one generator per request) running
+    ``sample_many`` / ``likelihood_many`` on ``batch`` one-image requests at once."""
 
-    def __init__(self, model_dir: Path, args: argparse.Namespace, pixels: np.ndarray) -> None:
-        from diffusion_core.checkpoint import load_checkpoint
+    def __init__(self, model_uri: str, args: argparse.Namespace, pixels: np.ndarray) -> None:
+        from deploy.model_runner import load_runner
 
-        self.loaded = load_checkpoint(model_dir)
+        self.runner = load_runner(model_uri, device="cpu")
         self.args = args
         self.pixels = pixels
 
-    def _call(self, endpoint: str, batch: int) -> Callable[[torch.Generator], Any]:
-        from diffusion_core.images import uint8_to_float
+    def _call(self, endpoint: str, batch: int) -> Callable[[int], Any]:
+        from deploy.model_runner import LikelihoodJob, SampleJob
 
-        loaded, args, cfg = self.loaded, self.args, self.loaded.unet_config
+        runner, args = self.runner, self.args
         if endpoint == "sample":
-            shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
-            return lambda g: loaded.diffusion.ddim_sample_loop(loaded.model, shape, num_steps=args.ddim_steps,
-                                                               generator=g)
-        x = torch.from_numpy(uint8_to_float(np.repeat(self.pixels, batch, axis=0)).transpose(0, 3, 1, 2).copy())
-        return lambda g: loaded.diffusion.calc_bpd_estimate(loaded.model, x, num_samples=args.num_samples, generator=g)
+            return lambda seed: runner.sample_many(
+                [SampleJob(1, "ddim", args.ddim_steps, 0.0, seed + i, True) for i in range(batch)])
+        return lambda seed: runner.likelihood_many(
+            [LikelihoodJob(self.pixels, "estimate", args.num_samples, seed + i, False) for i in range(batch)])
 
     def measure(self, endpoint: str, batch: int) -> dict[str, float]:
-        """Requests/s and CPU ms per request of repeated calls on ``batch`` images (about 32
+        """Requests/s and CPU ms per request of repeated calls on ``batch`` requests (about 32
         requests, after one warm-up call)."""
         call = self._call(endpoint, batch)
-        call(torch.Generator().manual_seed(0))
+        call(0)
         repeats, start, cpu_start = max(2, 32 // batch), time.monotonic(), time.process_time()
         for i in range(repeats):
-            call(torch.Generator().manual_seed(i))
+            results = call(1000 * (i + 1))
+            assert not any(isinstance(r, Exception) for r in results), results
         wall, cpu = time.monotonic() - start, time.process_time() - cpu_start
         return {"requests_per_s": round(batch * repeats / wall, 3),
                 "cpu_ms_per_request": round(1000 * cpu / (batch * repeats), 1)}
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         size, channels = unet_config.image_size, unet_config.in_channels
         pixels = np.random.default_rng(0).integers(0, 256, (1, size, size, channels), dtype=np.uint8)
 
-        direct = DirectBaseline(model_dir, args, pixels)
+        direct = DirectBaseline(str(model_dir), args, pixels)
         cluster = LocalRayCluster(num_cpus=4)
         try:
             cells = serve_cells(cluster, model_uri, args, pixels, work_dir, direct)

@@ -13,7 +13,7 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from deploy.http_io import parse_json_model, sample_response
-from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob
+from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob, inference_network
 from deploy.model_source import ModelSource, describe_model_uri, read_manifest_summary
 from deploy.schemas import (
     IngressConfig,
@@ -57,17 +57,23 @@ def runner() -> ModelRunner:
 
 
 class _CountCalls:
-    """Forward hook recording the batch size of every network evaluation."""
+    """Wraps ``runner.network`` (the traced network) to record the batch size of every evaluation."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.sizes: list[int] = []
-        self._handle = model.register_forward_hook(lambda _m, args, _out: self.sizes.append(args[0].shape[0]))
+        self._runner, self._network = runner, runner.network
+
+        def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            self.sizes.append(x.shape[0])
+            return self._network(x, t)
+
+        runner.network = counted
 
     def __enter__(self) -> "_CountCalls":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
+        self._runner.network = self._network
 
 
 def _error(fn, *args) -> RequestError:
@@ -244,6 +250,22 @@ def _reference_sample(runner: ModelRunner, job: SampleJob) -> torch.Tensor:
                                       clip_denoised=job.clip_denoised)
 
 
+def test_runner_network_is_traced_and_matches_the_eager_model(runner: ModelRunner) -> None:
+    assert isinstance(runner.network, torch.jit.ScriptModule) and runner.describe()["network"] == "torchscript"
+    x, t = torch.randn(5, 1, 8, 8), torch.tensor([0, 3, 23, 7, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(runner.network(x, t), runner.loaded.model(x, t), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_network_keeps_the_eager_model_when_tracing_would_change_results() -> None:
+    class DataDependent(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return x * 2 if bool((t > 0).any()) else x  # a trace at t = 0 would bake in "x"
+
+    model = DataDependent()
+    assert inference_network(model, (1, 2, 2), torch.device("cpu")) is model
+
+
 def test_batched_sampling_equals_each_request_alone_and_shares_evaluations(runner: ModelRunner) -> None:
     jobs = [
         SampleJob(2, "ddim", 5, 0.5, 11, True),
@@ -252,7 +274,7 @@ def test_batched_sampling_equals_each_request_alone_and_shares_evaluations(runne
         SampleJob(1, "ddim", 5, 0.0, 14, False),
         SampleJob(1, "ddim", 5, 0.5, 15, True),
     ]
-    with _CountCalls(runner.loaded.model) as calls:
+    with _CountCalls(runner) as calls:
         results = runner.sample_many(jobs)
     for job, result in zip(jobs, results):
         assert result.shape == (job.num_images, 1, 8, 8)
@@ -296,7 +318,7 @@ def test_batched_likelihood_equals_core_per_seed_and_merges_calls(runner: ModelR
         LikelihoodJob(_images(1, 1), "exact", 4, 101, True),
         LikelihoodJob(_images(2, 3), "estimate", 4, 102, True),
     ]
-    with _CountCalls(runner.loaded.model) as calls:
+    with _CountCalls(runner) as calls:
         results = runner.likelihood_many(jobs)
     for job, rows in zip(jobs, results):
         reference = _reference_bpd(runner, job)
