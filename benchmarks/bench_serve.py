@@ -22,7 +22,7 @@ What it does (loopback only):
 Prints a table and writes JSON (default ``benchmarks/results/bench_serve.json``). Needs the dev
 extra (requests, psutil). Example::
 
-    python benchmarks/bench_serve.py --clients 1 4 16 --batch-sizes 1 16
+    python benchmarks/bench_serve.py --clients 1 4 16 --batch-sizes 1 8 --requests-per-client 8
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "fashion_mnist.yaml",
                         help="YAML with model/diffusion sections for the default random-init model")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per cell")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="max_batch_size values to compare")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
+                        help="max_batch_size values to compare (8: deploy/serve_config.yaml)")
     parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends per cell")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time bound of one cell")
     parser.add_argument("--ddim-steps", type=int, default=5, help="DDIM steps of each /sample request")
