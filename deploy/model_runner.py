@@ -301,12 +301,11 @@ class ModelRunner:
 
         Raises:
             ValueError: if the jobs' settings differ, or from the core on bad values.
+            RequestError: 422 if a job's images do not match the model (``check_images_for_model``).
         """
         first = self._one_settings(jobs)
-        channels, height, width = self.image_shape
-        for job in jobs:  # the traced network would not notice another size
-            if job.pixels.ndim != 4 or job.pixels.shape[1:] != (height, width, channels):
-                raise ValueError(f"images of shape {job.pixels.shape[1:]} given, the model takes {(height, width, channels)}")
+        for job in jobs:  # as in make_likelihood_job: the traced network would not notice another size
+            check_images_for_model(job.pixels, self.image_shape, "pixels")
         pixels = np.concatenate([job.pixels for job in jobs])
         x = torch.from_numpy(uint8_to_float(pixels).transpose(0, 3, 1, 2).copy()).to(self.device)
         sizes = [job.pixels.shape[0] for job in jobs]
