@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,36 +35,57 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port that was free a moment ago, below the ephemeral range (see ``free_ports``)."""
     return free_ports(1)[0]
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+def _ephemeral_low() -> int:
+    """First port of the kernel's ephemeral range (``/proc/sys/net/ipv4/ip_local_port_range``), 32768 if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
 
-    All sockets stay bound until every port is drawn, so the kernel cannot hand out one port twice
-    (``ray start`` exits 1 when two of its components are given the same port).
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports, free a moment ago, for servers that a child process binds later.
+
+    They are drawn at random from [20000, start of the ephemeral range) minus this process's
+    ``worker_port_range()``. Below the ephemeral range, no outgoing connection of any process can
+    take one of them between this check and the server's bind (a port drawn with ``bind(0)`` can:
+    a ``ray start`` failed here on "Failed to start the grpc server ... port 44217" that way). Each
+    candidate is bound on all interfaces, and all sockets stay bound until every port is drawn, so
+    the ports are distinct (``ray start`` exits 1 when two of its components share a port).
+
+    Raises:
+        RuntimeError: if fewer than ``count`` free ports are found in the range.
     """
+    low_worker, high_worker = worker_port_range()
+    candidates = [p for p in range(20000, _ephemeral_low()) if not low_worker <= p <= high_worker]
+    random.SystemRandom().shuffle(candidates)
+    ports: list[int] = []
     with ExitStack() as stack:
-        sockets = [stack.enter_context(closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
-                   for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+        for port in candidates:
+            if len(ports) == count:
+                break
+            sock = stack.enter_context(closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            ports.append(port)
+    if len(ports) < count:
+        raise RuntimeError(f"only {len(ports)} of {count} free TCP ports in 20000-{_ephemeral_low() - 1}")
+    return ports
 
 
 def worker_port_range(width: int = 100) -> tuple[int, int]:
     """A ``width``-port range for a node's workers, below the kernel's ephemeral range.
 
-    ``free_ports`` draws from the ephemeral range (``/proc/sys/net/ipv4/ip_local_port_range``), so
-    this range never contains one of them; ``ray start`` exits 1 if a component port falls inside
-    the worker range. The range depends on the process id, so two test processes rarely share it;
+    ``free_ports`` never draws from it; ``ray start`` exits 1 if a component port falls inside the
+    worker range. The range depends on the process id, so two test processes rarely share it;
     Ray's own default (10002-19999, used by ``ray.init()`` clusters) is avoided too.
     """
-    low_ephemeral = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    slots = max(1, (low_ephemeral - 20000) // width)
+    slots = max(1, (_ephemeral_low() - 20000) // width)
     start = 20000 + (os.getpid() % slots) * width
     return start, start + width - 1
 
