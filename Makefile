@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-fast bench clean demo demo-stop
+.PHONY: setup test test-fast clean demo demo-stop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -7,7 +7,9 @@ torch thread count and shards. The plain loop reads the shards with pyarrow into
 worker fed by Ray Data (``iter_torch_batches``) and MLflow tracking on (into a temporary SQLite
 store). Throughput is measured over whole logging windows after a warm-up window, from the
 ``images_per_s`` metric of each window (wall time of the window's steps, data loading included).
-The plain loop runs before and after the Ray job, to bracket drifts in machine load.
+The plain loop runs before and after the Ray job, to bracket drifts in machine load, and once more
+beside an idle local Ray node (no job), which separates the cost of Ray's resident processes (GCS,
+raylet, agents, idle workers) from that of the Train job's own actors and worker.
 
     python benchmarks/bench_train.py --shards data/fashion-mnist-shards --threads 1 2
 
@@ -100,6 +102,26 @@ def plain_loop(config: Any) -> list[float]:
     return rates[1:]
 
 
+def start_ray(config: Any) -> None:
+    """A fresh local Ray node for one measurement: the worker's CPUs plus one for Ray Data."""
+    import ray
+
+    ray.init(address="local", num_cpus=int(config.scaling.cpus_per_worker) + 1, include_dashboard=False,
+             log_to_driver=False)
+
+
+def plain_loop_beside_idle_ray(config: Any) -> list[float]:
+    """``plain_loop`` while an idle local Ray node (GCS, raylet, agents, idle workers; no job) runs
+    on the same machine: the share of the gap that is Ray's mere presence, not the Train job."""
+    import ray
+
+    start_ray(config)
+    try:
+        return plain_loop(config)
+    finally:
+        ray.shutdown()
+
+
 def ray_job(config: Any) -> list[float]:
     """images/s of each window of the real Ray Train job (first window dropped), from MLflow."""
     import ray
@@ -108,8 +130,7 @@ def ray_job(config: Any) -> list[float]:
     from pipelines.mlflow_setup import resolve_tracking_uri
     from pipelines.train import run
 
-    ray.init(address="local", num_cpus=int(config.scaling.cpus_per_worker) + 1, include_dashboard=False,
-             log_to_driver=False)
+    start_ray(config)
     try:
         outcome = run(config)
     finally:
@@ -124,10 +145,12 @@ def mean_rate(rates: list[float], window: int, batch: int) -> float:
 
 
 def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str, Any]:
-    """Plain loop, Ray job, plain loop again for one thread count; the numbers as a dict."""
+    """Plain loop, plain loop beside an idle Ray node, Ray job, plain loop again for one thread
+    count; the numbers as a dict."""
     config = bench_config(args, threads, f"{tmp}/runs-{threads}")
     load_before = os.getloadavg()
     plain_before = plain_loop(config)
+    idle_ray = plain_loop_beside_idle_ray(config)
     ray_rates = ray_job(config)
     plain_after = plain_loop(config)
     load_after = os.getloadavg()
@@ -139,8 +162,10 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
         "torch_threads": config.scaling.torch_threads, "batch": batch,
         "plain_images_per_s": {"before": plain_before, "after": plain_after, "mean_before": before,
                                "mean_after": after, "mean": plain},
+        "plain_beside_idle_ray_images_per_s": {"windows": idle_ray, "mean": mean_rate(idle_ray, args.window, batch)},
         "ray_images_per_s": {"windows": ray_rates, "mean": ray_rate},
         "ratio_ray_over_plain": ray_rate / plain,
+        "ratio_plain_beside_idle_ray_over_plain": mean_rate(idle_ray, args.window, batch) / plain,
         "ratio_ray_over_plain_before": ray_rate / before, "ratio_ray_over_plain_after": ray_rate / after,
         "load_average_1m": {"start": load_before[0], "end": load_after[0]},
     }
@@ -150,8 +175,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
     """One row per (thread count, loop), then the ratios."""
     print(f"{'threads':>7}  {'loop':<24}{'images/s':>10}   windows")
     for r in results:
-        plain, ray_ = r["plain_images_per_s"], r["ray_images_per_s"]
+        plain, ray_, idle = r["plain_images_per_s"], r["ray_images_per_s"], r["plain_beside_idle_ray_images_per_s"]
         for label, mean, windows in (("plain PyTorch (before)", plain["mean_before"], plain["before"]),
+                                     ("plain, idle Ray node by", idle["mean"], idle["windows"]),
                                      ("Ray Train + Ray Data", ray_["mean"], ray_["windows"]),
                                      ("plain PyTorch (after)", plain["mean_after"], plain["after"])):
             print(f"{r['torch_threads']:>7}  {label:<24}{mean:>10.2f}   {[round(w, 2) for w in windows]}")
@@ -159,7 +185,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"threads {r['torch_threads']}: ratio Ray / plain {r['ratio_ray_over_plain']:.3f} (target >= 0.95; "
               f"vs before {r['ratio_ray_over_plain_before']:.3f}, vs after {r['ratio_ray_over_plain_after']:.3f}), "
               f"batch {r['batch']}, load average {r['load_average_1m']['start']:.1f} -> "
-              f"{r['load_average_1m']['end']:.1f}")
+              f"{r['load_average_1m']['end']:.1f}; plain beside an idle Ray node / plain "
+              f"{r['ratio_plain_beside_idle_ray_over_plain']:.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
