@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -66,6 +67,14 @@ async def _validation_error(_: Request, err: RequestValidationError) -> JSONResp
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"error": f"{request.url.path}: {err.detail}", "field": "path"}, status_code=err.status_code,
                         headers=getattr(err, "headers", None))
+
+
+@api.exception_handler(RayActorError)
+async def _replica_lost(_: Request, err: RayActorError) -> JSONResponse:
+    """The model replica died or became unreachable while it held the request (Serve replaces it):
+    503 with ``Retry-After``, since sending the same request again (same seed) gives the same result."""
+    return JSONResponse({"error": f"model: the replica serving this request was lost ({type(err).__name__}); "
+                                  "retry the request", "field": "model"}, status_code=503, headers={"Retry-After": "5"})
 
 
 @api.exception_handler(Exception)

@@ -52,7 +52,7 @@ def _client(url: str, stop: threading.Event, outcomes: list[Outcome], lock: thre
             started = time.monotonic()
             try:
                 response = session.post(f"{url}/sample", json=REQUEST, timeout=60)
-                ok, detail = response.status_code == 200, f"{response.status_code} {response.text[:80]}"
+                ok, detail = response.status_code == 200, f"{response.status_code} {response.text[:200]}"
             except requests.RequestException as err:
                 ok, detail = False, repr(err)[:80]
             with lock:
@@ -91,8 +91,10 @@ def test_killed_replica_is_replaced_and_requests_after_recovery_succeed(served: 
     print(f"\nfailover: {len(failed)} of {len(outcomes)} requests failed ({CLIENTS} clients; "
           f"{len(during)} were in flight at the kill, {len(after)} started after it); first success of a request "
           f"started after the kill came {None if recovered_at is None else round(recovered_at - killed_at, 2)} s "
-          f"after the kill; failure kinds: {sorted({o.detail[:70] for o in failed})}")
+          f"after the kill; failure kinds: {sorted({o.detail[:110] for o in failed})}")
     assert recovered_at is not None, "no request succeeded after the replica was killed"
+    # a request lost with the replica is a 503 asking to retry, never a 500 or a hang
+    assert all(o.detail.startswith("503") and "retry" in o.detail for o in failed), [o.detail for o in failed][:3]
 
     cluster.wait_healthy(timeout_s=120)
     (replacement,) = cluster.model_replicas()
