@@ -5,7 +5,8 @@ Run it with the YAML (model, limits, batching, autoscaling and resources all liv
     serve run deploy/serve_config.yaml            # or, on a running cluster: serve deploy deploy/serve_config.yaml
     serve run deploy.serve_app:app_builder model_uri=models:/ddpm-fashion-mnist/1 max_batch_size=8
 
-Endpoints (errors are always ``{"error": "<field>: <what is wrong>", "field": ...}`` with a 4xx):
+Endpoints (errors are always ``{"error": "<field>: <what is wrong>", "field": ...}``: a 4xx for a bad
+request, 503 with ``Retry-After`` when the model replica holding the request dies):
 
 * ``POST /sample`` JSON ``SampleRequest``: images as base64 PNGs in JSON, one PNG grid, or an
   ``.npy`` (uint8 [N, H, W, C]); the same ``seed`` gives the same images.
