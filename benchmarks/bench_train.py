@@ -158,14 +158,15 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
     before, after = mean_rate(plain_before, args.window, batch), mean_rate(plain_after, args.window, batch)
     plain = mean_rate(plain_before + plain_after, args.window, batch)
     ray_rate = mean_rate(ray_rates, args.window, batch)
+    idle_rate = mean_rate(idle_ray, args.window, batch)
     return {
         "torch_threads": config.scaling.torch_threads, "batch": batch,
         "plain_images_per_s": {"before": plain_before, "after": plain_after, "mean_before": before,
                                "mean_after": after, "mean": plain},
-        "plain_beside_idle_ray_images_per_s": {"windows": idle_ray, "mean": mean_rate(idle_ray, args.window, batch)},
+        "plain_beside_idle_ray_images_per_s": {"windows": idle_ray, "mean": idle_rate},
         "ray_images_per_s": {"windows": ray_rates, "mean": ray_rate},
         "ratio_ray_over_plain": ray_rate / plain,
-        "ratio_plain_beside_idle_ray_over_plain": mean_rate(idle_ray, args.window, batch) / plain,
+        "ratio_plain_beside_idle_ray_over_plain": idle_rate / plain,
         "ratio_ray_over_plain_before": ray_rate / before, "ratio_ray_over_plain_after": ray_rate / after,
         "load_average_1m": {"start": load_before[0], "end": load_after[0]},
     }

@@ -102,15 +102,15 @@ class LocalRayCluster:
 
     def __init__(self, num_cpus: int = 4) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="rs_", dir="/tmp")  # short: Ray's socket paths are length-limited
-        ports = free_ports(10)
-        self.gcs_port, self.dashboard_port, self.http_port = ports[:3]
+        drawn = free_ports(10)
+        self.gcs_port, self.dashboard_port, self.http_port = drawn[:3]
         min_worker, max_worker = worker_port_range()
         ports = {
             "--port": self.gcs_port, "--dashboard-port": self.dashboard_port,
-            "--node-manager-port": ports[3], "--object-manager-port": ports[4],
-            "--ray-client-server-port": ports[5], "--dashboard-agent-listen-port": ports[6],
-            "--dashboard-agent-grpc-port": ports[7], "--metrics-export-port": ports[8],
-            "--runtime-env-agent-port": ports[9], "--min-worker-port": min_worker,
+            "--node-manager-port": drawn[3], "--object-manager-port": drawn[4],
+            "--ray-client-server-port": drawn[5], "--dashboard-agent-listen-port": drawn[6],
+            "--dashboard-agent-grpc-port": drawn[7], "--metrics-export-port": drawn[8],
+            "--runtime-env-agent-port": drawn[9], "--min-worker-port": min_worker,
             "--max-worker-port": max_worker,
         }
         command = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
