@@ -214,7 +214,6 @@ def _blocks(job: Job):
     spec = ImageSpec(job.size, job.size, job.mode)
     options = sources.ReadOptions(listing.root, spec, SplitSpec(0.1, 0), False)
     target = shards.ShardTarget(storage.resolve(str(job.output)), spec.shape)
-    shards.open_staging(target.root)  # as run_preprocess does: tasks keep their shards while it exists
     tables = sources.input_blocks(listing, spec, num_cpus=NUM_CPUS, target_block_bytes=TARGET_BLOCK_BYTES)
     return listing, options, target, tables
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from pipelines import shards, sources, storage
+from pipelines import shards, sources, staging_gate, storage
 from pipelines.transforms import DEFAULT_MAX_PIXELS, RESAMPLE_FILTERS, BadImageError, ImageSpec, SplitSpec
 
 logger = logging.getLogger(__name__)
@@ -148,16 +148,15 @@ def _find_bad_image(error: BaseException) -> BadImageError | None:
 
 
 def _run_job(
-    listing: sources.SourceListing, options: sources.ReadOptions, tmp: storage.Location, config: PreprocessConfig
+    listing: sources.SourceListing, options: sources.ReadOptions, target: shards.ShardTarget, config: PreprocessConfig
 ) -> tuple[dict[str, tuple[shards.ShardFile, ...]], list[dict[str, str]]]:
-    """Run the Ray Data job into ``tmp``; return (shard files per split, rejected items)."""
+    """Run the Ray Data job into ``target``; return (shard files per split, rejected items)."""
     import ray
 
     num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     dataset = sources.build_dataset(
         listing, options, num_cpus=num_cpus, target_block_bytes=int(config.target_block_mib * 2**20)
     )
-    target = shards.ShardTarget(tmp, options.spec.shape)
     report = dataset.map_batches(shards.write_shards, batch_size=None, batch_format="pyarrow", fn_kwargs={"target": target})
     # This dataset only: BadImageError reaches us unwrapped.
     report.context.raise_original_map_exception = True
@@ -173,6 +172,30 @@ def _run_job(
     }
     rejected = sorted(({"file": r["file"], "reason": r["reason"]} for r in rows if r["file"]), key=lambda r: r["file"])
     return files, rejected
+
+
+def _run_gated_job(
+    listing: sources.SourceListing, options: sources.ReadOptions, tmp: storage.Location, config: PreprocessConfig
+) -> tuple[dict[str, tuple[shards.ShardFile, ...]], list[dict[str, str]]]:
+    """``_run_job`` into ``tmp`` with its shard writers behind a ``StagingGate``: when the job fails,
+    the gate is closed and its admitted writers waited for, so no task writes into ``tmp`` after this
+    returns or raises (``pipelines.staging_gate``); a failure caused by a bad image is re-raised
+    as that ``BadImageError``."""
+    import ray
+
+    gate = staging_gate.start_gate()
+    try:
+        return _run_job(listing, options, shards.ShardTarget(tmp, options.spec.shape, gate), config)
+    except Exception as error:
+        still_writing = staging_gate.close_and_drain(gate)
+        if still_writing:
+            logger.warning("%d task(s) still writing into %s after the job failed", still_writing, tmp.uri)
+        bad = _find_bad_image(error)
+        if bad is not None:
+            raise BadImageError(bad.file, bad.reason) from None
+        raise
+    finally:
+        ray.kill(gate)
 
 
 def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
@@ -200,15 +223,8 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
     logger.info("converting %d items from %s into %s (staging in %s)", listing.num_items, listing.root.uri, final.uri, tmp.uri)
     published = False
     try:
-        shards.open_staging(tmp)
         with ray_session():
-            try:
-                files, rejected = _run_job(listing, options, tmp, config)
-            except Exception as error:
-                bad = _find_bad_image(error)
-                if bad is not None:
-                    raise BadImageError(bad.file, bad.reason) from None
-                raise
+            files, rejected = _run_gated_job(listing, options, tmp, config)
         rejected = list(listing.rejected) + rejected
         if not any(files[split] for split in shards.SPLITS):
             examples = "; ".join(f"{r['file']}: {r['reason']}" for r in rejected[:3])
@@ -219,7 +235,7 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
         return manifest
     finally:
         if not published:
-            shards.abandon_staging(tmp)
+            storage.remove_tree(tmp)
 
 
 def _manifest(

@@ -12,12 +12,9 @@ by copying the shards and writing ``manifest.json`` last. Readers refuse a root 
 manifest and read exactly the shard files the manifest lists, so a crashed, partial or
 concurrent run is never taken for a complete output, and two runs' shards never mix.
 
-**A failed job leaves nothing.** The staging folder holds a liveness marker (``_IN_PROGRESS``,
-:func:`open_staging`) for as long as the job may still publish. A failing job removes the marker
-first and then the folder (:func:`abandon_staging`); Ray Data cancels the job's other tasks
-without waiting for them, so a task that is still writing checks the marker after each write and,
-finding it gone, removes the staging folder itself. Whoever writes last therefore also removes
-last, on a local disk and on S3 (whose listings are strongly consistent).
+**A failed job leaves nothing.** Tasks write their shards through the job's
+:class:`pipelines.staging_gate.StagingGate` (``ShardTarget.gate``); a failing job closes the gate,
+waits for the writers it admitted, and only then removes the staging folder.
 
 Readers (used by training, evaluation and tests):
 
@@ -43,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines import staging_gate, storage
 
 #: Version of this on-disk format; readers refuse anything else.
 SCHEMA_VERSION = 1
@@ -173,35 +170,12 @@ def shard_schema_metadata(image_shape: tuple[int, int, int]) -> dict[bytes, byte
 
 @dataclass(frozen=True)
 class ShardTarget:
-    """Where a job's tasks write shards: the temporary root, and the expected image shape (C, H, W)."""
+    """Where a job's tasks write shards: the temporary root, the expected image shape (C, H, W),
+    and the job's ``StagingGate`` actor handle (``None``: write without one, e.g. outside Ray)."""
 
     root: storage.Location
     image_shape: tuple[int, int, int]
-
-
-#: Name of the liveness marker in a job's staging folder (see the module docstring).
-LIVE_MARKER = "_IN_PROGRESS"
-
-
-def open_staging(tmp: storage.Location) -> None:
-    """Create the staging folder's liveness marker; call before any task writes into ``tmp``."""
-    storage.write_bytes(tmp.join(LIVE_MARKER), b"a preprocessing job is writing here; removed with it if it fails\n")
-
-
-def staging_is_live(tmp: storage.Location) -> bool:
-    """True while the job staging in ``tmp`` may still publish (its liveness marker exists)."""
-    return storage.exists(tmp.join(LIVE_MARKER))
-
-
-def abandon_staging(tmp: storage.Location) -> None:
-    """Give up a job's staging folder: remove the liveness marker, then everything under ``tmp``.
-
-    Tasks still running finish their write, find the marker gone and remove the folder again,
-    so nothing is left once they are done (see the module docstring). Never raises for a
-    folder that is already gone or being removed concurrently.
-    """
-    storage.remove_file(tmp.join(LIVE_MARKER))
-    storage.remove_tree(tmp, best_effort=True)
+    gate: Any = None
 
 
 #: Columns of the per-task report returned by :func:`write_shards`.
@@ -230,25 +204,21 @@ def write_shards(block: pa.Table, target: ShardTarget) -> pa.Table:
         a small table (``REPORT_SCHEMA``): one row per shard written (split, path, rows) and one
         per rejected item (file, reason).
 
-    If the job was abandoned while this task ran (its staging folder lost the liveness marker,
-    see :func:`abandon_staging`), the task removes the staging folder after writing, even when
-    the write itself was interrupted (e.g. by Ray's task cancellation).
+    The shards are written inside ``staging_gate.admitted(target.gate)``: nothing is written once
+    the job's gate is closed, and a cancellation arriving mid-write takes effect after the write.
     """
     good_mask = pc.equal(block.column("error"), "")
     good = block.filter(good_mask)
     bad = block.filter(pc.invert(good_mask))
     report: list[dict[str, Any]] = []
-    try:
+    with staging_gate.admitted(target.gate) as may_write:
         for split, mask in (("train", pc.invert(good.column("is_val"))), ("val", good.column("is_val"))):
             part = good.filter(mask).select(["image", "label"])
-            if part.num_rows == 0:
+            if part.num_rows == 0 or not may_write:
                 continue
             relpath = f"{split}/{_shard_name(good.filter(mask))}"
             _write_shard(part, target, relpath)
             report.append({"split": split, "path": relpath, "rows": part.num_rows, "file": "", "reason": ""})
-    finally:
-        if not staging_is_live(target.root):
-            storage.remove_tree(target.root, best_effort=True)
     for file, reason in zip(bad.column("file").to_pylist(), bad.column("error").to_pylist()):
         report.append({"split": "", "path": "", "rows": 0, "file": file, "reason": reason})
     return pa.Table.from_pylist(report, schema=REPORT_SCHEMA)

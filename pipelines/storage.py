@@ -14,10 +14,8 @@ server (MinIO, moto, Ceph) work.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import posixpath
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,19 +168,8 @@ def write_bytes(loc: Location, data: bytes) -> None:
         stream.write(data)
 
 
-def remove_tree(loc: Location, best_effort: bool = False) -> None:
-    """Delete the directory (on S3: every object under the prefix) at ``loc``; no-op if missing.
-
-    With ``best_effort``, errors are ignored and removal goes on past them (for trees that
-    other processes may be removing or writing into at the same time).
-    """
-    if best_effort:
-        if loc.is_s3:
-            with contextlib.suppress(OSError):
-                loc.fs.delete_dir(loc.path)
-        else:
-            shutil.rmtree(loc.path, ignore_errors=True)
-        return
+def remove_tree(loc: Location) -> None:
+    """Delete the directory (on S3: every object under the prefix) at ``loc``; no-op if missing."""
     kind = file_type(loc)
     if kind == pafs.FileType.Directory:
         loc.fs.delete_dir(loc.path)

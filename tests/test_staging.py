@@ -1,15 +1,19 @@
-"""The staging protocol of ``pipelines.shards``: a task that writes into an abandoned staging
-folder (the job failed while it ran) removes the folder, so a failed job leaves nothing."""
+"""The staging gate of ``pipelines.staging_gate``: shard writers enter it, a failing job closes it
+and waits for them, and a cancellation that arrives mid-write takes effect after the write, so a
+failed job leaves nothing (the end-to-end check is ``test_on_error_fail_on_s3_leaves_nothing``)."""
 
 from __future__ import annotations
 
+import _thread
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
+import ray
 from ray.data.extensions import ArrowTensorArray
 
-from pipelines import shards, storage
+from pipelines import shards, staging_gate, storage
 
 
 def _block(n: int = 4) -> pa.Table:
@@ -27,23 +31,56 @@ def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) if root.exists() else []
 
 
-def test_live_staging_keeps_the_shards_and_reports_them(tmp_path: Path) -> None:
+def test_without_a_gate_the_shards_are_written_and_reported(tmp_path: Path) -> None:
     tmp = storage.resolve(str(tmp_path / "out.tmp-1"))
-    shards.open_staging(tmp)
     report = shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2))).to_pylist()
     written = sorted(r["path"] for r in report if r["path"])
     assert [r["file"] for r in report if r["file"]] == ["f3.png"]
     assert len(written) == 2 and all(p.startswith(("train/part-000003-", "val/part-000003-")) for p in written)
-    assert _files(tmp_path / "out.tmp-1") == sorted([shards.LIVE_MARKER, "train", "val", *written])
+    assert _files(tmp_path / "out.tmp-1") == sorted(["train", "val", *written])
 
 
-def test_a_task_finishing_after_the_job_was_abandoned_removes_the_staging_folder(tmp_path: Path) -> None:
-    tmp = storage.resolve(str(tmp_path / "out.tmp-2"))
-    shards.open_staging(tmp)
-    shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2)))  # an earlier task, kept
-    shards.abandon_staging(tmp)
-    assert _files(tmp_path / "out.tmp-2") == []
-    assert not shards.staging_is_live(tmp)
-    shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2)))  # a late task of the failed job
-    assert not (tmp_path / "out.tmp-2").exists()
-    assert _files(tmp_path) == []
+def test_an_open_gate_admits_writers_and_a_closed_one_refuses_them(ray_local, tmp_path: Path) -> None:
+    gate = staging_gate.start_gate()
+    try:
+        tmp = storage.resolve(str(tmp_path / "out.tmp-2"))
+        report = shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2), gate)).to_pylist()
+        assert len([r for r in report if r["path"]]) == 2  # admitted: both splits written
+        assert staging_gate.close_and_drain(gate, timeout_s=5) == 0
+        storage.remove_tree(tmp)
+        late = shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2), gate)).to_pylist()
+        assert [r for r in late if r["path"]] == [] and [r["file"] for r in late if r["file"]] == ["f3.png"]
+        assert not (tmp_path / "out.tmp-2").exists()  # a task after the close writes nothing
+    finally:
+        ray.kill(gate)
+
+
+def test_close_and_drain_waits_for_admitted_writers(ray_local) -> None:
+    gate = staging_gate.start_gate()
+    try:
+        assert ray.get(gate.enter.remote("a")) is True
+        assert staging_gate.close_and_drain(gate, timeout_s=0.5) == 1  # still inside: the timeout expired
+        assert ray.get(gate.enter.remote("b")) is False
+        drained = gate.close_and_drain.remote(30.0)
+        ready, _ = ray.wait([drained], timeout=0.5)
+        assert ready == []  # waits while the writer is inside...
+        ray.get(gate.leave.remote("b"))  # (a refused writer leaving changes nothing)
+        ready, _ = ray.wait([drained], timeout=0.5)
+        assert ready == []
+        ray.get(gate.leave.remote("a"))
+        assert ray.get(drained) == 0  # ...and returns once it has left
+    finally:
+        ray.kill(gate)
+
+
+def test_an_interrupt_during_the_section_is_raised_after_it() -> None:
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with staging_gate.deferred_interrupts():
+            _thread.interrupt_main()  # what ray.cancel does to a running task
+            steps.append("write finished")
+        steps.append("not reached")
+    assert steps == ["write finished"]
+    with staging_gate.deferred_interrupts():  # no interrupt: nothing raised
+        steps.append("quiet")
+    assert steps == ["write finished", "quiet"]
