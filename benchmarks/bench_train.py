@@ -9,7 +9,11 @@ store). Throughput is measured over whole logging windows after a warm-up window
 ``images_per_s`` metric of each window (wall time of the window's steps, data loading included).
 The plain loop runs before and after the Ray job, to bracket drifts in machine load, and once more
 beside an idle local Ray node (no job), which separates the cost of Ray's resident processes (GCS,
-raylet, agents, idle workers) from that of the Train job's own actors and worker.
+raylet, agents, idle workers) from that of the Train job's own actors and worker. With more than one
+thread, the Ray job also runs data-parallel with the same threads in total: one single-threaded worker
+per thread (DDP over gloo), each with its share of the same global batch. A background sampler
+(``cpu_sampler.py``) records every process's CPU time, so each loop also reports the cores its training
+used over the measured windows and the cores every other process on the machine used meanwhile.
 
     python benchmarks/bench_train.py --shards data/fashion-mnist-shards --threads 1 2
 
@@ -20,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,7 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace, threads: int | None, storage: str) -> Any:
-    """The config under test: one CPU worker, nothing but training and loss logging."""
+    """The config under test: one worker reserving one CPU, nothing but training and loss logging."""
     from pipelines.train_config import load_config
 
     config = load_config(args.config)
@@ -62,7 +67,7 @@ def bench_config(args: argparse.Namespace, threads: int | None, storage: str) ->
         "train.total_steps": args.window * (args.windows + 1), "train.log_every": args.window,
         "train.checkpoint_every": args.window * (args.windows + 1), "train.sample_every": 0, "train.bpd_every": 0,
         "train.final_bpd_images": 0, "train.storage_path": storage, "train.run_name": f"bench-{int(time.time())}",
-        "scaling.num_workers": 1, "scaling.use_gpu": False, "scaling.max_failures": 0,
+        "scaling.num_workers": 1, "scaling.cpus_per_worker": 1.0, "scaling.use_gpu": False, "scaling.max_failures": 0,
         "tracking.registered_model_name": None, "tracking.experiment_name": "bench-train",
     }
     if threads:
@@ -72,8 +77,10 @@ def bench_config(args: argparse.Namespace, threads: int | None, storage: str) ->
     return config.replace(overrides)
 
 
-def plain_loop(config: Any) -> list[float]:
-    """images/s of each window of a single-process loop over in-memory shards (first window dropped)."""
+def plain_loop(config: Any) -> tuple[list[float], list[float]]:
+    """A single-process loop over in-memory shards: images/s of each window and the Unix time at
+    the end of each window (first window's rate dropped as warm-up; its end time kept, as the start
+    of the measured period)."""
     from diffusion_core.diffusion import GaussianDiffusion
     from diffusion_core.unet import UNet
     from pipelines.ema import EMA
@@ -89,7 +96,7 @@ def plain_loop(config: Any) -> list[float]:
     trainee = Trainee(model=net, net=net, ema=EMA(net, config.train.ema_decay, warmup=config.train.ema_warmup),
                       optimizer=build_optimizer(net.parameters(), config.optimizer), step=0)
     diffusion = GaussianDiffusion(config.diffusion)
-    batch, window, rates = config.per_worker_batch_size, Window(diffusion.num_timesteps, device), []
+    batch, window, rates, ends = config.per_worker_batch_size, Window(diffusion.num_timesteps, device), [], []
     start = 0
     while trainee.step < config.train.total_steps:
         if start + batch > len(data):
@@ -99,18 +106,19 @@ def plain_loop(config: Any) -> list[float]:
         window.add(losses, t, grad_norm)
         if trainee.step % config.train.log_every == 0:
             rates.append(window.reduce(1)["images_per_s"])
-    return rates[1:]
+            ends.append(time.time())
+    return rates[1:], ends
 
 
 def start_ray(config: Any) -> None:
-    """A fresh local Ray node for one measurement: the worker's CPUs plus one for Ray Data."""
+    """A fresh local Ray node for one measurement: the workers' CPUs plus one for Ray Data."""
     import ray
 
-    ray.init(address="local", num_cpus=int(config.scaling.cpus_per_worker) + 1, include_dashboard=False,
-             log_to_driver=False)
+    cpus = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker) + 1
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
 
-def plain_loop_beside_idle_ray(config: Any) -> list[float]:
+def plain_loop_beside_idle_ray(config: Any) -> tuple[list[float], list[float]]:
     """``plain_loop`` while an idle local Ray node (GCS, raylet, agents, idle workers; no job) runs
     on the same machine: the share of the gap that is Ray's mere presence, not the Train job."""
     import ray
@@ -122,8 +130,9 @@ def plain_loop_beside_idle_ray(config: Any) -> list[float]:
         ray.shutdown()
 
 
-def ray_job(config: Any) -> list[float]:
-    """images/s of each window of the real Ray Train job (first window dropped), from MLflow."""
+def ray_job(config: Any) -> tuple[list[float], list[float]]:
+    """The real Ray Train job: images/s of each window (first dropped) from MLflow, and the Unix
+    time each window was logged (rank 0, right after the window's last step)."""
     import ray
     from mlflow import MlflowClient
 
@@ -136,7 +145,32 @@ def ray_job(config: Any) -> list[float]:
     finally:
         ray.shutdown()
     history = MlflowClient(resolve_tracking_uri()).get_metric_history(outcome["mlflow_run_id"], "images_per_s")
-    return [m.value for m in sorted(history, key=lambda m: m.step)][1:]
+    history = sorted(history, key=lambda m: m.step)
+    return [m.value for m in history][1:], [m.timestamp / 1000 for m in history]
+
+
+def classify(ray_training: bool) -> Callable[[Any], str]:
+    """Groups for ``CpuSampler``: "training" is this process (plain loop) or the Ray Train
+    workers (Ray job); everything else on the machine is "other"."""
+    me = os.getpid()
+
+    def group(proc: Any) -> str:
+        if ray_training:
+            return "training" if "RayTrainWorker" in " ".join(proc.cmdline()) else "other"
+        return "training" if proc.pid == me else "other"
+
+    return group
+
+
+def timed(loop: Callable[[Any], tuple[list[float], list[float]]], config: Any, ray_training: bool) -> dict[str, Any]:
+    """Run one loop under a ``CpuSampler``: its windows' images/s and the cores that the training
+    and everything else used over the measured windows."""
+    from cpu_sampler import CpuSampler
+
+    with CpuSampler(classify(ray_training)) as sampler:
+        rates, ends = loop(config)
+    cores = sampler.cores_between(ends[0], ends[-1])
+    return {"windows": rates, "cores": {"training": cores.get("training", 0.0), "other": cores.get("other", 0.0)}}
 
 
 def mean_rate(rates: list[float], window: int, batch: int) -> float:
@@ -145,49 +179,50 @@ def mean_rate(rates: list[float], window: int, batch: int) -> float:
 
 
 def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str, Any]:
-    """Plain loop, plain loop beside an idle Ray node, Ray job, plain loop again for one thread
-    count; the numbers as a dict."""
+    """For one thread count: plain loop, plain loop beside an idle Ray node, Ray job with one
+    worker, Ray job with one single-threaded worker per thread (if threads > 1), plain loop again;
+    images/s, cores used, and ratios to the plain loop (before and after averaged)."""
     config = bench_config(args, threads, f"{tmp}/runs-{threads}")
     load_before = os.getloadavg()
-    plain_before = plain_loop(config)
-    idle_ray = plain_loop_beside_idle_ray(config)
-    ray_rates = ray_job(config)
-    plain_after = plain_loop(config)
+    loops = {"plain_before": timed(plain_loop, config, False),
+             "plain_beside_idle_ray": timed(plain_loop_beside_idle_ray, config, False),
+             "ray": timed(ray_job, config, True)}
+    threads = config.scaling.torch_threads or 0
+    if threads > 1:
+        spread = config.replace({"scaling.num_workers": threads, "scaling.cpus_per_worker": 1.0 / threads,
+                                 "scaling.torch_threads": 1,
+                                 "train.run_name": f"{config.train.run_name}-dp"})
+        loops["ray_data_parallel"] = timed(ray_job, spread, True)
+    loops["plain_after"] = timed(plain_loop, config, False)
     load_after = os.getloadavg()
     batch = config.per_worker_batch_size
-    before, after = mean_rate(plain_before, args.window, batch), mean_rate(plain_after, args.window, batch)
-    plain = mean_rate(plain_before + plain_after, args.window, batch)
-    ray_rate = mean_rate(ray_rates, args.window, batch)
-    idle_rate = mean_rate(idle_ray, args.window, batch)
+    for loop in loops.values():
+        loop["mean"] = mean_rate(loop["windows"], args.window, batch)
+    plain = mean_rate(loops["plain_before"]["windows"] + loops["plain_after"]["windows"], args.window, batch)
     return {
-        "torch_threads": config.scaling.torch_threads, "batch": batch,
-        "plain_images_per_s": {"before": plain_before, "after": plain_after, "mean_before": before,
-                               "mean_after": after, "mean": plain},
-        "plain_beside_idle_ray_images_per_s": {"windows": idle_ray, "mean": idle_rate},
-        "ray_images_per_s": {"windows": ray_rates, "mean": ray_rate},
-        "ratio_ray_over_plain": ray_rate / plain,
-        "ratio_plain_beside_idle_ray_over_plain": idle_rate / plain,
-        "ratio_ray_over_plain_before": ray_rate / before, "ratio_ray_over_plain_after": ray_rate / after,
+        "torch_threads": threads, "batch": batch, "loops": loops, "plain_mean": plain,
+        "ratios_over_plain": {name: loop["mean"] / plain for name, loop in loops.items()},
         "load_average_1m": {"start": load_before[0], "end": load_after[0]},
     }
 
 
+LABELS = {"plain_before": "plain PyTorch (before)", "plain_beside_idle_ray": "plain, idle Ray node by",
+          "ray": "Ray Train, 1 worker", "ray_data_parallel": "Ray Train, 1 thread/wkr",
+          "plain_after": "plain PyTorch (after)"}
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
-    """One row per (thread count, loop), then the ratios."""
-    print(f"{'threads':>7}  {'loop':<24}{'images/s':>10}   windows")
+    """One row per (thread count, loop): images/s, ratio to the plain loop, cores used by the
+    training and by every other process over the measured windows; then the windows."""
+    print(f"{'threads':>7}  {'loop':<24}{'images/s':>9}{'/ plain':>9}{'train cores':>13}{'other cores':>13}   windows")
     for r in results:
-        plain, ray_, idle = r["plain_images_per_s"], r["ray_images_per_s"], r["plain_beside_idle_ray_images_per_s"]
-        for label, mean, windows in (("plain PyTorch (before)", plain["mean_before"], plain["before"]),
-                                     ("plain, idle Ray node by", idle["mean"], idle["windows"]),
-                                     ("Ray Train + Ray Data", ray_["mean"], ray_["windows"]),
-                                     ("plain PyTorch (after)", plain["mean_after"], plain["after"])):
-            print(f"{r['torch_threads']:>7}  {label:<24}{mean:>10.2f}   {[round(w, 2) for w in windows]}")
-    for r in results:
-        print(f"threads {r['torch_threads']}: ratio Ray / plain {r['ratio_ray_over_plain']:.3f} (target >= 0.95; "
-              f"vs before {r['ratio_ray_over_plain_before']:.3f}, vs after {r['ratio_ray_over_plain_after']:.3f}), "
-              f"batch {r['batch']}, load average {r['load_average_1m']['start']:.1f} -> "
-              f"{r['load_average_1m']['end']:.1f}; plain beside an idle Ray node / plain "
-              f"{r['ratio_plain_beside_idle_ray_over_plain']:.3f}")
+        for name, loop in r["loops"].items():
+            print(f"{r['torch_threads']:>7}  {LABELS[name]:<24}{loop['mean']:>9.2f}{r['ratios_over_plain'][name]:>9.3f}"
+                  f"{loop['cores']['training']:>13.2f}{loop['cores']['other']:>13.2f}   "
+                  f"{[round(w, 1) for w in loop['windows']]}")
+        print(f"threads {r['torch_threads']}: target Ray / plain >= 0.95; plain = mean of before and after "
+              f"({r['plain_mean']:.2f}); batch {r['batch']}; load average {r['load_average_1m']['start']:.1f} -> "
+              f"{r['load_average_1m']['end']:.1f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from diffusion_core import rng
-from diffusion_core.validation import check_images, check_int_in_range, check_same_shape, check_timesteps
+from diffusion_core.validation import check_images, check_int_in_range, check_same_shape
 
 if TYPE_CHECKING:
     from diffusion_core.diffusion import GaussianDiffusion

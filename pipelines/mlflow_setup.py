@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # mlflow is imported where it is used: importing this module stays cheap
+    from mlflow import MlflowClient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -41,7 +45,7 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return str(Path(path).parent / "mlartifacts")
 
 
-def ensure_experiment(client: "mlflow.MlflowClient", name: str, tracking_uri: str) -> str:  # noqa: F821
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     """Return the id of experiment ``name``, creating it (with ``default_artifact_location``) if
     it does not exist yet.
 

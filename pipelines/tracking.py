@@ -31,6 +31,7 @@ from pipelines.train_config import TrainConfig
 RUN_ID_FILE = "mlflow_run_id"
 LOSS_KEY = "loss"
 _BATCH_LIMIT = 1000  # MLflow's log_batch limit on metrics per call
+TIME_KEY = "timestamp_ms"  # in a buffered step entry: when it was measured (Unix ms); not a metric
 
 
 def run_folder(config: TrainConfig) -> storage.Location:
@@ -103,14 +104,17 @@ def log_png(client: MlflowClient, run_id: str, png: bytes, artifact_file: str) -
 
 
 class MetricBuffer:
-    """Step metrics held back until a reported checkpoint covers them: ``{step: {name: value}}``."""
+    """Step metrics held back until a reported checkpoint covers them: ``{step: {name: value}}``.
+    Each entry also records, under ``TIME_KEY``, when its step was first added (Unix ms), so that
+    MLflow gets the time the metrics were measured rather than the time they were written."""
 
     def __init__(self, pending: Mapping[int, Mapping[str, float]] | None = None) -> None:
         self._entries: dict[int, dict[str, float]] = {int(s): dict(v) for s, v in (pending or {}).items()}
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Merge ``metrics`` into the entry of ``step``."""
-        self._entries.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
+        """Merge ``metrics`` into the entry of ``step`` (stamped with the current time if new)."""
+        entry = self._entries.setdefault(int(step), {TIME_KEY: float(int(time.time() * 1000))})
+        entry.update({k: float(v) for k, v in metrics.items()})
 
     def pending(self) -> dict[int, dict[str, float]]:
         """A copy of everything not yet taken."""
@@ -150,9 +154,14 @@ class RunTracker:
         return max((m.step for m in history), default=0)
 
     def log_steps(self, entries: Mapping[int, Mapping[str, float]]) -> None:
-        """Write ``{step: {name: value}}`` in as few ``log_batch`` calls as MLflow allows."""
+        """Write ``{step: {name: value}}`` in as few ``log_batch`` calls as MLflow allows, each
+        step's metrics timestamped with its ``TIME_KEY`` entry if it has one (``MetricBuffer``),
+        else with the current time."""
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(s)) for s, values in sorted(entries.items()) for k, v in values.items()]
+        metrics = [
+            Metric(k, float(v), int(values.get(TIME_KEY, now)), int(s))
+            for s, values in sorted(entries.items()) for k, v in values.items() if k != TIME_KEY
+        ]
         for start in range(0, len(metrics), _BATCH_LIMIT):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + _BATCH_LIMIT])
 

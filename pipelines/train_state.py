@@ -43,7 +43,7 @@ class TrainState:
         rng_states: per rank, ``{"cpu": ByteTensor, "cuda": ByteTensor | None}``.
         mlflow_run_id: the run that tracks this training.
         pending_metrics: ``{step: {name: value}}`` logged to MLflow only once this checkpoint is
-            reported (keys are ints).
+            reported (keys are ints; each entry's ``tracking.TIME_KEY`` is its measurement time).
     """
 
     step: int

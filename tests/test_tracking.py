@@ -1,0 +1,44 @@
+"""MetricBuffer + RunTracker.log_steps against a real MLflow SQLite store: buffered step metrics keep
+the time they were measured, not the time they were written."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from pipelines.tracking import TIME_KEY, MetricBuffer, RunTracker
+
+
+def test_buffered_metrics_keep_their_measurement_time(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("tracking")).info.run_id
+    buffer = MetricBuffer()
+    buffer.add(10, {"loss": 1.0})
+    time.sleep(0.2)
+    buffer.add(20, {"loss": 0.5})
+    buffer.add(20, {"grad_norm": 2.0})  # same step later: keeps the step's first time
+    time.sleep(0.2)
+    written = time.time() * 1000
+    tracker = RunTracker(uri, run_id, log_system_metrics=False)
+    tracker.log_steps(buffer.take_through(20))
+    tracker.log_steps({30: {"loss": 0.25}})  # not buffered: stamped when written
+
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [10, 20, 30]
+    stamps = [m.timestamp for m in history]
+    assert stamps[1] - stamps[0] >= 150
+    assert stamps[1] < written - 150
+    assert stamps[2] >= int(written)
+    assert client.get_metric_history(run_id, "grad_norm")[0].timestamp == stamps[1]
+    assert set(client.get_run(run_id).data.metrics) == {"loss", "grad_norm"}  # the time is no metric
+
+
+def test_pending_entries_carry_their_time_through_a_checkpoint_round_trip() -> None:
+    buffer = MetricBuffer()
+    buffer.add(5, {"loss": 0.1})
+    restored = MetricBuffer(buffer.pending())
+    assert restored.pending()[5][TIME_KEY] == buffer.pending()[5][TIME_KEY]
+    assert restored.take_through(5)[5]["loss"] == 0.1
