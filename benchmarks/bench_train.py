@@ -187,9 +187,9 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
     loops = {"plain_before": timed(plain_loop, config, False),
              "plain_beside_idle_ray": timed(plain_loop_beside_idle_ray, config, False),
              "ray": timed(ray_job, config, True)}
-    threads = config.scaling.torch_threads or 0
-    if threads > 1:
-        spread = config.replace({"scaling.num_workers": threads, "scaling.cpus_per_worker": 1.0 / threads,
+    torch_threads = config.scaling.torch_threads or 0
+    if torch_threads > 1:
+        spread = config.replace({"scaling.num_workers": torch_threads, "scaling.cpus_per_worker": 1.0 / torch_threads,
                                  "scaling.torch_threads": 1,
                                  "train.run_name": f"{config.train.run_name}-dp"})
         loops["ray_data_parallel"] = timed(ray_job, spread, True)
@@ -200,7 +200,7 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
         loop["mean"] = mean_rate(loop["windows"], args.window, batch)
     plain = mean_rate(loops["plain_before"]["windows"] + loops["plain_after"]["windows"], args.window, batch)
     return {
-        "torch_threads": threads, "batch": batch, "loops": loops, "plain_mean": plain,
+        "torch_threads": torch_threads, "batch": batch, "loops": loops, "plain_mean": plain,
         "ratios_over_plain": {name: loop["mean"] / plain for name, loop in loops.items()},
         "load_average_1m": {"start": load_before[0], "end": load_after[0]},
     }

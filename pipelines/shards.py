@@ -212,13 +212,14 @@ def write_shards(block: pa.Table, target: ShardTarget) -> pa.Table:
     bad = block.filter(pc.invert(good_mask))
     report: list[dict[str, Any]] = []
     with staging_gate.admitted(target.gate) as may_write:
-        for split, mask in (("train", pc.invert(good.column("is_val"))), ("val", good.column("is_val"))):
-            part = good.filter(mask).select(["image", "label"])
-            if part.num_rows == 0 or not may_write:
+        splits = (("train", pc.invert(good.column("is_val"))), ("val", good.column("is_val"))) if may_write else ()
+        for split, mask in splits:
+            rows = good.filter(mask)
+            if rows.num_rows == 0:
                 continue
-            relpath = f"{split}/{_shard_name(good.filter(mask))}"
-            _write_shard(part, target, relpath)
-            report.append({"split": split, "path": relpath, "rows": part.num_rows, "file": "", "reason": ""})
+            relpath = f"{split}/{_shard_name(rows)}"
+            _write_shard(rows.select(["image", "label"]), target, relpath)
+            report.append({"split": split, "path": relpath, "rows": rows.num_rows, "file": "", "reason": ""})
     for file, reason in zip(bad.column("file").to_pylist(), bad.column("error").to_pylist()):
         report.append({"split": "", "path": "", "rows": 0, "file": file, "reason": reason})
     return pa.Table.from_pylist(report, schema=REPORT_SCHEMA)
