@@ -112,7 +112,10 @@ def admitted(gate: Any | None) -> Iterator[bool]:
     token = uuid.uuid4().hex
     with deferred_interrupts():
         try:
-            yield ray.get(gate.enter.remote(token))
+            # Waited for as a future, not with ray.get: a task blocked in ray.get lends its CPU back
+            # to the raylet, which then starts extra worker processes for queued tasks (measured:
+            # 8-10 workers instead of 5 and ~40% more CPU time for a 5 s job, benchmarks/bench_preprocess.py).
+            yield gate.enter.remote(token).future().result()
         finally:
             # Sent even if the enter raised (e.g. a cancelled ray.get after the actor admitted us),
             # and not waited for: calls from one caller reach the actor in order.
