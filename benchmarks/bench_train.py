@@ -13,7 +13,8 @@ raylet, agents, idle workers) from that of the Train job's own actors and worker
 thread, the Ray job also runs data-parallel with the same threads in total: one single-threaded worker
 per thread (DDP over gloo), each with its share of the same global batch. A background sampler
 (``cpu_sampler.py``) records every process's CPU time, so each loop also reports the cores its training
-used over the measured windows and the cores every other process on the machine used meanwhile.
+used over the measured windows and the cores every other process on the machine used meanwhile, in all
+and per process (Ray's daemons and each actor: where Ray's overhead goes).
 
     python benchmarks/bench_train.py --shards data/fashion-mnist-shards --threads 1 2
 
@@ -149,28 +150,46 @@ def ray_job(config: Any) -> tuple[list[float], list[float]]:
     return [m.value for m in history][1:], [m.timestamp / 1000 for m in history]
 
 
+#: Ray's node processes, by a piece of their command line (the rest are named by ``ray::<Actor>``).
+RAY_DAEMONS = ("gcs_server", "raylet", "dashboard/agent.py", "runtime_env/agent", "log_monitor.py", "monitor.py",
+               "dashboard/dashboard.py")
+
+
+def process_label(proc: Any) -> str:
+    """A short name for a process: ``ray::<Actor or task>`` for Ray workers, the matching
+    ``RAY_DAEMONS`` entry for Ray's node processes, else the executable's name."""
+    command = " ".join(proc.cmdline())
+    if command.startswith("ray::"):
+        return command.split()[0]
+    return next((daemon for daemon in RAY_DAEMONS if daemon in command), proc.name())
+
+
 def classify(ray_training: bool) -> Callable[[Any], str]:
     """Groups for ``CpuSampler``: "training" is this process (plain loop) or the Ray Train
-    workers (Ray job); everything else on the machine is "other"."""
+    workers (Ray job); every other process on the machine is grouped by ``process_label``."""
     me = os.getpid()
 
     def group(proc: Any) -> str:
         if ray_training:
-            return "training" if "RayTrainWorker" in " ".join(proc.cmdline()) else "other"
-        return "training" if proc.pid == me else "other"
+            return "training" if "RayTrainWorker" in " ".join(proc.cmdline()) else process_label(proc)
+        return "training" if proc.pid == me else process_label(proc)
 
     return group
 
 
 def timed(loop: Callable[[Any], tuple[list[float], list[float]]], config: Any, ray_training: bool) -> dict[str, Any]:
     """Run one loop under a ``CpuSampler``: its windows' images/s and the cores that the training
-    and everything else used over the measured windows."""
+    and everything else used over the measured windows (the others also per process, those above
+    0.002 cores)."""
     from cpu_sampler import CpuSampler
 
     with CpuSampler(classify(ray_training)) as sampler:
         rates, ends = loop(config)
     cores = sampler.cores_between(ends[0], ends[-1])
-    return {"windows": rates, "cores": {"training": cores.get("training", 0.0), "other": cores.get("other", 0.0)}}
+    training = cores.pop("training", 0.0)
+    by_process = {name: round(used, 4) for name, used in sorted(cores.items(), key=lambda kv: -kv[1]) if used >= 0.002}
+    return {"windows": rates, "cores": {"training": training, "other": sum(cores.values()),
+                                        "other_by_process": by_process}}
 
 
 def mean_rate(rates: list[float], window: int, batch: int) -> float:
@@ -220,6 +239,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
             print(f"{r['torch_threads']:>7}  {LABELS[name]:<24}{loop['mean']:>9.2f}{r['ratios_over_plain'][name]:>9.3f}"
                   f"{loop['cores']['training']:>13.2f}{loop['cores']['other']:>13.2f}   "
                   f"{[round(w, 1) for w in loop['windows']]}")
+        for name, loop in r["loops"].items():
+            if name.startswith("ray"):
+                top = ", ".join(f"{proc} {used:.3f}" for proc, used in list(loop["cores"]["other_by_process"].items())[:8])
+                print(f"{'':>9}other cores during {LABELS[name]}: {top}")
         print(f"threads {r['torch_threads']}: target Ray / plain >= 0.95; plain = mean of before and after "
               f"({r['plain_mean']:.2f}); batch {r['batch']}; load average {r['load_average_1m']['start']:.1f} -> "
               f"{r['load_average_1m']['end']:.1f}")

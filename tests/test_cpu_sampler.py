@@ -28,3 +28,22 @@ def test_a_busy_process_counts_as_about_one_core() -> None:
     assert cores["other"] < 1.0
     with pytest.raises(ValueError, match="fewer than two CPU snapshots"):
         sampler.cores_between(end + 10, end + 20)
+
+
+def test_processes_are_labelled_by_ray_actor_daemon_or_executable() -> None:
+    import bench_train
+    import psutil
+
+    actor = subprocess.Popen(["bash", "-c", "exec -a 'ray::SplitCoordinator.start' sleep 30"])
+    daemon = subprocess.Popen(["bash", "-c", "exec -a /venv/ray/core/src/ray/raylet/raylet sleep 30"])
+    try:
+        time.sleep(0.3)  # until exec has replaced bash
+        assert bench_train.process_label(psutil.Process(actor.pid)) == "ray::SplitCoordinator.start"
+        assert bench_train.process_label(psutil.Process(daemon.pid)) == "raylet"
+        group = bench_train.classify(ray_training=False)
+        assert group(psutil.Process()) == "training"
+        assert group(psutil.Process(actor.pid)) == "ray::SplitCoordinator.start"
+    finally:
+        for proc in (actor, daemon):
+            proc.kill()
+            proc.wait()
