@@ -114,9 +114,9 @@ def admitted(gate: Any | None) -> Iterator[bool]:
         try:
             # Waited for as a future, not with ray.get: a task blocked in ray.get lends its CPU back
             # to the raylet, which then starts extra worker processes for queued tasks (measured:
-            # 8-10 workers instead of 5 and ~40% more CPU time for a 5 s job, benchmarks/bench_preprocess.py).
+            # 8-10 workers instead of 5 and 45-55% more CPU time for a 5 s job, benchmarks/bench_preprocess.py).
             yield gate.enter.remote(token).future().result()
         finally:
-            # Sent even if the enter raised (e.g. a cancelled ray.get after the actor admitted us),
+            # Sent even if the enter raised (e.g. an interrupted wait after the actor admitted us),
             # and not waited for: calls from one caller reach the actor in order.
             gate.leave.remote(token)

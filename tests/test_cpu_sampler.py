@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ def test_a_busy_process_counts_as_about_one_core() -> None:
         busy.wait()
     cores = sampler.cores_between(start, end)
     assert 0.6 < cores["busy"] <= 1.05  # a spinning process: one core, less what the machine's load takes
-    assert cores["other"] < 1.0
+    assert cores["busy"] + cores["other"] <= os.cpu_count() * 1.05  # no more than the machine has
     with pytest.raises(ValueError, match="fewer than two CPU snapshots"):
         sampler.cores_between(end + 10, end + 20)
 
@@ -37,7 +38,10 @@ def test_processes_are_labelled_by_ray_actor_daemon_or_executable() -> None:
     actor = subprocess.Popen(["bash", "-c", "exec -a 'ray::SplitCoordinator.start' sleep 30"])
     daemon = subprocess.Popen(["bash", "-c", "exec -a /venv/ray/core/src/ray/raylet/raylet sleep 30"])
     try:
-        time.sleep(0.3)  # until exec has replaced bash
+        deadline = time.monotonic() + 30
+        while not all(psutil.Process(p.pid).cmdline()[0] != "bash" for p in (actor, daemon)):
+            assert time.monotonic() < deadline, "exec never replaced bash"
+            time.sleep(0.05)
         assert bench_train.process_label(psutil.Process(actor.pid)) == "ray::SplitCoordinator.start"
         assert bench_train.process_label(psutil.Process(daemon.pid)) == "raylet"
         group = bench_train.classify(ray_training=False)
