@@ -170,9 +170,9 @@ def classify(ray_training: bool) -> Callable[[Any], str]:
     me = os.getpid()
 
     def group(proc: Any) -> str:
-        if ray_training:
-            return "training" if "RayTrainWorker" in " ".join(proc.cmdline()) else process_label(proc)
-        return "training" if proc.pid == me else process_label(proc)
+        label = process_label(proc)
+        training = "RayTrainWorker" in label if ray_training else proc.pid == me
+        return "training" if training else label
 
     return group
 
