@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffusion_core.config import DiffusionConfig, UNetConfig
+from diffusion_core.config import DiffusionConfig, UNetConfig, check_out_channels
 from diffusion_core.unet import UNet
 
 if TYPE_CHECKING:
@@ -46,15 +46,6 @@ class LoadedModel:
     unet_config: UNetConfig
     diffusion_config: DiffusionConfig
     metadata: dict[str, Any]
-
-
-def _check_configs_agree(unet_config: UNetConfig, diffusion_config: DiffusionConfig) -> None:
-    expected = 2 * unet_config.in_channels if diffusion_config.learn_sigma else unet_config.in_channels
-    if unet_config.out_channels != expected:
-        raise ValueError(
-            f"unet out_channels={unet_config.out_channels} does not fit diffusion variance="
-            f"{diffusion_config.variance!r}, which needs out_channels={expected}"
-        )
 
 
 def _check_state_dict(state_dict: Mapping[str, torch.Tensor], unet_config: UNetConfig) -> None:
@@ -111,7 +102,7 @@ def save_checkpoint(
             f"expected UNetConfig and DiffusionConfig, got {type(unet_config).__name__} and "
             f"{type(diffusion_config).__name__}"
         )
-    _check_configs_agree(unet_config, diffusion_config)
+    check_out_channels(unet_config, diffusion_config)
     _check_state_dict(state_dict, unet_config)
     payload = {
         "format_version": FORMAT_VERSION,
@@ -181,7 +172,7 @@ def read_checkpoint_config(directory: str | os.PathLike[str]) -> tuple[UNetConfi
     try:
         unet_config = UNetConfig.from_dict(payload["unet"])
         diffusion_config = DiffusionConfig.from_dict(payload["diffusion"])
-        _check_configs_agree(unet_config, diffusion_config)
+        check_out_channels(unet_config, diffusion_config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path.resolve()}: invalid config: {err}") from err
     return unet_config, diffusion_config, metadata

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, TypeVar, get_args
+from typing import Any, Literal, Mapping, TypeVar
+
+from diffusion_core.validation import check_choice, check_positive_int
 
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "x_start", "v"]
@@ -17,17 +19,6 @@ Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 Loss = Literal["simple", "vlb", "hybrid"]
 
 _C = TypeVar("_C")
-
-
-def _check_choice(name: str, value: Any, literal: Any) -> None:
-    allowed = get_args(literal)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
@@ -79,13 +70,13 @@ class DiffusionConfig:
     vlb_weight: float = 0.001
 
     def __post_init__(self) -> None:
-        _check_positive_int("num_timesteps", self.num_timesteps)
+        check_positive_int("num_timesteps", self.num_timesteps)
         if self.num_timesteps < 2:
             raise ValueError(f"num_timesteps={self.num_timesteps} must be >= 2")
-        _check_choice("schedule", self.schedule, Schedule)
-        _check_choice("prediction", self.prediction, Prediction)
-        _check_choice("variance", self.variance, Variance)
-        _check_choice("loss", self.loss, Loss)
+        check_choice("schedule", self.schedule, Schedule)
+        check_choice("prediction", self.prediction, Prediction)
+        check_choice("variance", self.variance, Variance)
+        check_choice("loss", self.loss, Loss)
         if not (isinstance(self.vlb_weight, (int, float)) and self.vlb_weight >= 0):
             raise ValueError(f"vlb_weight={self.vlb_weight!r} must be a number >= 0")
 
@@ -135,7 +126,7 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "model_channels", "num_res_blocks", "num_groups", "num_heads"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels={self.in_channels!r} must be 1 or 3")
         if self.out_channels not in (self.in_channels, 2 * self.in_channels):
@@ -167,6 +158,11 @@ class UNetConfig:
                     f"attention_resolutions entry {res} is not one of the feature-map sizes {sorted(resolutions)}"
                 )
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The shape of one image, ``(C, H, W)`` = ``(in_channels, image_size, image_size)``."""
+        return (self.in_channels, self.image_size, self.image_size)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (tuples become lists in JSON/YAML)."""
         return dataclasses.asdict(self)
@@ -175,3 +171,18 @@ class UNetConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":
         """Inverse of ``to_dict``; raises ``ValueError`` on unknown keys or bad values."""
         return config_from_dict(cls, data)
+
+
+def check_out_channels(unet_config: UNetConfig, diffusion_config: DiffusionConfig) -> None:
+    """Require the UNet's output channels to fit the diffusion's variance setting: ``2 * in_channels``
+    for "learned_range" (the second half interpolates the log-variance), else ``in_channels``.
+
+    Raises:
+        ValueError: naming ``model.out_channels``, ``diffusion.variance`` and the needed count.
+    """
+    expected = unet_config.in_channels * (2 if diffusion_config.learn_sigma else 1)
+    if unet_config.out_channels != expected:
+        raise ValueError(
+            f"model.out_channels={unet_config.out_channels} does not fit diffusion.variance="
+            f"{diffusion_config.variance!r}, which needs out_channels={expected}"
+        )

@@ -1,10 +1,73 @@
-"""Input checks shared by the diffusion math: clear ``ValueError``/``TypeError`` messages that name
-the bad value and the allowed range (DESIGN.md conventions)."""
+"""The project's one module of input checks: clear ``ValueError``/``TypeError`` messages that name
+the bad value and the allowed range (docs/ARCHITECTURE.md, "Conventions").
+
+Scalar checks (``check_choice``, ``check_positive_int``, ``check_int_in_range``, ``check_bool``) serve
+the config dataclasses of every layer; tensor checks serve the diffusion math.
+"""
 
 from __future__ import annotations
 
+from typing import Any, get_args
+
 import numpy as np
 import torch
+
+
+def check_choice(name: str, value: Any, literal: Any) -> None:
+    """Require ``value`` to be one of the choices of the ``Literal`` type ``literal``.
+
+    Raises:
+        ValueError: naming ``name``, the value and the allowed choices.
+    """
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Require an integer (not bool) ``>= 1``.
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Require a real ``bool`` (YAML's ``yes``/``1`` strings and ints are refused).
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+
+
+def check_number_in(
+    name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Require a real number (not bool) in the interval from ``low`` to ``high``, each end closed
+    unless ``low_open`` / ``high_open``.
+
+    Raises:
+        ValueError: naming ``name``, the value and the interval in ``[a, b)`` notation.
+    """
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    above = is_number and (value > low if low_open else value >= low)
+    if not (above and (value < high if high_open else value <= high)):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} must be a number in {interval}")
+
+
+def check_optional_str(name: str, value: Any) -> None:
+    """Require ``None`` or a string that is not blank.
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{name}={value!r} must be a non-empty string or null")
 
 
 def check_int_in_range(name: str, value, low: int, high: int | None = None, why: str = "") -> None:

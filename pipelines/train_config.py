@@ -1,7 +1,7 @@
 """The training configuration: a YAML file plus ``section.key=value`` overrides, resolved into frozen,
 validated dataclasses.
 
-Sections (contract #4): ``model`` (``UNetConfig``), ``diffusion`` (``DiffusionConfig``),
+Sections (docs/ARCHITECTURE.md, "Configs"): ``model`` (``UNetConfig``), ``diffusion`` (``DiffusionConfig``),
 ``optimizer``, ``data``, ``train``, ``scaling``, ``tracking``. Unknown sections or keys and
 values outside their range raise ``ValueError`` naming ``section.key`` and the allowed range, so a
 bad config fails on the driver before any Ray worker starts. Override values are parsed with
@@ -18,7 +18,14 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from diffusion_core.config import DiffusionConfig, UNetConfig, _check_choice, config_from_dict
+from diffusion_core.config import DiffusionConfig, UNetConfig, check_out_channels, config_from_dict
+from diffusion_core.validation import (
+    check_bool,
+    check_choice,
+    check_int_in_range,
+    check_number_in,
+    check_optional_str,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE_PATH = str(PROJECT_ROOT / "runs")
@@ -29,34 +36,6 @@ Precision = Literal["auto", "bf16", "fp32"]
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-
-
-def _number_in(
-    name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    above = _is_number(value) and (value > low if low_open else value >= low)
-    if not (above and (value < high if high_open else value <= high)):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name}={value!r} must be a number in {interval}")
-
-
-def _bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be true or false")
-
-
-def _optional_str(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"{name}={value!r} must be a non-empty string or null")
 
 
 @dataclass(frozen=True)
@@ -82,16 +61,16 @@ class OptimizerConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer.name", self.name, OptimizerName)
-        _number_in("optimizer.lr", self.lr, 0.0, 1.0, low_open=True)
+        check_choice("optimizer.name", self.name, OptimizerName)
+        check_number_in("optimizer.lr", self.lr, 0.0, 1.0, low_open=True)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
             raise ValueError(f"optimizer.betas={self.betas!r} must be a pair [beta1, beta2]")
         for beta in self.betas:
-            _number_in("optimizer.betas entry", beta, 0.0, 1.0, high_open=True)
-        _number_in("optimizer.eps", self.eps, 0.0, 1.0, low_open=True)
-        _number_in("optimizer.weight_decay", self.weight_decay, 0.0, 1.0)
-        _int_at_least("optimizer.warmup_steps", self.warmup_steps, 0)
-        _number_in("optimizer.grad_clip", self.grad_clip, 0.0, float("inf"), high_open=True)
+            check_number_in("optimizer.betas entry", beta, 0.0, 1.0, high_open=True)
+        check_number_in("optimizer.eps", self.eps, 0.0, 1.0, low_open=True)
+        check_number_in("optimizer.weight_decay", self.weight_decay, 0.0, 1.0)
+        check_int_in_range("optimizer.warmup_steps", self.warmup_steps, 0)
+        check_number_in("optimizer.grad_clip", self.grad_clip, 0.0, float("inf"), high_open=True)
 
 
 @dataclass(frozen=True)
@@ -113,7 +92,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.shards, str) or not self.shards.strip():
             raise ValueError(f"data.shards={self.shards!r} must name a shard folder (local path or s3://)")
-        _int_at_least("data.local_shuffle_buffer", self.local_shuffle_buffer, 0)
+        check_int_in_range("data.local_shuffle_buffer", self.local_shuffle_buffer, 0)
 
 
 @dataclass(frozen=True)
@@ -177,21 +156,21 @@ class TrainSection:
     def __post_init__(self) -> None:
         for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                      "sample_images", "sample_steps", "bpd_images", "bpd_samples"):
-            _int_at_least(f"train.{name}", getattr(self, name), 1)
+            check_int_in_range(f"train.{name}", getattr(self, name), 1)
         for name in ("seed", "sample_every", "bpd_every", "final_bpd_images"):
-            _int_at_least(f"train.{name}", getattr(self, name), 0)
+            check_int_in_range(f"train.{name}", getattr(self, name), 0)
         if self.checkpoint_every % self.log_every:
             raise ValueError(
                 f"train.checkpoint_every={self.checkpoint_every} must be a multiple of train.log_every={self.log_every}"
             )
-        _number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
-        _bool("train.ema_warmup", self.ema_warmup)
-        _optional_str("train.run_name", self.run_name)
+        check_number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        check_bool("train.ema_warmup", self.ema_warmup)
+        check_optional_str("train.run_name", self.run_name)
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")
         if not isinstance(self.storage_path, str) or not self.storage_path.strip():
             raise ValueError(f"train.storage_path={self.storage_path!r} must be a local path or s3://...")
-        _optional_str("train.worker_log_dir", self.worker_log_dir)
+        check_optional_str("train.worker_log_dir", self.worker_log_dir)
 
 
 @dataclass(frozen=True)
@@ -220,14 +199,14 @@ class ScalingSection:
     max_failures: int = 2
 
     def __post_init__(self) -> None:
-        _int_at_least("scaling.num_workers", self.num_workers, 1)
+        check_int_in_range("scaling.num_workers", self.num_workers, 1)
         for name in ("use_gpu", "channels_last"):
-            _bool(f"scaling.{name}", getattr(self, name))
-        _number_in("scaling.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
+            check_bool(f"scaling.{name}", getattr(self, name))
+        check_number_in("scaling.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
         if self.torch_threads is not None:
-            _int_at_least("scaling.torch_threads", self.torch_threads, 1)
-        _check_choice("scaling.precision", self.precision, Precision)
-        _int_at_least("scaling.max_failures", self.max_failures, -1)
+            check_int_in_range("scaling.torch_threads", self.torch_threads, 1)
+        check_choice("scaling.precision", self.precision, Precision)
+        check_int_in_range("scaling.max_failures", self.max_failures, -1)
 
 
 @dataclass(frozen=True)
@@ -246,11 +225,11 @@ class TrackingSection:
     log_system_metrics: bool = True
 
     def __post_init__(self) -> None:
-        _optional_str("tracking.experiment_name", self.experiment_name)
+        check_optional_str("tracking.experiment_name", self.experiment_name)
         if self.experiment_name is None:
             raise ValueError("tracking.experiment_name must be a non-empty string")
-        _optional_str("tracking.registered_model_name", self.registered_model_name)
-        _bool("tracking.log_system_metrics", self.log_system_metrics)
+        check_optional_str("tracking.registered_model_name", self.registered_model_name)
+        check_bool("tracking.log_system_metrics", self.log_system_metrics)
 
 
 _SECTIONS: dict[str, type] = {
@@ -282,12 +261,7 @@ class TrainConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def __post_init__(self) -> None:
-        expected = self.model.in_channels * (2 if self.diffusion.learn_sigma else 1)
-        if self.model.out_channels != expected:
-            raise ValueError(
-                f"model.out_channels={self.model.out_channels} does not fit diffusion.variance="
-                f"{self.diffusion.variance!r}, which needs out_channels={expected}"
-            )
+        check_out_channels(self.model, self.diffusion)
         if self.train.global_batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"train.global_batch_size={self.train.global_batch_size} must be divisible by "
