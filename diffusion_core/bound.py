@@ -14,20 +14,18 @@ Bits/dim = nats / (C * H * W * ln 2). Called through the GaussianDiffusion metho
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from diffusion_core import rng
 from diffusion_core.likelihood import discretized_gaussian_log_likelihood, normal_kl
-from diffusion_core.validation import check_images, check_int_in_range
+from diffusion_core.types import Model, Progress
+from diffusion_core.validation import check_images, check_int_in_range, check_same_shape
 
 if TYPE_CHECKING:
     from diffusion_core.diffusion import GaussianDiffusion
-
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Optional[Callable[[int, int], None]]
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +66,15 @@ def vb_terms_bpd(
     Raises:
         ValueError: on bad shapes or t outside [0, T).
     """
-    true_mean, _, true_log_variance = diffusion.q_posterior_mean_variance(x_start, x_t, t)
-    out = diffusion.p_mean_variance_from_output(output, x_t, t, clip_denoised=clip_denoised)
+    diffusion.check_inputs(x_t, t)
+    check_same_shape(x_start, x_t, "x_start", "x_t")
+    return _vb_terms_bpd(diffusion, output, x_start, x_t, t, clip_denoised)
+
+
+def _vb_terms_bpd(diffusion, output, x_start, x_t, t, clip_denoised):
+    """:func:`vb_terms_bpd` without the (x_t, t) checks (the output shape is still checked)."""
+    true_mean, _, true_log_variance = diffusion._q_posterior_mean_variance(x_start, x_t, t)
+    out = diffusion._p_mean_variance_from_output(output, x_t, t, clip_denoised=clip_denoised)
     kl = _bits_per_dim(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
     decoder_nll = -_bits_per_dim(
         discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
@@ -90,8 +95,8 @@ def prior_bpd(diffusion: "GaussianDiffusion", x_start: torch.Tensor) -> torch.Te
 def _term_with_mse(diffusion, model, x_start, t, clip_denoised, generator):
     """(L_t [N] bits/dim, x0-MSE [N], eps-MSE [N]) for one fresh noise draw per image."""
     noise = rng.randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
-    x_t = diffusion.q_sample(x_start, t, noise)
-    terms = vb_terms_bpd(diffusion, model(x_t, t), x_start, x_t, t, clip_denoised)
+    x_t = diffusion._q_sample(x_start, t, noise)  # t is made by the loops, x_start checked at their entry
+    terms = _vb_terms_bpd(diffusion, model(x_t, t), x_start, x_t, t, clip_denoised)
     xstart_mse = mean_flat((terms["pred_xstart"] - x_start) ** 2)
     eps_mse = mean_flat((terms["pred_eps"] - noise) ** 2)
     return terms["output"], xstart_mse, eps_mse

@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, TypeVar
 from diffusion_core.validation import check_choice, check_positive_int
 
 Schedule = Literal["linear", "cosine"]
-Prediction = Literal["eps", "x_start", "v"]
+Prediction = Literal["eps", "x_start", "v", "score"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 Loss = Literal["simple", "vlb", "hybrid"]
 
@@ -51,8 +51,9 @@ class DiffusionConfig:
         schedule: "linear" (betas from 1e-4*(1000/T) to 0.02*(1000/T), Ho et al. 2020 sec. 4)
             or "cosine" (s = 0.008, betas capped at 0.999; Nichol & Dhariwal 2021 eq. 17).
         prediction: what the network outputs in its first C channels: the noise "eps", the clean
-            image "x_start", or the velocity "v" = sqrt(abar)*eps - sqrt(1-abar)*x_0
-            (Salimans & Ho 2022).
+            image "x_start", the velocity "v" = sqrt(abar)*eps - sqrt(1-abar)*x_0
+            (Salimans & Ho 2022), or the "score" grad log q(x_t) = -eps / sqrt(1-abar)
+            (Song et al. 2021, score-based SDEs; trained by denoising score matching weighted by 1-abar).
         variance: reverse-process variance: "fixed_small" (posterior beta-tilde), "fixed_large"
             (beta_t), or "learned_range" (the network's last C channels interpolate
             log beta-tilde and log beta; Nichol & Dhariwal 2021 eq. 15).

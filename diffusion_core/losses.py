@@ -6,12 +6,13 @@ Called through :meth:`GaussianDiffusion.training_losses`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from diffusion_core import rng
 from diffusion_core.bound import mean_flat, vb_terms_bpd
+from diffusion_core.types import Model
 from diffusion_core.validation import check_model_output, check_same_shape
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 def training_losses(
     diffusion: "GaussianDiffusion",
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: Model,
     x_start: torch.Tensor,
     t: torch.Tensor,
     noise: Optional[torch.Tensor] = None,
@@ -32,7 +33,11 @@ def training_losses(
 
     * "simple": loss = mse = mean over C, H, W of (target - model_output)^2, where the target is
       eps, x_0 or v for ``prediction`` "eps", "x_start", "v" (Ho et al. 2020, eq. 14;
-      Salimans & Ho 2022 for v). "vb" is returned as zeros (not computed). With
+      Salimans & Ho 2022 for v). For "score" it is denoising score matching (Vincent 2011) with
+      the weight lambda(t) = 1 - abar_t of Song et al. 2021 (score-based SDEs, eq. 7):
+      mse = mean over C, H, W of (1 - abar_t) (s_theta - (-eps / sqrt(1 - abar_t)))^2
+      = (sqrt(1 - abar_t) s_theta + eps)^2, which is the eps-MSE of the eps-model
+      eps_theta = -sqrt(1 - abar_t) s_theta. "vb" is returned as zeros (not computed). With
       ``variance="learned_range"`` this leaves the variance channels untrained.
     * "vlb": loss = T * vb, where vb is the single bound term L_t in bits/dim (KL of eq. 5 for
       t > 0, the decoder NLL of eq. 13 at t = 0). With t uniform on [0, T), T * vb is an unbiased
@@ -58,7 +63,7 @@ def training_losses(
     Raises:
         ValueError: on bad shapes/dtypes, t outside [0, T), or a model output of the wrong shape.
     """
-    diffusion._check(x_start, t, "x_start")
+    diffusion.check_inputs(x_start, t, "x_start")
     if noise is None:
         noise = rng.randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
     check_same_shape(noise, x_start, "noise", "x_start")
@@ -66,8 +71,13 @@ def training_losses(
     output = model(x_t, t)
     check_model_output(output, x_t, diffusion.config.learn_sigma)
     channels = x_start.shape[1]
-    target = diffusion.training_target(x_start, t, noise)
-    mse = mean_flat((target - output[:, :channels]) ** 2)
+    if diffusion.config.prediction == "score":
+        # (1 - abar) |s_theta - (-eps / sqrt(1 - abar))|^2 = |sqrt(1 - abar) s_theta + eps|^2
+        sigma = diffusion.extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_start)
+        mse = mean_flat((sigma * output[:, :channels] + noise) ** 2)
+    else:
+        target = diffusion.training_target(x_start, t, noise)
+        mse = mean_flat((target - output[:, :channels]) ** 2)
     loss_type = diffusion.config.loss
     if loss_type == "simple":
         return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}

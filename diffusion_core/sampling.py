@@ -1,28 +1,74 @@
-"""Samplers: ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) and DDIM (Song et al. 2021,
-eq. 12). Called through the GaussianDiffusion methods of the same names.
+"""Samplers: ancestral DDPM (Ho et al. 2020, Algorithm 2), DDIM (Song et al. 2021, eq. 12),
+predictor-corrector and annealed Langevin dynamics with the model's score (Song et al. 2021,
+"Score-Based Generative Modeling through SDEs", Alg. 2-5; Song & Ermon 2019), and DPM-Solver++
+multistep (Lu et al. 2022). Called through the GaussianDiffusion methods of the same names.
 
 Every sampler runs under ``torch.no_grad()``, draws its noise with
 ``diffusion_core.rng.randn(..., generator, device=device)`` (so a seeded generator gives the same
 images on the same hardware; the generator must live on ``device``; a ``rng.RowGenerators``
-gives each group of rows its own generator), and returns float32 [N, C, H, W] (in [-1, 1] when
-``clip_denoised``).
+gives each group of rows its own generator, and every per-image quantity, such as the Langevin
+step size, is computed per row), takes ``noise=`` (the starting x_T [N, C, H, W]) and
+``progress=``, and returns float32 [N, C, H, W] (in [-1, 1] when ``clip_denoised``).
+
+Validation: the ``*_sample_loop`` functions check their arguments (shape, noise, num_steps, ...) once
+at entry and then run unchecked step functions (``_p_sample``, ``_ddim_step``, ...) on the
+timesteps they build themselves: checking a timestep tensor reads ``t.min()``/``t.max()``, which
+waits for the device at every step. The public single-step functions (``p_sample``, ``ddim_sample``)
+check their inputs on every call.
+
+Cost in network evaluations (model calls on the whole batch) of one loop, S = ``num_steps``,
+M = ``corrector_steps`` (see :func:`network_evaluations`): DDPM T, DDIM S, DPM-Solver S,
+predictor-corrector S (1 + M), annealed Langevin S M + 1.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+import math
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
 from diffusion_core import rng
-from diffusion_core.validation import check_images, check_int_in_range, check_same_shape
+from diffusion_core.timesteps import ddim_timesteps as ddim_timesteps  # re-exported: the uniform spacing
+from diffusion_core.timesteps import sampling_timesteps
+from diffusion_core.types import DenoisedFn, Model, Progress
+from diffusion_core.validation import (
+    check_choice,
+    check_images,
+    check_int_in_range,
+    check_model_output,
+    check_number_in,
+    check_same_shape,
+)
 
 if TYPE_CHECKING:
     from diffusion_core.diffusion import GaussianDiffusion
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Optional[Callable[[int, int], None]]
+Sampler = Literal["ddpm", "ddim", "pc", "langevin", "dpm_solver"]
+
+
+def network_evaluations(sampler: str, num_steps: int, corrector_steps: int = 0) -> int:
+    """Network evaluations (model calls, each on the whole batch) of one sampling loop.
+
+    Args:
+        sampler: "ddpm" (``num_steps`` = T), "ddim", "dpm_solver" (``num_steps``), "pc"
+            (``num_steps * (1 + corrector_steps)``: one predictor and M corrector evaluations per
+            level) or "langevin" (``num_steps * corrector_steps + 1``: the last one denoises).
+        num_steps: S >= 1.
+        corrector_steps: M >= 0 (only "pc" and "langevin" use it).
+
+    Raises:
+        ValueError: on an unknown sampler or a bad num_steps / corrector_steps.
+    """
+    check_choice("sampler", sampler, Sampler)
+    check_int_in_range("num_steps", num_steps, 1)
+    check_int_in_range("corrector_steps", corrector_steps, 0)
+    if sampler == "pc":
+        return num_steps * (1 + corrector_steps)
+    if sampler == "langevin":
+        return num_steps * corrector_steps + 1
+    return num_steps
 
 
 def model_device(model: Model) -> torch.device:
@@ -31,6 +77,10 @@ def model_device(model: Model) -> torch.device:
         for parameter in model.parameters():
             return parameter.device
     return torch.device("cpu")
+
+
+def _resolve_device(model: Model, device) -> torch.device:
+    return torch.device(device) if device is not None else model_device(model)
 
 
 def _initial_noise(shape: Sequence[int], noise, generator, device) -> torch.Tensor:
@@ -53,6 +103,38 @@ def _noise_like(x: torch.Tensor, noise, generator) -> torch.Tensor:
     return noise
 
 
+def _batch_t(index: int, n: int, device) -> torch.Tensor:
+    """The timestep tensor [n] int64 holding ``index`` for every image."""
+    return torch.full((n,), int(index), dtype=torch.long, device=device)
+
+
+def _check_eta(eta) -> None:
+    if not eta >= 0:
+        raise ValueError(f"eta={eta!r} must be >= 0")
+
+
+def _check_snr(snr) -> None:
+    check_number_in("snr", snr, 0.0, math.inf, low_open=True, high_open=True)
+
+
+def _denoise(diffusion: "GaussianDiffusion", model: Model, x: torch.Tensor, t: torch.Tensor,
+             clip_denoised: bool, denoised_fn: DenoisedFn = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pred_xstart, pred_eps) [N, C, H, W] of the model at (x, t), unchecked but for the output shape."""
+    output = model(x, t)
+    check_model_output(output, x, diffusion.config.learn_sigma)
+    return diffusion._denoise_from_output(output[:, : x.shape[1]], x, t, clip_denoised, denoised_fn)
+
+
+# ---------------------------------------------------------------------------------------- DDPM
+def _p_sample(diffusion, model, x, t, clip_denoised, denoised_fn, generator, noise) -> dict[str, torch.Tensor]:
+    """:func:`p_sample` without the (x, t) checks."""
+    out = diffusion._p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+    z = _noise_like(x, noise, generator)
+    nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * z
+    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+
 @torch.no_grad()
 def p_sample(
     diffusion: "GaussianDiffusion",
@@ -60,7 +142,7 @@ def p_sample(
     x: torch.Tensor,
     t: torch.Tensor,
     clip_denoised: bool = True,
-    denoised_fn=None,
+    denoised_fn: DenoisedFn = None,
     generator: rng.Generator = None,
     noise: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
@@ -85,11 +167,8 @@ def p_sample(
     Raises:
         ValueError: on bad shapes, t outside [0, T), or a wrong model output shape.
     """
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
-    z = _noise_like(x, noise, generator)
-    nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * z
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+    diffusion.check_inputs(x, t)
+    return _p_sample(diffusion, model, x, t, clip_denoised, denoised_fn, generator, noise)
 
 
 @torch.no_grad()
@@ -125,24 +204,18 @@ def p_sample_loop(
     Raises:
         ValueError: on a bad shape/noise or a wrong model output shape.
     """
-    device = torch.device(device) if device is not None else model_device(model)
+    device = _resolve_device(model, device)
     x = _initial_noise(shape, noise, generator, device)
     total = diffusion.num_timesteps
     for step, t_index in enumerate(range(total - 1, -1, -1)):
-        t = torch.full((x.shape[0],), t_index, dtype=torch.long, device=device)
-        x = p_sample(diffusion, model, x, t, clip_denoised=clip_denoised, generator=generator)["sample"]
+        t = _batch_t(t_index, x.shape[0], device)
+        x = _p_sample(diffusion, model, x, t, clip_denoised, None, generator, None)["sample"]
         if progress is not None:
             progress(step, total)
     return x
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """``num_steps`` distinct, evenly spaced timesteps from T-1 down to 0 (0 included when
-    num_steps >= 2), as int64 numpy. Raises ValueError unless 1 <= num_steps <= T."""
-    check_int_in_range("num_steps", num_steps, 1, num_timesteps)
-    return np.rint(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int64)
-
-
+# ---------------------------------------------------------------------------------------- DDIM
 def _check_t_prev(t_prev: torch.Tensor, t: torch.Tensor) -> None:
     """Require integer t_prev [N] with -1 <= t_prev < t elementwise."""
     if not isinstance(t_prev, torch.Tensor) or t_prev.shape != t.shape or t_prev.is_floating_point():
@@ -154,6 +227,28 @@ def _check_t_prev(t_prev: torch.Tensor, t: torch.Tensor) -> None:
         )
 
 
+def _coef(values, like: torch.Tensor):
+    """A float64 coefficient as a multiplier of ``like``: a Python float for one value shared by the
+    batch (no host-to-device copy), else a tensor [N, 1, 1, 1] in ``like``'s dtype."""
+    if np.ndim(values) == 0:
+        return float(values)
+    return torch.from_numpy(np.asarray(values)).to(device=like.device, dtype=like.dtype).reshape(
+        -1, *([1] * (like.ndim - 1))
+    )
+
+
+def _ddim_step(diffusion, model, x, t, abar, abar_prev, eta, clip_denoised, denoised_fn, generator, noise):
+    """:func:`ddim_sample` without checks; ``abar``/``abar_prev`` are alpha_bar at t and t_prev
+    (float64 scalars shared by the batch, or numpy [N])."""
+    pred_xstart, pred_eps = _denoise(diffusion, model, x, t, clip_denoised, denoised_fn)
+    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar)) * np.sqrt(1.0 - abar / abar_prev)
+    direction = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
+    sample = _coef(np.sqrt(abar_prev), x) * pred_xstart + _coef(direction, x) * pred_eps
+    if eta > 0:
+        sample = sample + _coef(sigma, x) * _noise_like(x, noise, generator)
+    return {"sample": sample, "pred_xstart": pred_xstart}
+
+
 @torch.no_grad()
 def ddim_sample(
     diffusion: "GaussianDiffusion",
@@ -163,7 +258,7 @@ def ddim_sample(
     t_prev: torch.Tensor,
     eta: float = 0.0,
     clip_denoised: bool = True,
-    denoised_fn=None,
+    denoised_fn: DenoisedFn = None,
     generator: rng.Generator = None,
     noise: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
@@ -196,22 +291,12 @@ def ddim_sample(
         ValueError: on bad shapes, t outside [0, T), t_prev outside [-1, t), eta < 0, or a wrong
             model output shape.
     """
-    if not eta >= 0:
-        raise ValueError(f"eta={eta!r} must be >= 0")
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+    _check_eta(eta)
+    diffusion.check_inputs(x, t)
     _check_t_prev(t_prev, t)
     abar = diffusion.alphas_cumprod[t.cpu().numpy()]
     abar_prev = np.append(diffusion.alphas_cumprod, 1.0)[t_prev.cpu().numpy()]  # index -1 -> 1.0
-    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar)) * np.sqrt(1.0 - abar / abar_prev)
-    direction = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
-
-    def coef(values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(values).to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-    sample = coef(np.sqrt(abar_prev)) * out["pred_xstart"] + coef(direction) * out["pred_eps"]
-    if eta > 0:
-        sample = sample + coef(sigma) * _noise_like(x, noise, generator)
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+    return _ddim_step(diffusion, model, x, t, abar, abar_prev, eta, clip_denoised, denoised_fn, generator, noise)
 
 
 @torch.no_grad()
@@ -226,10 +311,12 @@ def ddim_sample_loop(
     progress: Progress = None,
     noise: Optional[torch.Tensor] = None,
     device=None,
+    spacing: str = "uniform",
 ) -> torch.Tensor:
-    """DDIM sampling (Song et al. 2021, eq. 12) over ``num_steps`` evenly spaced timesteps
-    s_0 = T-1 > ... > s_{n-1} = 0 (see :func:`ddim_timesteps`); step i goes from s_i to s_{i+1}
-    and the last one from s_{n-1} to x_0 (alpha_bar = 1). ``num_steps`` model calls.
+    """DDIM sampling (Song et al. 2021, eq. 12) over ``num_steps`` timesteps
+    s_0 = T-1 > ... > s_{n-1} = 0 chosen by ``spacing`` (:func:`diffusion_core.timesteps.sampling_timesteps`:
+    "uniform", "quadratic" or "logsnr"); step i goes from s_i to s_{i+1} and the last one from
+    s_{n-1} to x_0 (alpha_bar = 1). ``num_steps`` model calls.
 
     Args:
         diffusion: the GaussianDiffusion.
@@ -242,24 +329,25 @@ def ddim_sample_loop(
         progress: optional ``progress(step_index, total_steps)`` after each step (0-based index).
         noise: optional starting x_T [N, C, H, W].
         device: defaults to the device of the model's first parameter (cpu for plain callables).
+        spacing: the step choice, "uniform" (evenly spaced in t, :func:`ddim_timesteps`),
+            "quadratic" or "logsnr".
 
     Returns:
         float32 [N, C, H, W] samples.
 
     Raises:
-        ValueError: on a bad num_steps, eta, shape/noise or model output shape.
+        ValueError: on a bad num_steps, eta, spacing, shape/noise or model output shape.
     """
-    if not eta >= 0:
-        raise ValueError(f"eta={eta!r} must be >= 0")
-    steps = ddim_timesteps(diffusion.num_timesteps, num_steps)
-    device = torch.device(device) if device is not None else model_device(model)
+    _check_eta(eta)
+    steps = sampling_timesteps(diffusion.alphas_cumprod, num_steps, spacing)
+    device = _resolve_device(model, device)
     x = _initial_noise(shape, noise, generator, device)
-    n = x.shape[0]
     for step, t_index in enumerate(steps):
         t_prev_index = int(steps[step + 1]) if step + 1 < len(steps) else -1
-        t = torch.full((n,), int(t_index), dtype=torch.long, device=device)
-        t_prev = torch.full((n,), t_prev_index, dtype=torch.long, device=device)
-        x = ddim_sample(diffusion, model, x, t, t_prev, eta, clip_denoised, generator=generator)["sample"]
+        abar = diffusion.alphas_cumprod[t_index]
+        abar_prev = diffusion.alphas_cumprod[t_prev_index] if t_prev_index >= 0 else 1.0
+        t = _batch_t(t_index, x.shape[0], device)
+        x = _ddim_step(diffusion, model, x, t, abar, abar_prev, eta, clip_denoised, None, generator, None)["sample"]
         if progress is not None:
             progress(step, len(steps))
     return x
