@@ -351,3 +351,252 @@ def ddim_sample_loop(
         if progress is not None:
             progress(step, len(steps))
     return x
+
+
+# ------------------------------------------------------------------- score-based: PC and Langevin
+def _langevin_correct(diffusion, model, x: torch.Tensor, t: torch.Tensor, alpha: float, snr: float,
+                      generator) -> torch.Tensor:
+    """One Langevin corrector step at the level ``t`` (Song et al. 2021, SDEs, Alg. 5, VP SDE):
+
+        s = score(x, t),  z ~ N(0, I),  eta = 2 alpha (snr ||z|| / ||s||)^2  (per image),
+        x <- x + eta s + sqrt(2 eta) z,
+
+    with the norms over C, H, W of each image; eta = 0 for an image whose score is exactly 0."""
+    score = diffusion._score_from_output(model(x, t), x, t)
+    z = rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
+    z_norm = z.flatten(1).norm(dim=1)
+    s_norm = score.flatten(1).norm(dim=1)
+    step = 2.0 * alpha * (snr * z_norm / s_norm) ** 2
+    step = torch.where(s_norm > 0, step, torch.zeros_like(step)).reshape(-1, *([1] * (x.ndim - 1)))
+    return x + step * score + torch.sqrt(2.0 * step) * z
+
+
+def _score_levels(diffusion, num_steps, corrector_steps, min_corrector_steps, snr, spacing):
+    """Validated noise levels (timesteps) of the PC and Langevin loops."""
+    num_steps = diffusion.num_timesteps if num_steps is None else num_steps
+    steps = sampling_timesteps(diffusion.alphas_cumprod, num_steps, spacing)
+    check_int_in_range("corrector_steps", corrector_steps, min_corrector_steps)
+    _check_snr(snr)
+    return steps
+
+
+@torch.no_grad()
+def pc_sample_loop(
+    diffusion: "GaussianDiffusion",
+    model: Model,
+    shape: Sequence[int],
+    num_steps: Optional[int] = None,
+    corrector_steps: int = 1,
+    snr: float = 0.16,
+    generator: rng.Generator = None,
+    noise: Optional[torch.Tensor] = None,
+    clip_denoised: bool = True,
+    progress: Progress = None,
+    spacing: str = "uniform",
+    device=None,
+) -> torch.Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through
+    SDEs", Alg. 1 with the VP corrector of Alg. 5): at each of the S = ``num_steps`` levels
+    s_0 = T-1 > ... > s_{S-1} (:func:`diffusion_core.timesteps.sampling_timesteps`), first M =
+    ``corrector_steps`` Langevin steps at s_i,
+
+        x <- x + eta s + sqrt(2 eta) z,   s = -eps_hat(x, s_i) / sqrt(1 - abar_{s_i})  (Tweedie),
+        eta = 2 alpha_{s_i} (snr ||z|| / ||s||)^2 per image,  alpha_t = 1 - beta_t,
+
+    then one ancestral predictor step to s_{i+1} (to x_0 after s_{S-1}, without noise). The
+    predictor is :func:`p_sample` (the config's variance) when S = T, and otherwise the ancestral
+    step of the respaced chain, DDIM with eta = 1 (Song et al. 2021, DDIM, eq. 16: the posterior
+    variance of the chain over the visited timesteps). Correcting before predicting, as the
+    reference implementation of Song et al. does, starts with a correction of x_T ~ N(0, I) and
+    ends with the predictor's denoising step. M = 0 is the predictor alone (with S = T, DDPM and
+    :func:`p_sample_loop` exactly: the same draws in the same order).
+
+    The corrector uses the model's raw score (``clip_denoised`` only affects the predictor).
+    Cost: S (1 + M) network evaluations.
+
+    Args:
+        diffusion: the GaussianDiffusion.
+        model: callable (x_t, t) -> [N, C or 2C, H, W] (any ``prediction``).
+        shape: (N, C, H, W).
+        num_steps: S, predictor steps, 1 <= S <= T; None: T.
+        corrector_steps: M >= 0, Langevin steps per level.
+        snr: the signal-to-noise ratio r > 0 of the Langevin step size (0.16 in Song et al. 2021
+            for CIFAR-10 with the VP SDE).
+        generator: torch.Generator on ``device``, or ``rng.RowGenerators`` (one per group of rows).
+        noise: optional starting x_T [N, C, H, W].
+        clip_denoised: clamp the predictor's x0_hat to [-1, 1].
+        progress: optional ``progress(step_index, S)`` after each level (0-based index).
+        spacing: "uniform", "quadratic" or "logsnr" (see ``timesteps.py``).
+        device: defaults to the device of the model's first parameter (cpu for plain callables).
+
+    Returns:
+        float32 [N, C, H, W] samples.
+
+    Raises:
+        ValueError: on a bad num_steps, corrector_steps, snr, spacing, shape/noise or model output shape.
+    """
+    steps = _score_levels(diffusion, num_steps, corrector_steps, 0, snr, spacing)
+    device = _resolve_device(model, device)
+    x = _initial_noise(shape, noise, generator, device)
+    ancestral = len(steps) == diffusion.num_timesteps
+    for step, t_index in enumerate(steps):
+        t = _batch_t(t_index, x.shape[0], device)
+        for _ in range(corrector_steps):
+            x = _langevin_correct(diffusion, model, x, t, float(diffusion.alphas[t_index]), snr, generator)
+        if ancestral:
+            x = _p_sample(diffusion, model, x, t, clip_denoised, None, generator, None)["sample"]
+        else:
+            t_prev_index = int(steps[step + 1]) if step + 1 < len(steps) else -1
+            abar_prev = diffusion.alphas_cumprod[t_prev_index] if t_prev_index >= 0 else 1.0
+            x = _ddim_step(diffusion, model, x, t, diffusion.alphas_cumprod[t_index], abar_prev, 1.0,
+                           clip_denoised, None, generator, None)["sample"]
+        if progress is not None:
+            progress(step, len(steps))
+    return x
+
+
+@torch.no_grad()
+def langevin_sample_loop(
+    diffusion: "GaussianDiffusion",
+    model: Model,
+    shape: Sequence[int],
+    num_steps: Optional[int] = None,
+    corrector_steps: int = 1,
+    snr: float = 0.16,
+    generator: rng.Generator = None,
+    noise: Optional[torch.Tensor] = None,
+    clip_denoised: bool = True,
+    progress: Progress = None,
+    spacing: str = "uniform",
+    device=None,
+) -> torch.Tensor:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) over the noise levels of the VP
+    diffusion: starting from x_T ~ N(0, I), M = ``corrector_steps`` Langevin steps at each of the
+    S = ``num_steps`` levels s_0 = T-1 > ... > s_{S-1}, from high noise to low, with the step of
+    :func:`pc_sample_loop`'s corrector (Song et al. 2021, SDEs, Alg. 5: eta = 2 alpha_t
+    (snr ||z|| / ||s||)^2 per image, s the Tweedie score of the model); no predictor steps.
+
+    Langevin dynamics at a level targets q(x_{s_{S-1}}), a noisy image, not x_0 (the score is not
+    defined at alpha_bar = 1), so the loop ends with one denoising evaluation: the result is the
+    model's pred_xstart = E[x_0 | x_{s_{S-1}}] at the last level (clamped to [-1, 1] when
+    ``clip_denoised``), as Song & Ermon's later "denoising jump" and the score-SDE samplers' final
+    mean do. Cost: S M + 1 network evaluations.
+
+    Args:
+        diffusion: the GaussianDiffusion.
+        model: callable (x_t, t) -> [N, C or 2C, H, W] (any ``prediction``).
+        shape: (N, C, H, W).
+        num_steps: S, noise levels, 1 <= S <= T; None: T.
+        corrector_steps: M >= 1, Langevin steps per level.
+        snr: the Langevin signal-to-noise ratio r > 0.
+        generator: torch.Generator on ``device``, or ``rng.RowGenerators`` (one per group of rows).
+        noise: optional starting x_T [N, C, H, W].
+        clip_denoised: clamp the final pred_xstart to [-1, 1].
+        progress: optional ``progress(step_index, S)`` after each level (0-based index).
+        spacing: "uniform", "quadratic" or "logsnr" (see ``timesteps.py``).
+        device: defaults to the device of the model's first parameter (cpu for plain callables).
+
+    Returns:
+        float32 [N, C, H, W] samples.
+
+    Raises:
+        ValueError: on a bad num_steps, corrector_steps (< 1), snr, spacing, shape/noise or model
+            output shape.
+    """
+    steps = _score_levels(diffusion, num_steps, corrector_steps, 1, snr, spacing)
+    device = _resolve_device(model, device)
+    x = _initial_noise(shape, noise, generator, device)
+    for step, t_index in enumerate(steps):
+        t = _batch_t(t_index, x.shape[0], device)
+        for _ in range(corrector_steps):
+            x = _langevin_correct(diffusion, model, x, t, float(diffusion.alphas[t_index]), snr, generator)
+        if progress is not None:
+            progress(step, len(steps))
+    pred_xstart, _ = _denoise(diffusion, model, x, _batch_t(steps[-1], x.shape[0], device), clip_denoised)
+    return pred_xstart
+
+
+# ------------------------------------------------------------------------------------ DPM-Solver
+@torch.no_grad()
+def dpm_solver_sample_loop(
+    diffusion: "GaussianDiffusion",
+    model: Model,
+    shape: Sequence[int],
+    num_steps: int = 20,
+    order: int = 2,
+    spacing: str = "logsnr",
+    generator: rng.Generator = None,
+    noise: Optional[torch.Tensor] = None,
+    clip_denoised: bool = True,
+    progress: Progress = None,
+    device=None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): the multistep solver of the
+    diffusion ODE in its data-prediction form, with ``num_steps`` network evaluations.
+
+    With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t),
+    the exact solution of the ODE from t_{i-1} to t_i is
+    x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} + alpha_{t_i} int e^{-lambda} x0_hat dlambda;
+    with h_i = lambda_{t_i} - lambda_{t_{i-1}} the solver takes
+
+        order 1 (DDIM, eta = 0):  x_{t_i} = (sigma_{t_i}/sigma_{t_{i-1}}) x - alpha_{t_i} (e^{-h_i} - 1) x0_{i-1}
+        order 2 (multistep):      the same with D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},
+                                  r_i = h_{i-1} / h_i,
+
+    where x0_{i-1} = pred_xstart at t_{i-1} (from eps, x_start, v or score models alike, clamped
+    to [-1, 1] when ``clip_denoised``). The first step is first order (no earlier x0 yet) and so is
+    the last, "lower order final" as in diffusers: it goes to sigma = 0 (lambda = +inf, r = 0), where
+    the first-order step returns x0_hat itself.
+
+    Time: the solver's continuous time enters only through lambda, so the steps are taken between
+    discrete 0-based timesteps s_0 = T-1 > ... > s_{S-1} (= 0 when S >= 2) of the training schedule
+    (:func:`diffusion_core.timesteps.sampling_timesteps`; ``spacing="logsnr"`` is uniform in lambda,
+    Lu et al. 2022 sec. 3.4; "uniform" is uniform in t), with alpha, sigma, lambda taken from
+    alphas_cumprod at those indices, the model called with exactly those integer timesteps, and a
+    final step from s_{S-1} to the data (abar = 1). So S = ``num_steps`` evaluations, and order 1 is
+    :func:`ddim_sample_loop` (eta = 0) on the same timesteps. Coefficients in float64.
+
+    Args:
+        diffusion: the GaussianDiffusion.
+        model: callable (x_t, t) -> [N, C or 2C, H, W].
+        shape: (N, C, H, W).
+        num_steps: S, network evaluations, 1 <= S <= T.
+        order: 1 or 2.
+        spacing: "logsnr" (default), "uniform" or "quadratic".
+        generator: torch.Generator on ``device`` or ``rng.RowGenerators``; only x_T is drawn.
+        noise: optional starting x_T [N, C, H, W].
+        clip_denoised: clamp each x0_hat to [-1, 1].
+        progress: optional ``progress(step_index, S)`` after each step (0-based index).
+        device: defaults to the device of the model's first parameter (cpu for plain callables).
+
+    Returns:
+        float32 [N, C, H, W] samples.
+
+    Raises:
+        ValueError: on a bad num_steps, order, spacing, shape/noise or model output shape.
+    """
+    check_int_in_range("order", order, 1, 2)
+    steps = sampling_timesteps(diffusion.alphas_cumprod, num_steps, spacing)
+    device = _resolve_device(model, device)
+    x = _initial_noise(shape, noise, generator, device)
+    abar = diffusion.alphas_cumprod[steps]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    lam = np.log(alpha) - np.log(sigma)
+    previous_x0, previous_h = None, None
+    for i, t_index in enumerate(steps):
+        x0, _ = _denoise(diffusion, model, x, _batch_t(t_index, x.shape[0], device), clip_denoised)
+        if i == len(steps) - 1:
+            x = x0  # first order to sigma = 0: (0 / sigma) x - 1 * (e^{-inf} - 1) x0
+        else:
+            h = lam[i + 1] - lam[i]
+            if order == 1 or previous_x0 is None:
+                d = x0
+            else:
+                half_inverse_r = float(h / (2.0 * previous_h))  # 1 / (2 r_i), r_i = h_{i-1} / h_i
+                d = (1.0 + half_inverse_r) * x0 - half_inverse_r * previous_x0
+            x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * np.expm1(-h)) * d
+            previous_h = h
+        previous_x0 = x0
+        if progress is not None:
+            progress(i, len(steps))
+    return x

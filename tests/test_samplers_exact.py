@@ -1,0 +1,209 @@
+"""PC, annealed Langevin and DPM-Solver++ on exact denoisers, against closed forms.
+
+Gaussian data N(MU, S^2 I) has the marginal q(x_t) = N(sqrt(abar) MU, (abar S^2 + 1 - abar) I), so
+the exact denoiser is eps*(x_t, t) = sqrt(1 - abar) (x_t - sqrt(abar) MU) / (abar S^2 + 1 - abar).
+Every sampler here ends with x0_hat = E[x_0 | x_t] at the last level t_L = 0, which for x_t ~ q(x_t)
+is exactly N(MU, S^4 abar / (abar S^2 + 1 - abar)): that is the target. Tolerances: 5 standard errors
+of the Monte-Carlo estimates (from the number of pixels) plus the known discretization bias of each
+sampler, derived in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core import DiffusionConfig, GaussianDiffusion, RowGenerators
+from _diffusion_helpers import ConvModel, OracleEps, grid_images
+from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+MU, S = 0.3, 0.2
+T = 200
+SNR = 0.16
+
+
+class GaussianDenoiser:
+    """The exact model of N(MU, S^2 I) data for ``diffusion.config.prediction`` (float64 inside)."""
+
+    def __init__(self, diffusion: GaussianDiffusion) -> None:
+        self.diffusion = diffusion
+        self.abar = torch.from_numpy(diffusion.alphas_cumprod)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.abar[t].reshape(-1, 1, 1, 1)
+        x = x_t.double()
+        eps = (1 - abar).sqrt() * (x - abar.sqrt() * MU) / (abar * S**2 + 1 - abar)
+        return self.diffusion.output_from_eps(x, t, eps).to(x_t.dtype)
+
+
+def make(prediction: str = "eps") -> GaussianDiffusion:
+    return GaussianDiffusion(DiffusionConfig(num_timesteps=T, prediction=prediction))
+
+
+def target_variance(d: GaussianDiffusion) -> float:
+    a = d.alphas_cumprod[0]
+    return S**4 * a / (a * S**2 + 1 - a)
+
+
+def check_moments(x: torch.Tensor, d: GaussianDiffusion, variance_bias: float) -> None:
+    """Mean within 5 SE; variance within 5 SE (sqrt(2/n) relative) plus ``variance_bias`` (relative)."""
+    n = x.numel()
+    values = x.double()
+    mean, var = values.mean().item(), values.var().item()
+    target = target_variance(d)
+    assert abs(mean - MU) < 5 * math.sqrt(target / n) + math.sqrt(variance_bias * target) * 0.5, (mean, MU)
+    assert abs(var / target - 1) < 5 * math.sqrt(2 / n) + variance_bias, (var, target)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# Langevin bias on a Gaussian of D pixels at stationarity (derived from E||w'||^2 = E||w||^2 for
+# w = x - mean with eta = 2 alpha (snr ||z|| / ||s||)^2 and the same z in the step): the variance is
+# inflated by about alpha snr^2 (the Euler step) + 2 / D (eta is correlated with the z it scales).
+D = 16 * 16
+CORRECTOR_BIAS = SNR**2 + 2 / D
+
+
+@pytest.mark.parametrize("prediction", ["eps", "score"])
+def test_dpm_solver_matches_the_gaussian(prediction):
+    d = make(prediction)
+    x = d.dpm_solver_sample_loop(GaussianDenoiser(d), (2048, 1, 4, 4), num_steps=50, generator=seeded(0),
+                                 clip_denoised=False)
+    # the ODE solved with 50 second-order steps: discretization error of the variance well below 2%
+    check_moments(x, d, variance_bias=0.02)
+
+
+def test_pc_matches_the_gaussian():
+    d = make()
+    x = d.pc_sample_loop(GaussianDenoiser(d), (256, 1, 16, 16), corrector_steps=1, snr=SNR, generator=seeded(1),
+                         clip_denoised=False)
+    # plus the ancestral predictor's own bias: fixed_small omits coef1^2 Var(x_0 | x_t) from the
+    # reverse variance (Ho et al. sec. 3.2), which under-disperses by a few percent on this data
+    check_moments(x, d, variance_bias=CORRECTOR_BIAS + 0.04)
+
+
+def test_langevin_matches_the_gaussian():
+    d = make()
+    x = d.langevin_sample_loop(GaussianDenoiser(d), (256, 1, 16, 16), num_steps=20, corrector_steps=100, snr=SNR,
+                               generator=seeded(2), clip_denoised=False)
+    # 100 steps per level relax the chain to each level's stationary law (the step moves w = x - mean
+    # by a factor 1 - 2 snr^2 per step in expectation, 0.95^100 < 1%), so what is left is the
+    # Langevin bias at the last level (1% allowed for the remaining lag)
+    check_moments(x, d, variance_bias=CORRECTOR_BIAS + 0.01)
+
+
+@pytest.mark.parametrize("sampler,kwargs", [
+    ("pc_sample_loop", {"num_steps": 50, "corrector_steps": 2}),
+    ("pc_sample_loop", {"corrector_steps": 1}),
+    ("langevin_sample_loop", {"num_steps": 50, "corrector_steps": 2}),
+    ("dpm_solver_sample_loop", {"num_steps": 10}),
+    ("dpm_solver_sample_loop", {"num_steps": 10, "order": 1, "spacing": "uniform"}),
+    ("ddim_sample_loop", {"num_steps": 10, "spacing": "quadratic"}),
+    ("ddim_sample_loop", {"num_steps": 10, "spacing": "logsnr"}),
+])
+@pytest.mark.parametrize("prediction", ["eps", "x_start", "v", "score"])
+def test_one_image_data_set_gives_that_image(sampler, kwargs, prediction):
+    d = make(prediction)
+    x0 = grid_images((1, 1, 5, 5), seed=8)
+    oracle = OracleEps(d, x0)
+
+    def model(x_t, t):
+        return d.output_from_eps(x_t.double(), t, oracle(x_t, t).double()).to(x_t.dtype)
+
+    samples = getattr(d, sampler)(model, (3, 1, 5, 5), generator=seeded(0), clip_denoised=False, **kwargs)
+    assert samples.shape == (3, 1, 5, 5) and samples.dtype == torch.float32
+    assert (samples - x0).abs().max() < 1 / 255
+
+
+@pytest.mark.parametrize("sampler,kwargs", [
+    ("pc_sample_loop", {"num_steps": 8, "corrector_steps": 2}),
+    ("langevin_sample_loop", {"num_steps": 8, "corrector_steps": 2}),
+    ("dpm_solver_sample_loop", {"num_steps": 8}),
+])
+def test_same_seed_same_images_and_row_generators(sampler, kwargs):
+    d = GaussianDiffusion(DiffusionConfig(num_timesteps=30, schedule="cosine", variance="learned_range"))
+    model = ConvModel(1, 2)
+    loop = getattr(d, sampler)
+    a = loop(model, (3, 1, 4, 4), generator=seeded(0), **kwargs)
+    b = loop(model, (3, 1, 4, 4), generator=seeded(0), **kwargs)
+    c = loop(model, (3, 1, 4, 4), generator=seeded(1), **kwargs)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
+    seeds, sizes = (11, 5, 7), (2, 1, 3)
+    together = loop(model, (6, 1, 4, 4), generator=RowGenerators.from_seeds(seeds, sizes), **kwargs)
+    alone = torch.cat([loop(model, (size, 1, 4, 4), generator=seeded(seed), **kwargs)
+                       for seed, size in zip(seeds, sizes)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_pc_without_corrector_is_ddpm_and_counts_evaluations():
+    d = GaussianDiffusion(DiffusionConfig(num_timesteps=30))
+    model = ConvModel()
+    noise = torch.randn(3, 1, 4, 4, generator=seeded(4))
+    pc = d.pc_sample_loop(model, (3, 1, 4, 4), corrector_steps=0, generator=seeded(3), noise=noise)
+    ddpm = d.p_sample_loop(model, (3, 1, 4, 4), generator=seeded(3), noise=noise)
+    assert torch.equal(pc, ddpm)
+    for sampler, name, kwargs in [("pc_sample_loop", "pc", {"num_steps": 7, "corrector_steps": 2}),
+                                  ("langevin_sample_loop", "langevin", {"num_steps": 7, "corrector_steps": 3}),
+                                  ("dpm_solver_sample_loop", "dpm_solver", {"num_steps": 7})]:
+        calls, steps = [], []
+
+        def counting(x, t):
+            calls.append(int(t[0]))
+            return model(x, t)
+
+        getattr(d, sampler)(counting, (2, 1, 4, 4), progress=lambda i, n: steps.append((i, n)), **kwargs)
+        assert len(calls) == d.network_evaluations(name, kwargs["num_steps"], kwargs.get("corrector_steps", 0))
+        assert steps == [(i, 7) for i in range(7)]
+    assert d.network_evaluations("pc", 10, 1) == 20 and d.network_evaluations("langevin", 10, 2) == 21
+
+
+def test_dpm_solver_order1_is_ddim():
+    d = GaussianDiffusion(DiffusionConfig(num_timesteps=100, prediction="v"))
+    model, noise = ConvModel(), torch.randn(3, 1, 4, 4, generator=seeded(0))
+    for spacing in ("uniform", "logsnr", "quadratic"):
+        dpm = d.dpm_solver_sample_loop(model, (3, 1, 4, 4), num_steps=12, order=1, spacing=spacing, noise=noise)
+        ddim = d.ddim_sample_loop(model, (3, 1, 4, 4), num_steps=12, spacing=spacing, noise=noise)
+        torch.testing.assert_close(dpm, ddim, rtol=1e-5, atol=1e-5)
+
+
+def test_spacings():
+    from diffusion_core.timesteps import sampling_timesteps
+
+    d = make()
+    for spacing in ("uniform", "quadratic", "logsnr"):
+        for n in (1, 2, 10, 50, T):
+            steps = sampling_timesteps(d.alphas_cumprod, n, spacing)
+            assert len(steps) == n and steps[0] == T - 1 and np.all(np.diff(steps) < 0) and steps.dtype == np.int64
+            if n >= 2:
+                assert steps[-1] == 0
+    lam = 0.5 * np.log(d.alphas_cumprod / (1 - d.alphas_cumprod))
+    steps = sampling_timesteps(d.alphas_cumprod, 20, "logsnr")
+    gaps = np.diff(lam[steps])
+    assert np.all(gaps > 0) and gaps[2:-2].std() / gaps[2:-2].mean() < 0.2  # nearly uniform in lambda
+    quad = sampling_timesteps(d.alphas_cumprod, 11, "quadratic")
+    np.testing.assert_array_equal(quad, np.rint((T - 1) * np.linspace(1, 0, 11) ** 2).astype(np.int64))
+
+
+def test_sampler_argument_errors():
+    d, model, shape = make(), ConvModel(), (2, 1, 4, 4)
+    cases = [
+        (d.pc_sample_loop, {"corrector_steps": -1}, r"corrector_steps=-1 must be an integer >= 0"),
+        (d.langevin_sample_loop, {"corrector_steps": 0}, r"corrector_steps=0 must be an integer >= 1"),
+        (d.pc_sample_loop, {"snr": 0.0}, r"snr=0.0 must be a number in \(0.0, inf\)"),
+        (d.langevin_sample_loop, {"snr": "high"}, r"snr='high'"),
+        (d.pc_sample_loop, {"num_steps": T + 1}, r"num_steps=201 must be an integer in \[1, 200\]"),
+        (d.dpm_solver_sample_loop, {"order": 3}, r"order=3 must be an integer in \[1, 2\]"),
+        (d.dpm_solver_sample_loop, {"num_steps": 0}, r"num_steps=0"),
+        (d.dpm_solver_sample_loop, {"spacing": "karras"}, r"spacing='karras' is not allowed"),
+        (d.ddim_sample_loop, {"spacing": "cubic"}, r"spacing='cubic' is not allowed"),
+    ]
+    for loop, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            loop(model, shape, **kwargs)
+    with pytest.raises(ValueError, match="sampler='heun'"):
+        d.network_evaluations("heun", 10)
