@@ -42,7 +42,9 @@ class RowGenerators:
             raise ValueError(f"group sizes must be >= 1, got {list(self.sizes)}")
 
     @classmethod
-    def from_seeds(cls, seeds: Sequence[int], sizes: Sequence[int], device: torch.device | str = "cpu") -> RowGenerators:
+    def from_seeds(
+        cls, seeds: Sequence[int], sizes: Sequence[int], device: torch.device | str = "cpu"
+    ) -> RowGenerators:
         """``torch.Generator(device).manual_seed(seed)`` for each group."""
         generators = tuple(torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds)
         return cls(generators, tuple(int(s) for s in sizes))

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _diffusion_helpers import ConvModel, single_thread  # noqa: F401 (autouse fixture)
+
+from diffusion_core import DiffusionConfig, GaussianDiffusion
+from diffusion_core.timesteps import sampling_timesteps
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
-
-from diffusion_core import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from diffusion_core.timesteps import sampling_timesteps  # noqa: E402
-from _diffusion_helpers import ConvModel  # noqa: E402
-from _diffusion_helpers import single_thread  # noqa: E402,F401 (autouse fixture)
 
 T = 1000
 PREDICTION_TYPES = {"eps": "epsilon", "x_start": "sample", "v": "v_prediction"}

@@ -15,10 +15,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from _diffusion_helpers import (
+    ConvModel,
+    OracleEps,
+    grid_images,
+    single_thread,  # noqa: F401 (autouse fixture)
+)
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion, RowGenerators
-from _diffusion_helpers import ConvModel, OracleEps, grid_images
-from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
+from diffusion_core.timesteps import sampling_timesteps
 
 MU, S = 0.3, 0.2
 T = 200
@@ -172,8 +177,6 @@ def test_dpm_solver_order1_is_ddim():
 
 
 def test_spacings():
-    from diffusion_core.timesteps import sampling_timesteps
-
     d = make()
     for spacing in ("uniform", "quadratic", "logsnr"):
         for n in (1, 2, 10, 50, T):

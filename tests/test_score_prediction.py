@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _diffusion_helpers import (
+    ConvModel,
+    grid_images,
+    single_thread,  # noqa: F401 (autouse fixture)
+)
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
-from _diffusion_helpers import ConvModel, grid_images
-from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 T = 50
 
