@@ -12,10 +12,10 @@ from _train_helpers import EXPERIMENT, REGISTERED_MODEL
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import load_checkpoint
+from pipelines.data.shards import read_split_numpy
 from pipelines.evaluate import main
-from pipelines.mlflow_setup import resolve_tracking_uri
-from pipelines.model_store import fetch_checkpoint
-from pipelines.shards import read_split_numpy
+from pipelines.registry.model_store import fetch_checkpoint
+from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 FAST = ["--threads", "1", "--samples", "4", "--sample-steps", "3", "--seed", "3"]

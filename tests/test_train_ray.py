@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _train_helpers import EXPERIMENT, REGISTERED_MODEL, read_worker_log
+from _train_helpers import EXPERIMENT, REGISTERED_MODEL, checkpoint_states
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from diffusion_core.checkpoint import load_checkpoint
-from pipelines.mlflow_setup import resolve_tracking_uri
-from pipelines.train_config import TrainConfig
+from pipelines.registry.tracking_uri import resolve_tracking_uri
+from pipelines.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -32,15 +32,17 @@ def _losses(run_id: str) -> list[tuple[int, float]]:
 
 
 def test_workers_hold_identical_weights_after_every_step(tiny_runs) -> None:
-    log_dir = tiny_runs[2].worker_log_dir
-    rank0, rank1 = read_worker_log(log_dir, 0), read_worker_log(log_dir, 1)
-    assert [e["step"] for e in rank0] == list(range(1, STEPS + 1))
-    assert [e["step"] for e in rank1] == list(range(1, STEPS + 1))
-    for a, b in zip(rank0, rank1):
-        assert a["sha256"] == b["sha256"], f"weights of rank 0 and 1 differ after step {a['step']}"
-    assert len({e["sha256"] for e in rank0}) == STEPS, "weights did not change at every step"
-    # each worker saw a different half of the batch: their local losses differ
-    assert all(a["local_loss"] != b["local_loss"] for a, b in zip(rank0, rank1))
+    states = checkpoint_states(tiny_runs[2].outcome["run_folder"])  # one checkpoint per step, all kept
+    assert list(states) == list(range(1, STEPS + 1))
+    for step, state in states.items():
+        rank0, rank1 = state["replicas"]
+        assert (rank0["rank"], rank1["rank"]) == (0, 1)
+        assert rank0["pid"] != rank1["pid"], "the two replicas must be two processes"
+        assert rank0["weights_sha256"] == rank1["weights_sha256"], f"weights of rank 0 and 1 differ after step {step}"
+        # each worker saw a different half of the batch: their local losses differ
+        assert rank0["local_loss"] != rank1["local_loss"]
+    digests = {state["replicas"][0]["weights_sha256"] for state in states.values()}
+    assert len(digests) == STEPS, "weights did not change at every step"
 
 
 def test_two_workers_match_one_worker(tiny_runs) -> None:
@@ -48,9 +50,8 @@ def test_two_workers_match_one_worker(tiny_runs) -> None:
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=1e-5)
     # the loss of the 2-worker run is the mean of its workers' local means (equal halves)
-    log_dir = tiny_runs[2].worker_log_dir
-    ranks = zip(read_worker_log(log_dir, 0), read_worker_log(log_dir, 1))
-    local = [(a["local_loss"] + b["local_loss"]) / 2 for a, b in ranks]
+    states = checkpoint_states(tiny_runs[2].outcome["run_folder"])
+    local = [sum(r["local_loss"] for r in state["replicas"]) / 2 for state in states.values()]
     np.testing.assert_allclose([v for _, v in two], local, rtol=1e-5)
     # and after 4 Adam steps both runs hold the same weights
     final = [Path(tiny_runs[w].outcome["checkpoint"]) / "raw_model.safetensors" for w in (2, 1)]
@@ -78,7 +79,7 @@ def test_checkpoint_holds_the_full_training_state(tiny_runs) -> None:
     ema_differs = any(not torch.equal(raw[k], v) for k, v in loaded.model.state_dict().items())
     assert ema_differs, "EMA weights should lag behind the raw weights"
     kept = sorted(p.name for p in folder.parent.glob("checkpoint_0*"))
-    assert kept == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert kept == [f"checkpoint_{step:08d}" for step in range(1, STEPS + 1)]  # checkpoint_every 1, all kept
 
 
 def test_mlflow_run_has_config_metrics_samples_and_model(tiny_runs) -> None:

@@ -13,7 +13,7 @@ manifest and read exactly the shard files the manifest lists, so a crashed, part
 concurrent run is never taken for a complete output, and two runs' shards never mix.
 
 **A failed job leaves nothing.** Tasks write their shards through the job's
-:class:`pipelines.staging_gate.StagingGate` (``ShardTarget.gate``); a failing job closes the gate,
+:class:`pipelines.data.staging_gate.StagingGate` (``ShardTarget.gate``); a failing job closes the gate,
 waits for the writers it admitted, and only then removes the staging folder.
 
 Readers (used by training, evaluation and tests):
@@ -40,7 +40,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines import staging_gate, storage
+from pipelines.data import staging_gate, storage
+import ray.data
+from ray.data.extensions import ArrowTensorArray
 
 #: Version of this on-disk format; readers refuse anything else.
 SCHEMA_VERSION = 1
@@ -414,9 +416,6 @@ def read_split(root: str, split: Split):
         ValueError: for an unknown split.
         ShardError: missing manifest, incompatible schema version, shape/dtype/count mismatch.
     """
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
     manifest, loc, files = _validated_shards(root, split)
     if not files:
         empty = pa.table(

@@ -29,7 +29,7 @@ import psutil
 import requests
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
 VENV_BIN = Path(sys.executable).parent
 

@@ -6,7 +6,7 @@ the standard AWS variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_REGION``) that reach it: hand them to a
 job (``runtime_env={"env_vars": server.env()}``) or, with ``set_environ=True``, have them set
 in this process while the server runs (restored afterwards), so boto3, pyarrow (through
-``pipelines.storage``) and MLflow here talk to it. Ray processes that are already running do not
+``pipelines.data.storage``) and MLflow here talk to it. Ray processes that are already running do not
 see later changes of this process's environment.
 
     from s3_server import s3_server_fixture

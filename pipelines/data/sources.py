@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines import storage
-from pipelines.transforms import (
+from pipelines.data import storage
+from pipelines.data.transforms import (
     IMAGE_EXTENSIONS,
     BadImageError,
     ImageSpec,
@@ -48,6 +48,8 @@ from pipelines.transforms import (
     image_file_to_pixels,
     output_batch,
 )
+import ray
+from ray.data.extensions import ArrowTensorArray
 
 IDX_IMAGES_PATTERN = re.compile(r"^(?P<stem>.+)-images-idx3-ubyte(?P<gz>\.gz)?$")
 IDX_UBYTE = 0x08
@@ -372,8 +374,6 @@ def build_dataset(listing: SourceListing, options: ReadOptions, *, num_cpus: int
         num_cpus: CPUs of the cluster, used to size the blocks.
         target_block_bytes: upper bound on the image bytes of one block (memory per task).
     """
-    import ray
-
     tables = input_blocks(listing, options.spec, num_cpus=num_cpus, target_block_bytes=target_block_bytes)
     return ray.data.from_arrow(tables).map_batches(
         block_reader(listing), batch_size=None, batch_format="pyarrow", fn_kwargs={"options": options}
@@ -501,8 +501,6 @@ def read_image_files(batch: pa.Table, options: ReadOptions) -> pa.Table:
 
 def _to_table(outputs: list[dict[str, np.ndarray]], block: int) -> pa.Table:
     """Concatenate output batches into one Arrow table with a Ray tensor column "image"."""
-    from ray.data.extensions import ArrowTensorArray
-
     columns = {name: np.concatenate([o[name] for o in outputs]) for name in DATASET_COLUMNS if name != "block"}
     return pa.table(
         {
