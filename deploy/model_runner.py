@@ -133,8 +133,7 @@ def inference_network(model: torch.nn.Module, image_shape: tuple[int, int, int],
     for ``(x_t float32 [N, C, H, W], t int64 [N]) -> [N, C_out, H, W]`` at any N.
 
     The forward pass then runs without the Python interpreter (no GIL held between operations,
-    conv + bias folded): on the Fashion-MNIST UNet, one 1-thread CPU forward of 8 images took
-    60 ms instead of 70 ms here. The traced network is checked against the eager one on a batch
+    conv + bias folded), so the replica's request handling does not stall the computation. The traced network is checked against the eager one on a batch
     of another size; if tracing fails or the outputs differ (beyond 1e-4), the eager model is
     returned and a warning logged.
     """

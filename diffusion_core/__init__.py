@@ -1,6 +1,6 @@
 """diffusion_core: the DDPM math (Ho et al. 2020), the UNet, samplers and the exact likelihood.
 
-Public API (DESIGN.md): ``DiffusionConfig``, ``GaussianDiffusion``, ``UNet``, ``UNetConfig``;
+Public API (docs/ARCHITECTURE.md): ``DiffusionConfig``, ``GaussianDiffusion``, ``UNet``, ``UNetConfig``;
 also ``RowGenerators`` (one random generator per group of rows of a batch, ``diffusion_core.rng``).
 This package imports neither Ray nor MLflow and does no I/O beyond the checkpoints it is handed.
 Names are resolved lazily (PEP 562) so that ``import diffusion_core.images`` stays light.

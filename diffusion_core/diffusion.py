@@ -1,7 +1,7 @@
 """GaussianDiffusion: the forward process, its posterior, the reverse-process parameterization and
 the training losses of DDPM (Ho et al. 2020) with the improvements of Nichol & Dhariwal 2021.
 
-Conventions (DESIGN.md):
+Conventions (docs/ARCHITECTURE.md):
 
 * Timesteps are 0-based: index ``t`` in [0, T) is the paper's ``t + 1``; index 0 is the decoder
   step ``p(x_0 | x_1)``. ``t`` is an int64 tensor [N] (one timestep per image).

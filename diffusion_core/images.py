@@ -1,6 +1,6 @@
 """Pixel conventions and image encoding shared by preprocessing, training and serving.
 
-Data pixels are exactly ``k / 127.5 - 1`` for integer ``k`` in [0, 255] (DESIGN.md), so the
+Data pixels are exactly ``k / 127.5 - 1`` for integer ``k`` in [0, 255] (docs/ARCHITECTURE.md), so the
 mapping uint8 <-> [-1, 1] here is the only one the project uses. This module does not import
 torch (it accepts torch tensors by duck typing), so Ray Data's preprocessing workers stay light.
 """

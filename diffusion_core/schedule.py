@@ -1,6 +1,6 @@
 """Beta schedules of the forward process, computed in float64 numpy.
 
-Two schedules (DESIGN.md):
+Two schedules (docs/ARCHITECTURE.md):
 
 * ``"linear"``: betas evenly spaced from ``1e-4 * (1000 / T)`` to ``0.02 * (1000 / T)``
   (Ho et al. 2020, sec. 4; the ``1000 / T`` factor keeps the schedule's overall noise level fixed

@@ -160,8 +160,8 @@ def _run_job(
     report.context.raise_original_map_exception = True
     # This dataset only: no per-operator resource reservation. The plan is one fused operator
     # (read -> transform -> write) whose output is a few bytes per task, so there is nothing to
-    # balance; with the reservation on, a 2-CPU cluster ran one task alone for the first second
-    # (benchmarks/bench_preprocess.py, photos: 7.5 s -> 6.2 s for 3,000 JPEGs).
+    # balance, and with the reservation on a small cluster starts by running one task alone
+    # (README, "Preprocessing").
     report.context.op_resource_reservation_enabled = False
     rows = report.take_all()
     files = {

@@ -108,8 +108,8 @@ def admitted(gate: Any | None) -> Iterator[bool]:
     with deferred_interrupts():
         try:
             # Waited for as a future, not with ray.get: a task blocked in ray.get lends its CPU back
-            # to the raylet, which then starts extra worker processes for queued tasks (measured:
-            # 8-10 workers instead of 5 and 45-55% more CPU time for a 5 s job, benchmarks/bench_preprocess.py).
+            # to the raylet, which then starts extra worker processes for queued tasks (README,
+            # "Preprocessing", has the measurement).
             yield gate.enter.remote(token).future().result()
         finally:
             # Sent even if the enter raised (e.g. an interrupted wait after the actor admitted us),

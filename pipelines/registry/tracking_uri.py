@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from mlflow import MlflowClient
 
 from pipelines.paths import DEFAULT_TRACKING_DB
-
-if TYPE_CHECKING:  # mlflow is imported where it is used: importing this module stays cheap
-    from mlflow import MlflowClient
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
