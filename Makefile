@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-fast clean demo demo-stop
+.PHONY: setup test test-fast lint clean demo demo-stop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,15 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 setup: $(VENV)/.installed
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 test-fast: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # End-to-end demo on this machine (Ray cluster, preprocessing, training, evaluation, Serve, MLflow UI);
 # outputs in outputs/demo/. `make demo-stop` stops the cluster and the MLflow server it started.

@@ -33,6 +33,10 @@ from typing import Any, Sequence
 
 import torch
 
+from diffusion_core.checkpoint import load_checkpoint
+from pipelines.data.shards import read_split_numpy
+from pipelines.registry.model_store import fetch_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_bound.json"
 
@@ -118,10 +122,6 @@ def print_table(exact_mean: float, exact_ips: float, rows: list[dict[str, Any]],
 def main(argv: Sequence[str] | None = None) -> int:
     """Exact bound, then the estimates; print the table and write the JSON. Returns the exit code."""
     args = parse_args(argv)
-    from diffusion_core.checkpoint import load_checkpoint
-    from pipelines.model_store import fetch_checkpoint
-    from pipelines.shards import read_split_numpy
-
     torch.set_num_threads(args.threads)
     folder = fetch_checkpoint(args.model)
     loaded = load_checkpoint(folder)

@@ -45,11 +45,13 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import ray
 from PIL import Image
 
-from pipelines import shards, sources, storage
+from pipelines.data import shards, sources, storage
+from pipelines.data.transforms import ImageSpec, SplitSpec
 from pipelines.preprocess import PreprocessConfig, run_preprocess
-from pipelines.transforms import ImageSpec, SplitSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_preprocess.json"
 DEFAULT_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
@@ -233,7 +235,7 @@ def run_single(job: Job) -> int:
 def _pool_context():
     """A forkserver context whose server preloads the pipeline modules (it is started before Ray)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.sources", "pipelines.shards", "pipelines.transforms", "ray.data.extensions"])
+    context.set_forkserver_preload(["pipelines.data.sources", "pipelines.data.shards", "pipelines.data.transforms", "ray.data.extensions"])
     return context
 
 
@@ -297,8 +299,6 @@ def best_of(runs: list[dict]) -> dict:
 
 def _read_bytes_only(batch, root: storage.Location):
     """Diagnostic UDF: read the listed files' bytes (no decoding); returns their sizes."""
-    import pyarrow as pa
-
     sizes = [len(storage.read_bytes(root.join(f))) for f in batch.column("file").to_pylist()]
     return pa.table({"size": sizes})
 
@@ -311,8 +311,6 @@ def diagnose_read_binary_files(folder: Path, count: int) -> dict:
     ``read_binary_files`` this includes one ``get_file_info`` per path) and the execution wall
     time and CPU seconds per file of the Ray workers.
     """
-    import ray
-
     listing = sources.list_source(str(folder), limit=count)
     paths = [listing.root.join(item).path for item in listing.items]
     result = {"files": len(paths)}
@@ -364,8 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS), help="JSON results path")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
     workdir = Path(args.workdir).resolve()
     n_photos, n_png, n_small, n_diagnose = (300, 5000, 1000, 2000) if args.quick else (3000, 70000, 10000, 20000)
     repeats = args.repeats or (1 if args.quick else 3)

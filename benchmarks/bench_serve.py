@@ -6,7 +6,7 @@ What it does (loopback only):
 
 1. Serves a checkpoint (``--model-uri``; by default a randomly initialized model of
    ``--config``, saved with ``save_checkpoint`` in a temp dir) on a private local Ray cluster
-   (``deploy.local_cluster``) with ``deploy/serve_config.yaml``, one model replica of 1 CPU.
+   (``tooling.local_cluster``) with ``deploy/serve_config.yaml``, one model replica of 1 CPU.
 2. For each ``max_batch_size`` in ``--batch-sizes`` (changed through ``user_config``, so the
    replica reconfigures in place), each endpoint and each client count: every client sends
    ``--requests-per-client`` requests back to back (at most ``--max-seconds`` per cell), one
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,14 @@ import numpy as np
 import requests
 import torch
 import yaml
+
+from deploy.model_runner import LikelihoodJob, SampleJob, load_runner
+from diffusion_core import DiffusionConfig, UNet, UNetConfig
+from diffusion_core.checkpoint import read_checkpoint_config, save_checkpoint
+from pipelines.registry.model_store import fetch_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test tooling: tests/tooling/
+from tooling.local_cluster import LocalRayCluster, derive_serve_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,9 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def random_init_checkpoint(config_path: Path, folder: Path) -> Path:
     """Save a randomly initialized model of the YAML's model/diffusion sections (seed 0)."""
-    from diffusion_core import DiffusionConfig, UNet, UNetConfig
-    from diffusion_core.checkpoint import save_checkpoint
-
     sections = yaml.safe_load(config_path.read_text())
     unet_config = UNetConfig.from_dict(sections["model"])
     diffusion_config = DiffusionConfig.from_dict(sections["diffusion"])
@@ -122,15 +128,11 @@ class DirectBaseline:
     ``sample_many`` / ``likelihood_many`` on ``batch`` one-image requests at once."""
 
     def __init__(self, model_uri: str, args: argparse.Namespace, pixels: np.ndarray) -> None:
-        from deploy.model_runner import load_runner
-
         self.runner = load_runner(model_uri, device="cpu")
         self.args = args
         self.pixels = pixels
 
     def _call(self, endpoint: str, batch: int) -> Callable[[int], Any]:
-        from deploy.model_runner import LikelihoodJob, SampleJob
-
         runner, args = self.runner, self.args
         if endpoint == "sample":
             return lambda seed: runner.sample_many(
@@ -157,8 +159,6 @@ def serve_cells(cluster: Any, model_uri: str, args: argparse.Namespace, pixels: 
     """All (max_batch_size, endpoint, clients) cells against the served app. Each cell at the
     largest batch size is followed by the direct baseline with batch min(clients, max_batch_size),
     so both see the same machine load."""
-    from deploy.local_cluster import derive_serve_config
-
     sample_body = {"num_images": 1, "sampler": "ddim", "num_steps": args.ddim_steps, "format": "npy"}
     likelihood_body = json.dumps({"pixels": pixels.tolist(), "num_samples": args.num_samples}).encode()
 
@@ -270,16 +270,11 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from deploy.local_cluster import LocalRayCluster
-    from pipelines.model_store import fetch_checkpoint
-
     torch.set_num_threads(1)  # as the replica (num_cpus: 1)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work_dir = Path(tmp)
         model_uri = args.model_uri or str(random_init_checkpoint(args.config, work_dir / "checkpoint"))
         model_dir = fetch_checkpoint(model_uri, str(work_dir / "fetched"))
-        from diffusion_core.checkpoint import read_checkpoint_config
-
         unet_config, _, _ = read_checkpoint_config(model_dir)
         size, channels = unet_config.image_size, unet_config.in_channels
         pixels = np.random.default_rng(0).integers(0, 256, (1, size, size, channels), dtype=np.uint8)

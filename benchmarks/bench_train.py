@@ -1,9 +1,9 @@
 """Training throughput of the Ray Train job against a plain single-process PyTorch loop.
 
-Both run the same step (``pipelines.train_loop.train_step``: per-example noise, loss, backward,
+Both run the same step (``pipelines.training.loop.train_step``: per-example noise, loss, backward,
 clipping, Adam, EMA) on the same model (``configs/fashion_mnist.yaml`` by default), batch size,
 torch thread count and shards. The plain loop reads the shards with pyarrow into memory
-(``read_split_numpy``) and slices batches; the Ray job is the real ``pipelines.train.run`` with one
+(``read_split_numpy``) and slices batches; the Ray job is the real ``pipelines.training.launcher.run`` with one
 worker fed by Ray Data (``iter_torch_batches``) and MLflow tracking on (into a temporary SQLite
 store). Throughput is measured over whole logging windows after a warm-up window, from the
 ``images_per_s`` metric of each window (wall time of the window's steps, data loading included).
@@ -34,7 +34,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import ray
 import torch
+from cpu_sampler import CpuSampler
+from mlflow import MlflowClient
+
+from diffusion_core.diffusion import GaussianDiffusion
+from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.registry.tracking_uri import resolve_tracking_uri
+from pipelines.training.config import load_config
+from pipelines.training.launcher import run
+from pipelines.training.loop import Window, Worker, build_trainee, configure_torch, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_train.json"
@@ -60,8 +70,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def bench_config(args: argparse.Namespace, threads: int | None, storage: str) -> Any:
     """The config under test: one worker reserving one CPU, nothing but training and loss logging."""
-    from pipelines.train_config import load_config
-
     config = load_config(args.config)
     overrides = {
         "data.shards": str(Path(args.shards).resolve()),
@@ -82,20 +90,11 @@ def plain_loop(config: Any) -> tuple[list[float], list[float]]:
     """A single-process loop over in-memory shards: images/s of each window and the Unix time at
     the end of each window (first window's rate dropped as warm-up; its end time kept, as the start
     of the measured period)."""
-    from diffusion_core.diffusion import GaussianDiffusion
-    from diffusion_core.unet import UNet
-    from pipelines.ema import EMA
-    from pipelines.shards import read_split_numpy
-    from pipelines.train_loop import Trainee, Window, build_optimizer, configure_torch, train_step
-
     device = torch.device("cpu")
     configure_torch(config.scaling, device)
     images, _ = read_split_numpy(config.data.shards, "train")
     data = torch.from_numpy(images)
-    torch.manual_seed(config.train.seed)
-    net = UNet(config.model)
-    trainee = Trainee(model=net, net=net, ema=EMA(net, config.train.ema_decay, warmup=config.train.ema_warmup),
-                      optimizer=build_optimizer(net.parameters(), config.optimizer), step=0)
+    trainee = build_trainee(config, Worker(rank=0, world_size=1, device=device), None, prepare=lambda net: net)
     diffusion = GaussianDiffusion(config.diffusion)
     batch, window, rates, ends = config.per_worker_batch_size, Window(diffusion.num_timesteps, device), [], []
     start = 0
@@ -113,8 +112,6 @@ def plain_loop(config: Any) -> tuple[list[float], list[float]]:
 
 def start_ray(config: Any) -> None:
     """A fresh local Ray node for one measurement: the workers' CPUs plus one for Ray Data."""
-    import ray
-
     cpus = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker) + 1
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
@@ -122,8 +119,6 @@ def start_ray(config: Any) -> None:
 def plain_loop_beside_idle_ray(config: Any) -> tuple[list[float], list[float]]:
     """``plain_loop`` while an idle local Ray node (GCS, raylet, agents, idle workers; no job) runs
     on the same machine: the share of the gap that is Ray's mere presence, not the Train job."""
-    import ray
-
     start_ray(config)
     try:
         return plain_loop(config)
@@ -134,12 +129,6 @@ def plain_loop_beside_idle_ray(config: Any) -> tuple[list[float], list[float]]:
 def ray_job(config: Any) -> tuple[list[float], list[float]]:
     """The real Ray Train job: images/s of each window (first dropped) from MLflow, and the Unix
     time each window was logged (rank 0, right after the window's last step)."""
-    import ray
-    from mlflow import MlflowClient
-
-    from pipelines.mlflow_setup import resolve_tracking_uri
-    from pipelines.train import run
-
     start_ray(config)
     try:
         outcome = run(config)
@@ -181,8 +170,6 @@ def timed(loop: Callable[[Any], tuple[list[float], list[float]]], config: Any, r
     """Run one loop under a ``CpuSampler``: its windows' images/s and the cores that the training
     and everything else used over the measured windows (the others also per process, those above
     0.002 cores)."""
-    from cpu_sampler import CpuSampler
-
     with CpuSampler(classify(ray_training)) as sampler:
         rates, ends = loop(config)
     cores = sampler.cores_between(ends[0], ends[-1])
@@ -251,8 +238,6 @@ def print_table(results: list[dict[str, Any]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both loops for each thread count, print the table, write the JSON; returns the exit code."""
     args = parse_args(argv)
-    from pipelines.shards import load_manifest
-
     try:
         manifest = load_manifest(str(Path(args.shards).resolve()))
     except ValueError as err:

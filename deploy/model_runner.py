@@ -29,7 +29,6 @@ from typing import Any, Callable, Literal, Sequence, TypeVar
 import numpy as np
 import torch
 
-from deploy.model_source import ModelSource, describe_model_uri, read_manifest_summary
 from deploy.schemas import (
     LikelihoodOptions,
     RequestError,
@@ -38,10 +37,12 @@ from deploy.schemas import (
     check_images_for_model,
     resolve_num_steps,
 )
-from diffusion_core.checkpoint import LoadedModel
+from diffusion_core.checkpoint import LoadedModel, load_checkpoint
+from diffusion_core.generate import SamplerSettings, generate
 from diffusion_core.images import uint8_to_float
 from diffusion_core.rng import RowGenerators
-
+from pipelines.registry.model_identity import ModelIdentity, describe_model
+from pipelines.registry.model_store import fetch_checkpoint, read_manifest_summary
 
 logger = logging.getLogger(__name__)
 _J = TypeVar("_J")
@@ -72,6 +73,11 @@ class SampleJob:
     def settings(self) -> tuple[str, int, float, bool]:
         """Jobs with equal settings share network evaluations: (sampler, num_steps, eta, clip_denoised)."""
         return (self.sampler, self.num_steps, self.eta, self.clip_denoised)
+
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        """The core's ``SamplerSettings`` of this job."""
+        return SamplerSettings(self.sampler, self.num_steps, self.eta, self.clip_denoised)
 
 
 @dataclass(frozen=True)
@@ -127,8 +133,7 @@ def inference_network(model: torch.nn.Module, image_shape: tuple[int, int, int],
     for ``(x_t float32 [N, C, H, W], t int64 [N]) -> [N, C_out, H, W]`` at any N.
 
     The forward pass then runs without the Python interpreter (no GIL held between operations,
-    conv + bias folded): on the Fashion-MNIST UNet, one 1-thread CPU forward of 8 images took
-    60 ms instead of 70 ms here. The traced network is checked against the eager one on a batch
+    conv + bias folded), so the replica's request handling does not stall the computation. The traced network is checked against the eager one on a batch
     of another size; if tracing fails or the outputs differ (beyond 1e-4), the eager model is
     returned and a warning logged.
     """
@@ -162,7 +167,7 @@ class ModelRunner:
             calls the eager module.
     """
 
-    def __init__(self, loaded: LoadedModel, source: ModelSource, manifest: dict[str, Any] | None = None,
+    def __init__(self, loaded: LoadedModel, source: ModelIdentity, manifest: dict[str, Any] | None = None,
                  compile_network: bool = True) -> None:
         self.loaded = loaded
         self.source = source
@@ -177,8 +182,7 @@ class ModelRunner:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the model's images."""
-        cfg = self.loaded.unet_config
-        return (cfg.in_channels, cfg.image_size, cfg.image_size)
+        return self.loaded.unet_config.image_shape
 
     @property
     def num_timesteps(self) -> int:
@@ -259,13 +263,7 @@ class ModelRunner:
         sizes = [job.num_images for job in jobs]
         generators = RowGenerators.from_seeds([job.seed for job in jobs], sizes, self.device)
         shape = (sum(sizes), *self.image_shape)
-        diffusion, model = self.loaded.diffusion, self.network
-        if first.sampler == "ddpm":
-            x = diffusion.p_sample_loop(model, shape, generator=generators, clip_denoised=first.clip_denoised,
-                                        device=self.device)
-        else:
-            x = diffusion.ddim_sample_loop(model, shape, num_steps=first.num_steps, eta=first.eta,
-                                           generator=generators, clip_denoised=first.clip_denoised, device=self.device)
+        x = generate(self.loaded.diffusion, self.network, shape, first.sampler_settings, generators, self.device)
         return list(x.float().cpu().split(sizes))
 
     @staticmethod
@@ -343,7 +341,7 @@ def default_device() -> torch.device:
 
 def load_runner(model_uri: str, device: str | torch.device | None = None) -> ModelRunner:
     """Fetch ``model_uri`` (``models:/name/version``, ``models:/name@alias``, ``runs:/...``,
-    ``s3://...`` or a local folder; see ``pipelines.model_store.fetch_checkpoint``), load it on
+    ``s3://...`` or a local folder; see ``pipelines.registry.model_store.fetch_checkpoint``), load it on
     ``device`` (default: ``default_device()``) and resolve its registry identity.
 
     The downloaded files live in a temporary folder that is removed once the weights are in memory.
@@ -352,12 +350,9 @@ def load_runner(model_uri: str, device: str | torch.device | None = None) -> Mod
         ValueError / FileNotFoundError: from ``fetch_checkpoint`` / ``load_checkpoint`` on a bad
             URI, a missing model or a corrupt checkpoint.
     """
-    from diffusion_core.checkpoint import load_checkpoint
-    from pipelines.model_store import fetch_checkpoint
-
     device = torch.device(device) if device is not None else default_device()
     with tempfile.TemporaryDirectory(prefix="ddpm-serve-") as tmp:
         folder = fetch_checkpoint(model_uri, dst=tmp)
         loaded = load_checkpoint(folder, device=device)
         manifest = read_manifest_summary(folder)
-    return ModelRunner(loaded, describe_model_uri(model_uri, loaded.metadata), manifest)
+    return ModelRunner(loaded, describe_model(model_uri, loaded.metadata), manifest)

@@ -122,10 +122,9 @@ class ModelDeploymentConfig(BaseModel):
         model_uri: ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``runs:/<id>/model``,
             ``s3://bucket/prefix`` or a local checkpoint folder (``fetch_checkpoint``).
         max_batch_size: most requests one ``@serve.batch`` call merges (per endpoint).
-        batch_wait_timeout_s: how long a batch waits for more requests after its first one. 0.1 s
-            lets requests that reach the replica one by one through the ingress fill a batch
-            (measured on 2 CPU cores, 16 clients, max_batch_size 16: /sample 12.1 req/s with
-            0.01 s, 17.6 with 0.1 s), at the cost of up to 0.1 s more latency for a lone request.
+        batch_wait_timeout_s: how long a batch waits for more requests after its first one; long
+            enough for requests that reach the replica one by one through the ingress to fill a
+            batch, at the cost of that much more latency for a lone request (README, "Serving").
     """
 
     model_config = _STRICT

@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -157,20 +157,14 @@ class DDPMIngress:
 
 
 
-class AppArgs(BaseModel):
-    """Arguments of ``app_builder`` (``serve run deploy.serve_app:app_builder key=value ...``).
+class AppArgs(ModelDeploymentConfig):
+    """Arguments of ``app_builder`` (``serve run deploy.serve_app:app_builder key=value ...``): the
+    model deployment's ``ModelDeploymentConfig`` fields plus the ingress's request ``limits``
+    (defaults of ``Limits``). Unlike the YAML user_configs, values come as ``key=value`` strings
+    from the command line, so they are coerced (``max_batch_size=4``), not taken strictly."""
 
-    Attributes:
-        model_uri: model to serve (see ``ModelDeploymentConfig.model_uri``).
-        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings.
-        limits: request limits (defaults of ``Limits``).
-    """
+    model_config = ConfigDict(extra="forbid", strict=False)
 
-    model_config = ConfigDict(extra="forbid")
-
-    model_uri: str = Field(min_length=1)
-    max_batch_size: int = Field(8, gt=0)
-    batch_wait_timeout_s: float = Field(0.1, ge=0.0)
     limits: Limits = Limits()
 
 
@@ -181,11 +175,7 @@ def app_builder(args: dict[str, Any]) -> Application:
         pydantic.ValidationError: on unknown keys or bad values.
     """
     parsed = AppArgs.model_validate(args)
-    model_config = ModelDeploymentConfig(
-        model_uri=parsed.model_uri, max_batch_size=parsed.max_batch_size,
-        batch_wait_timeout_s=parsed.batch_wait_timeout_s,
-    )
-    model = DDPMModel.options(user_config=model_config.model_dump()).bind()
+    model = DDPMModel.options(user_config=parsed.model_dump(exclude={"limits"})).bind()
     return DDPMIngress.options(user_config=IngressConfig(limits=parsed.limits).model_dump()).bind(model)
 
 

@@ -6,10 +6,10 @@
 
 SRC: a folder or ``s3://bucket/prefix`` of MNIST-family IDX files or of images (one level of
 class sub-folders), or one IDX images file. DST: a folder or ``s3://bucket/prefix``; the layout,
-the manifest and the commit protocol are described in ``pipelines/shards.py``. The job runs on
+the manifest and the commit protocol are described in ``pipelines/data/shards.py``. The job runs on
 the Ray cluster named by ``RAY_ADDRESS`` (or the one already initialised), else starts a local
 one. S3 uses the standard AWS environment variables (``AWS_ENDPOINT_URL_S3`` for S3-compatible
-servers); see ``pipelines/storage.py``.
+servers); see ``pipelines/data/storage.py``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from pipelines import shards, sources, staging_gate, storage
-from pipelines.transforms import DEFAULT_MAX_PIXELS, RESAMPLE_FILTERS, BadImageError, ImageSpec, SplitSpec
+import ray
+
+from pipelines.data import shards, sources, staging_gate, storage
+from pipelines.data.transforms import DEFAULT_MAX_PIXELS, RESAMPLE_FILTERS, BadImageError, ImageSpec, SplitSpec
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +119,6 @@ def ray_session() -> Iterator[None]:
 
     Shuts Ray down on exit only when this function started or connected it.
     """
-    import ray
-
     if ray.is_initialized():
         yield
         return
@@ -151,8 +151,6 @@ def _run_job(
     listing: sources.SourceListing, options: sources.ReadOptions, target: shards.ShardTarget, config: PreprocessConfig
 ) -> tuple[dict[str, tuple[shards.ShardFile, ...]], list[dict[str, str]]]:
     """Run the Ray Data job into ``target``; return (shard files per split, rejected items)."""
-    import ray
-
     num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     dataset = sources.build_dataset(
         listing, options, num_cpus=num_cpus, target_block_bytes=int(config.target_block_mib * 2**20)
@@ -162,8 +160,8 @@ def _run_job(
     report.context.raise_original_map_exception = True
     # This dataset only: no per-operator resource reservation. The plan is one fused operator
     # (read -> transform -> write) whose output is a few bytes per task, so there is nothing to
-    # balance; with the reservation on, a 2-CPU cluster ran one task alone for the first second
-    # (benchmarks/bench_preprocess.py, photos: 7.5 s -> 6.2 s for 3,000 JPEGs).
+    # balance, and with the reservation on a small cluster starts by running one task alone
+    # (README, "Preprocessing").
     report.context.op_resource_reservation_enabled = False
     rows = report.take_all()
     files = {
@@ -179,10 +177,8 @@ def _run_gated_job(
 ) -> tuple[dict[str, tuple[shards.ShardFile, ...]], list[dict[str, str]]]:
     """``_run_job`` into ``tmp`` with its shard writers behind a ``StagingGate``: when the job fails,
     the gate is closed and its admitted writers waited for, so no task writes into ``tmp`` after this
-    returns or raises (``pipelines.staging_gate``); a failure caused by a bad image is re-raised
+    returns or raises (``pipelines.data.staging_gate``); a failure caused by a bad image is re-raised
     as that ``BadImageError``."""
-    import ray
-
     gate = staging_gate.start_gate()
     try:
         return _run_job(listing, options, shards.ShardTarget(tmp, options.spec.shape, gate), config)
@@ -205,7 +201,7 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
     (-1 where unknown); items go to "train"/"val" by a seeded hash of their identity.
 
     Returns:
-        the committed :class:`pipelines.shards.Manifest`.
+        the committed :class:`pipelines.data.shards.Manifest`.
 
     Raises:
         sources.SourceError: missing or empty source (before any Ray work).

@@ -20,14 +20,10 @@ cluster's resources are checked here, before any worker starts.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from pipelines.mlflow_setup import resolve_tracking_uri
-from pipelines.train_config import TrainConfig, load_config
+from pipelines.training.launcher import resolve_config, run
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,142 +37,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, values parsed as YAML (e.g. train.total_steps=200)")
     return parser.parse_args(argv)
-
-
-def resolve_config(config_path: str, overrides: Sequence[str]) -> TrainConfig:
-    """Load the config, make ``data.shards`` and ``train.storage_path`` absolute (relative to the
-    current directory), and name the run ``<config stem>-<YYYYmmdd-HHMMSS>`` unless it is named."""
-    from pipelines import storage
-
-    config = load_config(config_path, overrides)
-    resolved = {"data.shards": storage.resolve(config.data.shards).uri,
-                "train.storage_path": storage.resolve(config.train.storage_path).uri}
-    if config.train.run_name is None:
-        resolved["train.run_name"] = f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return config.replace(resolved)
-
-
-def check_data(config: TrainConfig) -> dict[str, Any]:
-    """Validate the shard folder against the config; return its manifest as a dict.
-
-    Raises:
-        ValueError: (``ShardError``) for a missing/incompatible folder, or when the images do not
-            fit ``model`` or a worker's share of the training split is smaller than one batch.
-    """
-    from pipelines.shards import load_manifest
-
-    manifest = load_manifest(config.data.shards)
-    m = config.model
-    expected = (m.in_channels, m.image_size, m.image_size)
-    if tuple(manifest.image_shape) != expected:
-        raise ValueError(
-            f"data.shards={config.data.shards!r} holds images of shape {list(manifest.image_shape)} but the model "
-            f"expects [in_channels, image_size, image_size] = {list(expected)}"
-        )
-    per_worker = manifest.counts["train"] // config.scaling.num_workers
-    if per_worker < config.per_worker_batch_size:
-        raise ValueError(
-            f"data.shards={config.data.shards!r} has {manifest.counts['train']} training images: "
-            f"{per_worker} per worker, fewer than one per-worker batch of {config.per_worker_batch_size} "
-            f"(train.global_batch_size={config.train.global_batch_size} / "
-            f"scaling.num_workers={config.scaling.num_workers})"
-        )
-    return manifest.to_dict()
-
-
-def build_trainer(config: TrainConfig, loop_config: dict[str, Any]) -> Any:
-    """The ``TorchTrainer``: scaling, run (name, storage, failures, checkpoints), datasets."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.shards import read_split
-    from pipelines.train_loop import train_func
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # keep job logs readable
-    scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
-    ordered = config.data.local_shuffle_buffer == 0
-    return TorchTrainer(
-        train_func,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.train.run_name,
-            storage_path=config.train.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-        ),
-        datasets={"train": read_split(config.data.shards, "train").select_columns(["image"])},
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=ordered)
-        ),
-    )
-
-
-def check_resources(config: TrainConfig, fixed_size: bool) -> None:
-    """Check that the cluster can host the worker group and still leave Ray Data a CPU (else
-    ingest starves and training hangs). Fatal for a fixed-size cluster (the local instance this
-    entry point started); a warning otherwise, since an autoscaler may still add nodes.
-
-    Raises:
-        ValueError: naming the scaling settings and the cluster's resources (``fixed_size`` only).
-    """
-    import ray
-
-    total = ray.cluster_resources()
-    scaling = config.scaling
-    need_cpu = scaling.num_workers * scaling.cpus_per_worker + 1
-    need_gpu = scaling.num_workers if scaling.use_gpu else 0
-    if total.get("CPU", 0) >= need_cpu and total.get("GPU", 0) >= need_gpu:
-        return
-    message = (
-        f"scaling.num_workers={scaling.num_workers} x (CPU {scaling.cpus_per_worker}"
-        f"{', GPU 1' if scaling.use_gpu else ''}) plus 1 CPU for Ray Data needs CPU {need_cpu}, GPU {need_gpu}; "
-        f"the Ray cluster has CPU {total.get('CPU', 0)}, GPU {total.get('GPU', 0)}"
-    )
-    if fixed_size:
-        raise ValueError(f"{message} (raise --num-cpus or lower scaling.cpus_per_worker)")
-    print(f"warning: {message}; waiting for the cluster to grow", file=sys.stderr)
-
-
-def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
-    """Check the inputs, open (or resume) the MLflow run, train, and return where things went:
-    ``{"run_name", "run_folder", "mlflow_run_id", "tracking_uri", "checkpoint", "metrics",
-    "resumed"}``.
-
-    Raises:
-        ValueError: bad shards or resources (before any worker starts).
-        ray.train.TrainingFailedError: when training fails more than ``scaling.max_failures`` times.
-    """
-    import ray
-
-    from pipelines.tracking import open_run, run_folder
-
-    manifest = check_data(config)
-    started_locally = False
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        started_locally = address == "local"
-        ray.init(address=address, **({"num_cpus": num_cpus, "include_dashboard": False} if started_locally else {}))
-    check_resources(config, fixed_size=started_locally)
-    tracking_uri = resolve_tracking_uri()
-    run_id, resumed = open_run(config, tracking_uri, manifest)
-    loop_config = {"config": config.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                   "manifest": manifest}
-    result = build_trainer(config, loop_config).fit()
-    return {
-        "run_name": config.train.run_name,
-        "run_folder": run_folder(config).uri,
-        "mlflow_run_id": run_id,
-        "tracking_uri": tracking_uri,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "metrics": dict(result.metrics or {}),
-        "resumed": resumed,
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -226,7 +226,7 @@ query() {
 import sys
 from pathlib import Path
 from diffusion_core.images import images_to_pngs
-from pipelines.shards import read_split_numpy
+from pipelines.data.shards import read_split_numpy
 images, labels = read_split_numpy(sys.argv[1], "val", limit=4)
 folder = Path(sys.argv[2]); folder.mkdir(parents=True, exist_ok=True)
 for i, png in enumerate(images_to_pngs(images)):

@@ -1,6 +1,6 @@
 """Shared pieces of the Serve tests: Fashion-MNIST images read from the IDX files, and a tiny model
 trained for a few dozen steps, saved with ``save_checkpoint`` and registered in a SQLite MLflow
-registry. The private Ray cluster they are served on is ``deploy.local_cluster``."""
+registry. The private Ray cluster they are served on is ``tooling.local_cluster``."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 from diffusion_core.checkpoint import save_checkpoint
 from diffusion_core.images import uint8_to_float
-from pipelines.mlflow_setup import ensure_experiment
-from pipelines.model_store import ModelRef, log_checkpoint_model
+from pipelines.registry.model_store import ModelRef, log_checkpoint_model
+from pipelines.registry.tracking_uri import ensure_experiment
 
 TINY_UNET = UNetConfig(
     image_size=28, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2),

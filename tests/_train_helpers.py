@@ -1,4 +1,4 @@
-"""Helpers shared by the training tests (configs, worker logs, ports); fixtures are in conftest.py."""
+"""Helpers shared by the training tests (configs, checkpoint states, ports); fixtures are in conftest.py."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.local_cluster import free_port  # noqa: F401  (re-exported for the tests)
-from pipelines.train_config import TrainConfig, load_config
+from pipelines.training.config import TrainConfig, load_config
+from tooling.local_cluster import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
@@ -46,17 +46,16 @@ def tiny_config(shards: Path, storage: Path, run_name: str, **overrides: Any) ->
                            "train.run_name": run_name, **extra})
 
 
-def read_worker_log(folder: Path, rank: int) -> list[dict[str, Any]]:
-    """The JSON lines a worker wrote with ``train.worker_log_dir`` (step, sha256, local_loss, pid)."""
-    path = Path(folder) / f"rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+def checkpoint_states(run_folder: Path) -> dict[int, dict[str, Any]]:
+    """``{step: train_state.json}`` of every checkpoint Ray Train kept in a run folder."""
+    states = (json.loads((p / "train_state.json").read_text()) for p in Path(run_folder).glob("checkpoint_0*"))
+    return {state["step"]: state for state in sorted(states, key=lambda s: s["step"])}
 
 
 @dataclass(frozen=True)
 class TinyRun:
-    """One finished training run of the session: its config, what ``pipelines.train.run`` returned,
-    and the folder of its worker logs."""
+    """One finished training run of the session: its config and what ``pipelines.training.launcher.run``
+    returned."""
 
     config: TrainConfig
     outcome: dict[str, Any]
-    worker_log_dir: Path

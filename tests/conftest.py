@@ -46,15 +46,16 @@ def fashion_mnist_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """An in-process Ray instance of its own (address="local": never someone else's cluster) with
-    4 logical CPUs on purpose, so that 2 one-CPU train workers leave Ray Data a CPU. Reuses an
+    """An in-process Ray instance of its own (address="local": never someone else's cluster; its node
+    address pinned to loopback) with 4 logical CPUs on purpose, so that 2 one-CPU train workers leave Ray Data a CPU. Reuses an
     instance that is already up (and then leaves it up)."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -65,6 +66,7 @@ def fmnist_shards(ray_local, fashion_mnist_dir: Path, tmp_path_factory: pytest.T
     """Shards of the first 80 Fashion-MNIST training images made by the real preprocessing
     (66 train / 14 val with the seeded hash split)."""
     from _train_helpers import SHARD_LIMIT, SHARD_VAL_FRACTION, TRAIN_IMAGES
+
     from pipelines.preprocess import PreprocessConfig, run_preprocess
 
     output = tmp_path_factory.mktemp("fmnist") / "shards"
@@ -93,14 +95,15 @@ def train_sandbox(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_runs(ray_local, fmnist_shards: Path, train_sandbox: Path):
     """Two 4-step runs of configs/tiny_cpu.yaml on the same data, seed and global batch: with 2
-    gloo workers and with 1. Returns ``{num_workers: TinyRun}``."""
-    from _train_helpers import TinyRun, tiny_config
-    from pipelines.train import run
+    gloo workers and with 1, each checkpointing every step and keeping every checkpoint (each one
+    records every replica's weights digest and local loss). Returns ``{num_workers: TinyRun}``."""
+    from _train_helpers import FAST, TinyRun, tiny_config
+
+    from pipelines.training.launcher import run
 
     runs = {}
     for workers in (2, 1):
-        log_dir = train_sandbox / f"workers{workers}"
-        config = tiny_config(fmnist_shards, train_sandbox / "runs", f"ddp-{workers}",
-                             scaling__num_workers=workers, train__worker_log_dir=str(log_dir))
-        runs[workers] = TinyRun(config=config, outcome=run(config), worker_log_dir=log_dir)
+        config = tiny_config(fmnist_shards, train_sandbox / "runs", f"ddp-{workers}", scaling__num_workers=workers,
+                             train__checkpoint_every=1, train__keep_checkpoints=FAST["train.total_steps"])
+        runs[workers] = TinyRun(config=config, outcome=run(config))
     return runs

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from _diffusion_helpers import single_thread  # noqa: E402,F401 (autouse fixture)
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from _diffusion_helpers import single_thread  # noqa: E402,F401 (autouse fixture)
 
 T = 1000
 SHAPE = (2, 3, 4, 4)

@@ -1,4 +1,4 @@
-"""The exponential moving average of the weights (pipelines.ema) against its closed form."""
+"""The exponential moving average of the weights (pipelines.training.ema) against its closed form."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.ema import EMA
+from pipelines.training.ema import EMA
 
 
 def _net(value: float) -> nn.Module:

@@ -12,10 +12,10 @@ from _train_helpers import EXPERIMENT, REGISTERED_MODEL
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import load_checkpoint
+from pipelines.data.shards import read_split_numpy
 from pipelines.evaluate import main
-from pipelines.mlflow_setup import resolve_tracking_uri
-from pipelines.model_store import fetch_checkpoint
-from pipelines.shards import read_split_numpy
+from pipelines.registry.model_store import fetch_checkpoint
+from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 FAST = ["--threads", "1", "--samples", "4", "--sample-steps", "3", "--seed", "3"]
@@ -65,11 +65,17 @@ def test_exact_evaluation_of_registered_model(tiny_runs, fmnist_shards: Path, ca
 def test_estimated_evaluation_of_checkpoint_folder(tiny_runs, fmnist_shards: Path) -> None:
     training = tiny_runs[1].outcome
     checkpoint = training["checkpoint"]
-    assert main(["--model", checkpoint, "--shards", str(fmnist_shards), "--images", "4", "--estimate", "2",
+    assert main(["--model", checkpoint, "--shards", str(fmnist_shards), "--images", "4", "--estimate", "16",
                  "--experiment", EXPERIMENT, *FAST]) == 0
     run = _eval_run(MlflowClient(resolve_tracking_uri()), checkpoint)
     assert run.data.tags["eval.source_run_id"] == training["mlflow_run_id"]  # from the checkpoint's metadata
-    assert 0 < run.data.metrics["eval_bpd_estimate"] < 100 and run.data.metrics["eval_bpd_estimate_stderr"] > 0
+    # the estimate is unbiased: within 4 of its standard errors of the exact bound of the same model and images
+    loaded = load_checkpoint(checkpoint)
+    images = torch.from_numpy(read_split_numpy(str(fmnist_shards), "val", limit=4)[0])
+    with torch.no_grad():
+        exact = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=torch.Generator().manual_seed(3))
+    estimate, stderr = run.data.metrics["eval_bpd_estimate"], run.data.metrics["eval_bpd_estimate_stderr"]
+    assert stderr > 0 and abs(estimate - float(exact["total_bpd"].mean())) <= 4 * stderr
     assert "eval_bpd" not in run.data.metrics
 
 

@@ -60,6 +60,6 @@ def test_pngs_decode_back_to_the_same_pixels():
 
 def test_importing_images_does_not_import_torch():
     """Ray Data's preprocessing workers import this module; importing torch adds ~190 MB of RSS to each (measured here)."""
-    code = "import sys, diffusion_core.images, pipelines.transforms; print('torch' in sys.modules)"
+    code = "import sys, diffusion_core.images, pipelines.data.transforms; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "False", done.stdout + done.stderr

@@ -13,7 +13,7 @@ import pytest
 from _train_helpers import EXPERIMENT, REPO_ROOT
 from mlflow import MlflowClient
 
-from deploy.local_cluster import LocalRayCluster
+from tooling.local_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
@@ -21,7 +21,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
-    """A head node of our own (``deploy.local_cluster.LocalRayCluster``: free ports, own temp dir,
+    """A head node of our own (``tooling.local_cluster.LocalRayCluster``: free ports, own temp dir,
     4 logical CPUs, no token auth). Yields its dashboard URL (the job API) and its environment."""
     cluster = LocalRayCluster(num_cpus=4)
     try:

@@ -8,6 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from _diffusion_helpers import (
+    ConvModel,
+    CountingModel,
+    grid_images,
+    single_thread,  # noqa: F401 (autouse fixture)
+)
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
 from diffusion_core.bound import strata_bounds
@@ -17,8 +23,6 @@ from diffusion_core.likelihood import (
     normal_kl,
     standard_normal_cdf,
 )
-from _diffusion_helpers import ConvModel, CountingModel, grid_images
-from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 GRID = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
 

@@ -1,11 +1,11 @@
-"""Port choice of ``deploy.local_cluster``: ``ray start`` exits 1 when two components share a port or a
+"""Port choice of ``tooling.local_cluster``: ``ray start`` exits 1 when two components share a port or a
 component port falls inside the worker-port range, so both must be impossible by construction."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from deploy.local_cluster import free_ports, worker_port_range
+from tooling.local_cluster import free_ports, worker_port_range
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:

@@ -1,4 +1,4 @@
-"""pipelines.model_store against a real SQLite-backed MLflow: log, register, fetch back, load."""
+"""pipelines.registry.model_store against a real SQLite-backed MLflow: log, register, fetch back, load."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
-from s3_server import running_s3_server
 
 from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.unet import UNet
-from pipelines.mlflow_setup import ensure_experiment
-from pipelines.model_store import ModelRef, fetch_checkpoint, log_checkpoint_model
+from pipelines.registry.model_store import ModelRef, fetch_checkpoint, log_checkpoint_model
+from pipelines.registry.tracking_uri import ensure_experiment
+from tooling.s3_server import running_s3_server
 
 TINY_UNET = UNetConfig(
     image_size=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2),

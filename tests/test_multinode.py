@@ -31,11 +31,11 @@ from ray.experimental import internal_kv
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
 from requests.adapters import HTTPAdapter
-from s3_server import S3Server, running_s3_server
 from urllib3.util import Retry
 
-from deploy.local_cluster import free_port, free_ports
-from pipelines.shards import load_manifest, read_split_numpy
+from pipelines.data.shards import load_manifest, read_split_numpy
+from tooling.local_cluster import free_port, free_ports
+from tooling.s3_server import S3Server, running_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")

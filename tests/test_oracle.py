@@ -10,10 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from _diffusion_helpers import (
+    OracleEps,
+    grid_images,
+    linear_betas,
+    single_thread,  # noqa: F401 (autouse fixture)
+)
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
-from _diffusion_helpers import OracleEps, grid_images, linear_betas
-from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 T = 200
 LN2 = math.log(2.0)

@@ -7,14 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _preprocess_helpers import FASHION_CLASSES, assert_on_grid, is_val, leftovers, plant_bad_files, read_idx, write_fashion_folder
+from _preprocess_helpers import (
+    FASHION_CLASSES,
+    assert_on_grid,
+    is_val,
+    leftovers,
+    plant_bad_files,
+    read_idx,
+    write_fashion_folder,
+)
 from PIL import Image, ImageOps
 
 from diffusion_core.images import uint8_to_float
 from pipelines import preprocess
+from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.transforms import BadImageError
 from pipelines.preprocess import PreprocessConfig, run_preprocess
-from pipelines.shards import load_manifest, read_split_numpy
-from pipelines.transforms import BadImageError
 
 COUNT, SEED, VAL = 150, 11, 0.3
 

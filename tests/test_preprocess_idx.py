@@ -13,10 +13,10 @@ from _preprocess_helpers import assert_on_grid, is_val, leftovers, read_idx
 
 from diffusion_core.images import uint8_to_float
 from pipelines import preprocess
+from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.sources import SourceError
+from pipelines.data.transforms import BadImageError
 from pipelines.preprocess import PreprocessConfig, run_preprocess
-from pipelines.shards import load_manifest, read_split_numpy
-from pipelines.sources import SourceError
-from pipelines.transforms import BadImageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LIMIT, SEED, VAL = 1500, 7, 0.2

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _preprocess_helpers import assert_on_grid, is_val, plant_bad_files, read_idx, write_fashion_folder
-from s3_server import S3Server, s3_server_fixture
 
 from diffusion_core.images import uint8_to_float
+from pipelines.data.shards import load_manifest, read_split, read_split_numpy
+from pipelines.data.transforms import BadImageError
 from pipelines.preprocess import PreprocessConfig, run_preprocess
-from pipelines.shards import load_manifest, read_split, read_split_numpy
-from pipelines.transforms import BadImageError
+from tooling.s3_server import S3Server, s3_server_fixture
 
 BUCKET, SEED, VAL = "ddpm-data", 5, 0.25
 s3 = s3_server_fixture(scope="module")

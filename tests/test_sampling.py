@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _diffusion_helpers import (
+    ConvModel,
+    CountingModel,
+    single_thread,  # noqa: F401 (autouse fixture)
+)
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
 from diffusion_core.sampling import ddim_timesteps, model_device
-from _diffusion_helpers import ConvModel, CountingModel
-from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 T = 40
 SHAPE = (3, 1, 6, 6)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from _serve_helpers import save_tiny_checkpoint
-from deploy.local_cluster import LocalRayCluster, derive_serve_config
+
+from tooling.local_cluster import LocalRayCluster, derive_serve_config
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import requests
 import torch
+from _serve_helpers import RegisteredModels, read_idx_images, register_tiny_models
 from PIL import Image
 
-from _serve_helpers import RegisteredModels, read_idx_images, register_tiny_models
-from deploy.local_cluster import LocalRayCluster, derive_serve_config
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.images import encode_png, images_to_pngs, uint8_to_float
+from tooling.local_cluster import LocalRayCluster, derive_serve_config
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ from ray.serve.schema import ServeDeploySchema
 
 from deploy.http_io import parse_json_model, sample_response
 from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob, inference_network
-from deploy.model_source import ModelSource, describe_model_uri, read_manifest_summary
 from deploy.schemas import (
     IngressConfig,
     LikelihoodJsonRequest,
@@ -33,7 +32,9 @@ from deploy.schemas import (
 from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 from diffusion_core.checkpoint import LoadedModel
 from diffusion_core.images import uint8_to_float
-from deploy.local_cluster import SERVE_CONFIG
+from pipelines.registry.model_identity import ModelIdentity, describe_model, parse_model_uri
+from pipelines.registry.model_store import read_manifest_summary
+from tooling.local_cluster import SERVE_CONFIG
 
 UNET = UNetConfig(image_size=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2),
                   num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, num_groups=4)
@@ -53,7 +54,7 @@ def _single_thread():
 def runner() -> ModelRunner:
     torch.manual_seed(0)
     model = UNet(UNET).eval()
-    return ModelRunner(LoadedModel(model, GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {}), ModelSource(uri="mem"))
+    return ModelRunner(LoadedModel(model, GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {}), ModelIdentity(uri="mem"))
 
 
 class _CountCalls:
@@ -378,8 +379,15 @@ def test_sample_response_formats() -> None:
 
 
 def test_model_source_and_manifest_summary(tmp_path) -> None:
-    assert describe_model_uri("runs:/abc123/model").run_id == "abc123"
-    local = describe_model_uri(str(tmp_path), {"run_id": "r1"})
+    assert describe_model("runs:/abc123/model").run_id == "abc123"
+    local = describe_model(str(tmp_path), {"run_id": "r1"})
+    assert describe_model(str(tmp_path), {"mlflow_run_id": "r2"}).run_id == "r2"
+    assert parse_model_uri("models:/ddpm/3") == parse_model_uri("models:/ddpm/3")
+    assert (parse_model_uri("models:/ddpm/3").name, parse_model_uri("models:/ddpm/3").version) == ("ddpm", "3")
+    assert (parse_model_uri("models:/ddpm@prod").kind, parse_model_uri("models:/ddpm@prod").alias) == ("alias", "prod")
+    assert parse_model_uri("s3://bucket/model").kind == "other"
+    with pytest.raises(ValueError, match="non-empty"):
+        parse_model_uri("  ")
     assert (local.name, local.version, local.run_id) == (None, None, "r1")
     assert read_manifest_summary(tmp_path) is None
     (tmp_path / "manifest.json").write_text('{"counts": {"train": 5}, "rejected": [1, 2], "command": "x"}')

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from _preprocess_helpers import assert_on_grid
 
-from pipelines import shards, storage
+from pipelines.data import shards, storage
+from pipelines.data.shards import SCHEMA_VERSION, Manifest, ShardError, load_manifest, read_split, read_split_numpy
 from pipelines.preprocess import PreprocessConfig, run_preprocess
-from pipelines.shards import SCHEMA_VERSION, Manifest, ShardError, load_manifest, read_split, read_split_numpy
 
 LIMIT = 300
 

@@ -1,4 +1,4 @@
-"""The staging gate of ``pipelines.staging_gate``: shard writers enter it, a failing job closes it
+"""The staging gate of ``pipelines.data.staging_gate``: shard writers enter it, a failing job closes it
 and waits for them, and a cancellation that arrives mid-write takes effect after the write, so a
 failed job leaves nothing (the end-to-end check is ``test_on_error_fail_on_s3_leaves_nothing``)."""
 
@@ -15,7 +15,7 @@ import pytest
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from pipelines import shards, staging_gate, storage
+from pipelines.data import shards, staging_gate, storage
 
 
 def _block(n: int = 4) -> pa.Table:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipelines.tracking import TIME_KEY, MetricBuffer, RunTracker
+from pipelines.registry.runs import TIME_KEY, MetricBuffer, RunTracker
 
 
 def test_buffered_metrics_keep_their_measurement_time(tmp_path: Path) -> None:

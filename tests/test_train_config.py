@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipelines.train import main
-from pipelines.train_config import TrainConfig, load_config, parse_overrides
+from pipelines.training.config import TrainConfig, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

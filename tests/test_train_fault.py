@@ -11,32 +11,35 @@ import time
 from pathlib import Path
 
 import pytest
-from _train_helpers import EXPERIMENT, read_worker_log, tiny_config
+from _train_helpers import EXPERIMENT, checkpoint_states, tiny_config
 from mlflow import MlflowClient
 
-from pipelines.mlflow_setup import resolve_tracking_uri
-from pipelines.train import run
+from pipelines.registry.tracking_uri import resolve_tracking_uri
+from pipelines.training.launcher import run
+from pipelines.training.loop import RESUMED_FROM_TAG
 
 pytestmark = pytest.mark.slow
-TOTAL, EVERY, KILL_AFTER, EXTENDED = 12, 4, 6, 14
+TOTAL, EVERY, EXTENDED = 12, 4, 14
 
 
 class Killer(threading.Thread):
-    """Waits until rank 1 has logged step ``KILL_AFTER`` (past the first checkpoint), then kills
-    that worker's process with SIGKILL."""
+    """Waits for the run's first checkpoint (step ``EVERY``) and SIGKILLs the process of rank 1,
+    whose pid that checkpoint records among its replicas."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, run_folder: Path) -> None:
         super().__init__(daemon=True)
-        self.log_dir = log_dir
+        self.run_folder = run_folder
         self.killed_pid: int | None = None
-        self.killed_at_step: int | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            entries = read_worker_log(self.log_dir, 1)
-            if entries and entries[-1]["step"] >= KILL_AFTER:
-                self.killed_pid, self.killed_at_step = entries[-1]["pid"], entries[-1]["step"]
+            try:
+                states = checkpoint_states(self.run_folder)
+            except (OSError, ValueError):  # a checkpoint still being written
+                states = {}
+            if states:
+                self.killed_pid = states[min(states)]["replicas"][1]["pid"]
                 os.kill(self.killed_pid, signal.SIGKILL)
                 return
             time.sleep(0.02)
@@ -47,14 +50,13 @@ def _history(run_id: str, key: str) -> list[int]:
 
 
 def test_killed_worker_resumes_and_resubmission_extends(ray_local, fmnist_shards: Path, train_sandbox: Path) -> None:
-    log_dir = train_sandbox / "fault-workers"
     config = tiny_config(
         fmnist_shards, train_sandbox / "runs", "fault",
         scaling__num_workers=2, scaling__max_failures=2, train__total_steps=TOTAL, train__checkpoint_every=EVERY,
-        train__global_batch_size=32, train__worker_log_dir=str(log_dir), train__sample_every=0, train__bpd_every=0,
-        train__final_bpd_images=0, tracking__registered_model_name=None,
+        train__keep_checkpoints=TOTAL // EVERY + 1, train__global_batch_size=32, train__sample_every=0,
+        train__bpd_every=0, train__final_bpd_images=0, tracking__registered_model_name=None,
     )
-    killer = Killer(log_dir)
+    killer = Killer(train_sandbox / "runs" / "fault")
     killer.start()
     try:
         outcome = run(config)
@@ -65,18 +67,19 @@ def test_killed_worker_resumes_and_resubmission_extends(ray_local, fmnist_shards
     assert outcome["metrics"]["step"] == TOTAL and not outcome["resumed"]
 
     # the worker group was restarted (new processes) and resumed from a checkpoint, not step 0
-    rank0 = read_worker_log(log_dir, 0)
-    steps = [e["step"] for e in rank0]
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    resumed_from = steps[restart] - 1
-    assert resumed_from % EVERY == 0 and EVERY <= resumed_from <= killer.killed_at_step
-    assert steps[restart:] == list(range(resumed_from + 1, TOTAL + 1))
-    assert rank0[restart]["pid"] != rank0[restart - 1]["pid"]
-    assert killer.killed_pid not in {e["pid"] for e in read_worker_log(log_dir, 1)[-(TOTAL - resumed_from):]}
-
-    # one MLflow run with every step exactly once
     run_id = outcome["mlflow_run_id"]
     client = MlflowClient(resolve_tracking_uri())
+    resumed_from = int(client.get_run(run_id).data.tags[RESUMED_FROM_TAG])
+    assert resumed_from % EVERY == 0 and EVERY <= resumed_from < TOTAL
+    states = checkpoint_states(outcome["run_folder"])
+    assert list(states) == list(range(EVERY, TOTAL + 1, EVERY))
+    before = {r["pid"] for r in states[resumed_from]["replicas"]}
+    assert killer.killed_pid in before
+    for step in range(resumed_from + EVERY, TOTAL + 1, EVERY):
+        after = {r["pid"] for r in states[step]["replicas"]}
+        assert after.isdisjoint(before), f"checkpoint {step} was written by the processes from before the kill"
+
+    # one MLflow run with every step exactly once
     experiment = client.get_experiment_by_name(EXPERIMENT)
     named = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'fault'")
     assert [r.info.run_id for r in named] == [run_id]
@@ -87,8 +90,8 @@ def test_killed_worker_resumes_and_resubmission_extends(ray_local, fmnist_shards
     extended = run(config.replace({"train.total_steps": EXTENDED}))
     assert extended["resumed"] and extended["mlflow_run_id"] == run_id
     assert extended["metrics"]["step"] == EXTENDED
-    new_steps = [e["step"] for e in read_worker_log(log_dir, 0)][-(EXTENDED - TOTAL):]
-    assert new_steps == list(range(TOTAL + 1, EXTENDED + 1))
+    assert client.get_run(run_id).data.tags[RESUMED_FROM_TAG] == str(TOTAL)
+    assert max(checkpoint_states(outcome["run_folder"])) == EXTENDED
     assert _history(run_id, "loss") == list(range(1, EXTENDED + 1))
     tags = client.get_run(run_id).data.tags
     assert tags["ddpm.model_step"] == str(EXTENDED) and tags["ddpm.model_uri"] == f"runs:/{run_id}/model"

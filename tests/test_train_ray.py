@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _train_helpers import EXPERIMENT, REGISTERED_MODEL, read_worker_log
+from _train_helpers import EXPERIMENT, REGISTERED_MODEL, checkpoint_states
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from diffusion_core.checkpoint import load_checkpoint
-from pipelines.mlflow_setup import resolve_tracking_uri
-from pipelines.train_config import TrainConfig
+from pipelines.data.shards import read_split_numpy
+from pipelines.evaluation.metrics import exact_bpd
+from pipelines.registry.model_store import fetch_checkpoint
+from pipelines.registry.tracking_uri import resolve_tracking_uri
+from pipelines.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -32,15 +35,17 @@ def _losses(run_id: str) -> list[tuple[int, float]]:
 
 
 def test_workers_hold_identical_weights_after_every_step(tiny_runs) -> None:
-    log_dir = tiny_runs[2].worker_log_dir
-    rank0, rank1 = read_worker_log(log_dir, 0), read_worker_log(log_dir, 1)
-    assert [e["step"] for e in rank0] == list(range(1, STEPS + 1))
-    assert [e["step"] for e in rank1] == list(range(1, STEPS + 1))
-    for a, b in zip(rank0, rank1):
-        assert a["sha256"] == b["sha256"], f"weights of rank 0 and 1 differ after step {a['step']}"
-    assert len({e["sha256"] for e in rank0}) == STEPS, "weights did not change at every step"
-    # each worker saw a different half of the batch: their local losses differ
-    assert all(a["local_loss"] != b["local_loss"] for a, b in zip(rank0, rank1))
+    states = checkpoint_states(tiny_runs[2].outcome["run_folder"])  # one checkpoint per step, all kept
+    assert list(states) == list(range(1, STEPS + 1))
+    for step, state in states.items():
+        rank0, rank1 = state["replicas"]
+        assert (rank0["rank"], rank1["rank"]) == (0, 1)
+        assert rank0["pid"] != rank1["pid"], "the two replicas must be two processes"
+        assert rank0["weights_sha256"] == rank1["weights_sha256"], f"weights of rank 0 and 1 differ after step {step}"
+        # each worker saw a different half of the batch: their local losses differ
+        assert rank0["local_loss"] != rank1["local_loss"]
+    digests = {state["replicas"][0]["weights_sha256"] for state in states.values()}
+    assert len(digests) == STEPS, "weights did not change at every step"
 
 
 def test_two_workers_match_one_worker(tiny_runs) -> None:
@@ -48,9 +53,8 @@ def test_two_workers_match_one_worker(tiny_runs) -> None:
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=1e-5)
     # the loss of the 2-worker run is the mean of its workers' local means (equal halves)
-    log_dir = tiny_runs[2].worker_log_dir
-    ranks = zip(read_worker_log(log_dir, 0), read_worker_log(log_dir, 1))
-    local = [(a["local_loss"] + b["local_loss"]) / 2 for a, b in ranks]
+    states = checkpoint_states(tiny_runs[2].outcome["run_folder"])
+    local = [sum(r["local_loss"] for r in state["replicas"]) / 2 for state in states.values()]
     np.testing.assert_allclose([v for _, v in two], local, rtol=1e-5)
     # and after 4 Adam steps both runs hold the same weights
     final = [Path(tiny_runs[w].outcome["checkpoint"]) / "raw_model.safetensors" for w in (2, 1)]
@@ -78,7 +82,7 @@ def test_checkpoint_holds_the_full_training_state(tiny_runs) -> None:
     ema_differs = any(not torch.equal(raw[k], v) for k, v in loaded.model.state_dict().items())
     assert ema_differs, "EMA weights should lag behind the raw weights"
     kept = sorted(p.name for p in folder.parent.glob("checkpoint_0*"))
-    assert kept == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert kept == [f"checkpoint_{step:08d}" for step in range(1, STEPS + 1)]  # checkpoint_every 1, all kept
 
 
 def test_mlflow_run_has_config_metrics_samples_and_model(tiny_runs) -> None:
@@ -93,7 +97,16 @@ def test_mlflow_run_has_config_metrics_samples_and_model(tiny_runs) -> None:
         assert key in data.data.metrics, key
     assert any(k.startswith("system/") for k in data.data.metrics), "system metrics missing"
     assert [m.step for m in client.get_metric_history(data.info.run_id, "val_bpd")] == [2, 4]
-    assert 0 < data.data.metrics["val_bpd_exact"] < 30
+    # the bounds rank 0 logged, recomputed from the registered EMA model on the same validation images:
+    # the exact bound equals it (same seed), and the step-4 estimate lies within 4 of its standard errors
+    registered = load_checkpoint(fetch_checkpoint(data.data.tags["ddpm.model_uri"]))
+    val = torch.from_numpy(read_split_numpy(run.config.data.shards, "val", limit=run.config.train.bpd_images)[0])
+    exact = exact_bpd(registered.diffusion, registered.model, val[: run.config.train.final_bpd_images],
+                      seed=run.config.train.seed)
+    assert data.data.metrics["val_bpd_exact"] == pytest.approx(exact["bpd"], rel=1e-5)
+    exact_all = exact_bpd(registered.diffusion, registered.model, val, seed=run.config.train.seed)["bpd"]
+    estimate, stderr = data.data.metrics["val_bpd"], data.data.metrics["val_bpd_stderr"]
+    assert stderr > 0 and abs(estimate - exact_all) <= 4 * stderr, (estimate, stderr, exact_all)
     lrs = sorted((m.step, m.value) for m in client.get_metric_history(data.info.run_id, "lr"))
     assert [v for _, v in lrs] == pytest.approx([1e-3 * s / 20 for s in range(1, STEPS + 1)])  # warm-up
     samples = [a.path for a in client.list_artifacts(data.info.run_id, "samples")]

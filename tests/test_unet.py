@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from _unet_helpers import SMALL_UNET
 
 from diffusion_core.config import UNetConfig

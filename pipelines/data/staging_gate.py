@@ -24,6 +24,7 @@ import signal
 import threading
 import uuid
 from typing import Any, Iterator
+import ray
 
 
 class StagingGate:
@@ -69,15 +70,11 @@ class StagingGate:
 
 def start_gate() -> Any:
     """A new ``StagingGate`` actor (0 CPUs) on the current Ray cluster; its handle."""
-    import ray
-
     return ray.remote(num_cpus=0)(StagingGate).remote()
 
 
 def close_and_drain(gate: Any, timeout_s: float = 120.0) -> int:
     """Driver side: close ``gate`` and wait for its admitted writers (see ``StagingGate.close_and_drain``)."""
-    import ray
-
     return ray.get(gate.close_and_drain.remote(timeout_s))
 
 
@@ -107,14 +104,12 @@ def admitted(gate: Any | None) -> Iterator[bool]:
     if gate is None:
         yield True
         return
-    import ray
-
     token = uuid.uuid4().hex
     with deferred_interrupts():
         try:
             # Waited for as a future, not with ray.get: a task blocked in ray.get lends its CPU back
-            # to the raylet, which then starts extra worker processes for queued tasks (measured:
-            # 8-10 workers instead of 5 and 45-55% more CPU time for a 5 s job, benchmarks/bench_preprocess.py).
+            # to the raylet, which then starts extra worker processes for queued tasks (README,
+            # "Preprocessing", has the measurement).
             yield gate.enter.remote(token).future().result()
         finally:
             # Sent even if the enter raised (e.g. an interrupted wait after the actor admitted us),

@@ -26,9 +26,7 @@ from diffusion_core.validation import (
     check_number_in,
     check_optional_str,
 )
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_STORAGE_PATH = str(PROJECT_ROOT / "runs")
+from pipelines.paths import DEFAULT_STORAGE_PATH
 
 OptimizerName = Literal["adam", "adamw"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -129,9 +127,6 @@ class TrainSection:
             ``<config name>-<timestamp>`` on the driver.
         storage_path: where Ray Train writes checkpoints (local path or ``s3://``; the entry point
             makes local paths absolute).
-        worker_log_dir: debugging/testing aid, off when null: each worker writes its pid to
-            ``rank<r>.pid`` and one JSON line per step (step, loss, sha256 of its parameters) to
-            ``rank<r>.jsonl`` in this local folder.
     """
 
     total_steps: int = 1000
@@ -151,7 +146,6 @@ class TrainSection:
     final_bpd_images: int = 0
     run_name: str | None = None
     storage_path: str = DEFAULT_STORAGE_PATH
-    worker_log_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -170,7 +164,6 @@ class TrainSection:
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")
         if not isinstance(self.storage_path, str) or not self.storage_path.strip():
             raise ValueError(f"train.storage_path={self.storage_path!r} must be a local path or s3://...")
-        check_optional_str("train.worker_log_dir", self.worker_log_dir)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,9 @@ the standard AWS variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_REGION``) that reach it: hand them to a
 job (``runtime_env={"env_vars": server.env()}``) or, with ``set_environ=True``, have them set
 in this process while the server runs (restored afterwards), so boto3, pyarrow (through
-``pipelines.storage``) and MLflow here talk to it. Ray processes that are already running do not
+``pipelines.data.storage``) and MLflow here talk to it. Ray processes that are already running do not
 see later changes of this process's environment.
 
-    from s3_server import s3_server_fixture
     s3 = s3_server_fixture(scope="module")          # in a test module
 
     def test_x(s3):
@@ -25,7 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,6 @@ class S3Server:
 
     def client(self):
         """A boto3 S3 client for this server."""
-        import boto3
-
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
@@ -92,8 +91,6 @@ def running_s3_server(*, set_environ: bool = False, region: str = "us-east-1") -
             (``AWS_SESSION_TOKEN``/``AWS_PROFILE`` are unset), restoring them afterwards.
         region: the region reported in ``env()``.
     """
-    from moto.server import ThreadedMotoServer
-
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -1,4 +1,4 @@
-"""Evaluation helpers shared by the training loop (rank 0) and ``pipelines/evaluate.py``: DDIM
+"""Evaluation metrics shared by the training loop (rank 0) and ``pipelines/evaluate.py``: DDIM
 sample grids, the estimated and the exact held-out bound in bits/dim, and the per-timestep plot.
 All of the diffusion math is ``diffusion_core``'s; this only batches, seeds and formats.
 """
@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
+from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.images import encode_png, make_grid
 
 
@@ -32,10 +34,8 @@ def sample_grid(
     Returns:
         ``(images, png)``: float32 ``[N, C, H, W]`` in [-1, 1] on CPU, and the grid as PNG bytes.
     """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        images = diffusion.ddim_sample_loop(model, (num_images, *image_shape), num_steps=num_steps, generator=generator)
-    images = images.float().cpu()
+    images = generate(diffusion, model, (num_images, *image_shape), SamplerSettings("ddim", num_steps),
+                      generator=seeded_generator(seed)).float().cpu()
     return images, encode_png(make_grid(images))
 
 
@@ -97,8 +97,6 @@ def exact_bpd(
 def plot_bpd_terms(vb_per_t: np.ndarray, prior_bpd: float, title: str) -> bytes:
     """A log-scale line plot of bits/dim per timestep term (x: 0-based t, index 0 = L_0), with the
     prior term noted in the legend; PNG bytes (matplotlib, Agg backend)."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(6, 3.5), dpi=100)
     axes = figure.subplots()
     axes.plot(np.arange(len(vb_per_t)), vb_per_t, label=f"L_t (sum {vb_per_t.sum():.3f}); prior {prior_bpd:.2e}")

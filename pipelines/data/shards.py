@@ -13,7 +13,7 @@ manifest and read exactly the shard files the manifest lists, so a crashed, part
 concurrent run is never taken for a complete output, and two runs' shards never mix.
 
 **A failed job leaves nothing.** Tasks write their shards through the job's
-:class:`pipelines.staging_gate.StagingGate` (``ShardTarget.gate``); a failing job closes the gate,
+:class:`pipelines.data.staging_gate.StagingGate` (``ShardTarget.gate``); a failing job closes the gate,
 waits for the writers it admitted, and only then removes the staging folder.
 
 Readers (used by training, evaluation and tests):
@@ -40,7 +40,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines import staging_gate, storage
+from pipelines.data import staging_gate, storage
+import ray.data
+from ray.data.extensions import ArrowTensorArray
 
 #: Version of this on-disk format; readers refuse anything else.
 SCHEMA_VERSION = 1
@@ -49,8 +51,8 @@ SPLITS = ("train", "val")
 #: Parquet schema metadata keys stamped on every shard.
 META_SCHEMA_VERSION = b"ray_ddpm.schema_version"
 META_IMAGE_SHAPE = b"ray_ddpm.image_shape"
-#: zstd + pyarrow's default dictionary encoding: the 256 distinct pixel values make float32 shards
-#: ~6x smaller than raw, and they wrote and read faster than snappy/lz4/uncompressed when measured here.
+#: zstd + pyarrow's default dictionary encoding: a shard holds at most 256 distinct pixel values,
+#: which dictionary encoding stores as one byte each before zstd compresses them.
 SHARD_COMPRESSION = "zstd"
 NORMALIZATION = {
     "formula": "x = k / 127.5 - 1 for uint8 pixel value k",
@@ -414,9 +416,6 @@ def read_split(root: str, split: Split):
         ValueError: for an unknown split.
         ShardError: missing manifest, incompatible schema version, shape/dtype/count mismatch.
     """
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
     manifest, loc, files = _validated_shards(root, split)
     if not files:
         empty = pa.table(

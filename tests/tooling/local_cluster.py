@@ -28,8 +28,9 @@ from typing import Any
 import psutil
 import requests
 import yaml
+from ray.util.state import list_actors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
 VENV_BIN = Path(sys.executable).parent
 
@@ -51,8 +52,8 @@ def free_ports(count: int) -> list[int]:
 
     They are drawn at random from [20000, start of the ephemeral range) minus this process's
     ``worker_port_range()``. Below the ephemeral range, no outgoing connection of any process can
-    take one of them between this check and the server's bind (a port drawn with ``bind(0)`` can:
-    a ``ray start`` failed here on "Failed to start the grpc server ... port 44217" that way). Each
+    take one of them between this check and the server's bind (a port drawn with ``bind(0)`` can,
+    and ``ray start`` then fails to start its gRPC server on it). Each
     candidate is bound on all interfaces, and all sockets stay bound until every port is drawn, so
     the ports are distinct (``ray start`` exits 1 when two of its components share a port).
 
@@ -176,8 +177,6 @@ class LocalRayCluster:
 
     def model_replicas(self) -> list[dict[str, Any]]:
         """Alive DDPMModel replica actors as dicts with actor_id, pid, name (Ray state API)."""
-        from ray.util.state import list_actors
-
         actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
         return [{"actor_id": a.actor_id, "pid": a.pid, "name": a.name} for a in actors
                 if a.class_name.endswith("DDPMModel") or "DDPMModel" in (a.name or "")]

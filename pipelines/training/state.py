@@ -7,8 +7,10 @@ Layout of a training checkpoint (what rank 0 hands to ``ray.train.report``)::
     raw_model.safetensors            the raw (non-averaged) weights being optimized
     optimizer.pt                     optimizer state and every rank's RNG states (torch.save of
                                      tensors and plain Python values only; read with weights_only)
-    train_state.json                 step, MLflow run id, world size, and the step metrics not
-                                     yet confirmed in MLflow (see pipelines/tracking.py)
+    train_state.json                 step, MLflow run id, world size, every replica's summary (rank,
+                                     host, pid, sha256 of its weights, its local loss of the step),
+                                     and the step metrics not yet confirmed in MLflow (see
+                                     pipelines/registry/runs.py)
     train_config.yaml                the resolved training config
 """
 
@@ -22,8 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion_core.checkpoint import save_checkpoint
-from pipelines.train_config import TrainConfig
+from diffusion_core.checkpoint import WEIGHTS_NAME, save_checkpoint
+from pipelines.training.config import TrainConfig
 
 RAW_WEIGHTS = "raw_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -53,6 +55,7 @@ class TrainState:
     rng_states: list[dict[str, Any]]
     mlflow_run_id: str | None
     pending_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    replicas: list[dict[str, Any]] = field(default_factory=list)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -91,6 +94,7 @@ def save_train_state(directory: str | Path, state: TrainState, config: TrainConf
         "step": state.step,
         "mlflow_run_id": state.mlflow_run_id,
         "world_size": len(state.rng_states),
+        "replicas": state.replicas,
         "pending_metrics": {str(step): values for step, values in sorted(state.pending_metrics.items())},
     }
     (folder / STATE_FILE).write_text(json.dumps(summary, indent=2))
@@ -105,7 +109,7 @@ def load_train_state(directory: str | Path, device: str | torch.device = "cpu") 
         FileNotFoundError: if one of the files is missing (the message names it).
     """
     folder = Path(directory)
-    for name in ("model.safetensors", RAW_WEIGHTS, OPTIMIZER_FILE, STATE_FILE):
+    for name in (WEIGHTS_NAME, RAW_WEIGHTS, OPTIMIZER_FILE, STATE_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"training checkpoint {folder.resolve()} has no {name}")
     summary = json.loads((folder / STATE_FILE).read_text())
@@ -113,9 +117,10 @@ def load_train_state(directory: str | Path, device: str | torch.device = "cpu") 
     return TrainState(
         step=int(summary["step"]),
         raw_weights=load_file(str(folder / RAW_WEIGHTS), device=str(device)),
-        ema_weights=load_file(str(folder / "model.safetensors"), device=str(device)),
+        ema_weights=load_file(str(folder / WEIGHTS_NAME), device=str(device)),
         optimizer=extra["optimizer"],
         rng_states=extra["rng_states"],
         mlflow_run_id=summary.get("mlflow_run_id"),
         pending_metrics={int(step): values for step, values in summary.get("pending_metrics", {}).items()},
+        replicas=list(summary.get("replicas", [])),
     )

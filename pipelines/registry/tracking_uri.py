@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # mlflow is imported where it is used: importing this module stays cheap
-    from mlflow import MlflowClient
+from mlflow import MlflowClient
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from pipelines.paths import DEFAULT_TRACKING_DB
+
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
@@ -24,7 +23,7 @@ def resolve_tracking_uri() -> str:
     """The MLflow tracking (and registry) URI: ``$MLFLOW_TRACKING_URI`` if set and non-empty,
     else ``sqlite:///<project folder>/mlflow.db`` (an absolute path)."""
     uri = os.environ.get(TRACKING_URI_ENV, "").strip()
-    return uri or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    return uri or f"sqlite:///{DEFAULT_TRACKING_DB}"
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:

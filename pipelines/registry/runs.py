@@ -24,9 +24,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from pipelines import storage
-from pipelines.mlflow_setup import ensure_experiment
-from pipelines.train_config import TrainConfig
+from pipelines.data import storage
+from pipelines.registry.tracking_uri import ensure_experiment
+from pipelines.training.config import TrainConfig
 
 RUN_ID_FILE = "mlflow_run_id"
 LOSS_KEY = "loss"

@@ -18,18 +18,19 @@ import json
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-from pipelines.mlflow_setup import resolve_tracking_uri
+from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, read_checkpoint_config
+from diffusion_core.generate import SamplerSettings, generate, seeded_generator
+from pipelines.data.shards import MANIFEST_NAME
+from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 MODEL_NAME = "model"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
 _REMOTE_PREFIXES = ("models:/", "runs:/", "s3://", "mlflow-artifacts:/", "file://")
 
 
@@ -61,14 +62,10 @@ class DDPMCheckpointModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Load the checkpoint artifact into ``self.loaded`` (a ``LoadedModel`` on CPU)."""
-        from diffusion_core.checkpoint import load_checkpoint
-
         self.loaded = load_checkpoint(find_checkpoint_dir(Path(context.artifacts["checkpoint"])))
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would infer a schema from them
         """Draw DDIM samples; see the class docstring for the inputs. Raises ValueError on bad counts."""
-        import torch
-
         if hasattr(model_input, "to_dict"):  # one-row pandas DataFrame
             model_input = {k: v[0] for k, v in model_input.to_dict(orient="list").items()}
         request = {**dict(model_input or {}), **dict(params or {})}
@@ -76,18 +73,43 @@ class DDPMCheckpointModel(PythonModel):
                                                                          ("num_steps", 50)))
         if not 1 <= num_images <= 256:
             raise ValueError(f"num_images={num_images} must be in [1, 256]")
-        cfg = self.loaded.unet_config
-        generator = torch.Generator().manual_seed(seed)
-        shape = (num_images, cfg.in_channels, cfg.image_size, cfg.image_size)
-        with torch.no_grad():
-            images = self.loaded.diffusion.ddim_sample_loop(
-                self.loaded.model, shape, num_steps=steps, generator=generator
-            )
+        shape = (num_images, *self.loaded.unet_config.image_shape)
+        images = generate(self.loaded.diffusion, self.loaded.model, shape, SamplerSettings("ddim", steps),
+                          generator=seeded_generator(seed))
         return images.numpy()
 
 
+_MANIFEST_SUMMARY_KEYS = (
+    "schema_version", "image_shape", "counts", "has_labels", "normalization", "source", "source_checksum", "created_at",
+)
+
+
+def read_manifest_summary(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """Summary of the data manifest beside a fetched checkpoint (``None`` when there is none).
+
+    Keeps schema_version, image_shape, counts, has_labels, normalization, source,
+    source_checksum and created_at, and replaces the list of rejected inputs by its length
+    (``num_rejected``).
+
+    Raises:
+        ValueError: if the manifest exists but is not a JSON object.
+    """
+    path = Path(checkpoint_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt data manifest {path.resolve()}: {err}") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"data manifest {path.resolve()} must be a JSON object")
+    summary = {key: manifest[key] for key in _MANIFEST_SUMMARY_KEYS if key in manifest}
+    summary["num_rejected"] = len(manifest.get("rejected") or [])
+    return summary
+
+
 def _manifest_dict(manifest: Any) -> dict[str, Any]:
-    """A data manifest as a plain dict: a ``pipelines.shards.Manifest`` (``to_dict``), a mapping,
+    """A data manifest as a plain dict: a ``pipelines.data.shards.Manifest`` (``to_dict``), a mapping,
     or a path to a ``manifest.json`` file / a shard folder holding one."""
     if hasattr(manifest, "to_dict"):
         return dict(manifest.to_dict())
@@ -95,16 +117,14 @@ def _manifest_dict(manifest: Any) -> dict[str, Any]:
         return dict(manifest)
     if isinstance(manifest, (str, Path)):
         path = Path(manifest)
-        path = path / MANIFEST_FILE if path.is_dir() else path
+        path = path / MANIFEST_NAME if path.is_dir() else path
         return json.loads(path.read_text())
     raise TypeError(f"manifest must be a Manifest, a mapping or a path, got {type(manifest).__name__}")
 
 
 def _pip_requirements() -> list[str]:
     """Pinned requirements of the pyfunc (given explicitly: MLflow's inference runs a subprocess)."""
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "safetensors", "numpy", "mlflow")]
+    return [f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "safetensors", "numpy", "mlflow")]
 
 
 def log_checkpoint_model(
@@ -131,13 +151,11 @@ def log_checkpoint_model(
         FileNotFoundError: if the checkpoint files are missing.
         ValueError: if ``config.json`` is not a valid core checkpoint config.
     """
-    from diffusion_core.checkpoint import read_checkpoint_config
-
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_checkpoint_model must be called inside an active MLflow run (mlflow.start_run)")
     source = Path(checkpoint_dir)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not (source / name).is_file():
             raise FileNotFoundError(f"checkpoint folder {source.resolve()} has no {name}")
     read_checkpoint_config(source)  # fails early on a corrupt or incompatible config.json
@@ -145,10 +163,10 @@ def log_checkpoint_model(
     with tempfile.TemporaryDirectory(prefix="ddpm-model-") as tmp:
         staged = Path(tmp) / "checkpoint"
         staged.mkdir()
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
             shutil.copy2(source / name, staged / name)
         if manifest_data is not None:
-            (staged / MANIFEST_FILE).write_text(json.dumps(manifest_data, indent=2, sort_keys=True))
+            (staged / MANIFEST_NAME).write_text(json.dumps(manifest_data, indent=2, sort_keys=True))
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=DDPMCheckpointModel(),
@@ -178,9 +196,9 @@ def find_checkpoint_dir(root: Path) -> Path:
         FileNotFoundError: if there is none.
     """
     candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
-    found = [p for p in candidates if (p / WEIGHTS_FILE).is_file() and (p / CONFIG_FILE).is_file()]
+    found = [p for p in candidates if (p / WEIGHTS_NAME).is_file() and (p / CONFIG_NAME).is_file()]
     if not found:
-        raise FileNotFoundError(f"no folder with {WEIGHTS_FILE} and {CONFIG_FILE} under {root.resolve()}")
+        raise FileNotFoundError(f"no folder with {WEIGHTS_NAME} and {CONFIG_NAME} under {root.resolve()}")
     return min(found, key=lambda p: len(p.parts))
 
 

@@ -5,10 +5,10 @@ hands one over (``ray.train.get_checkpoint()``: after a worker failure or when a
 name is re-submitted), wraps the model for DDP (``ray.train.torch.prepare_model``), and loops over
 its shard of the training data (``ray.train.get_dataset_shard("train")``), epoch after epoch,
 until ``train.total_steps`` optimizer steps are done. One step: per-example timesteps and noise
-(``pipelines.example_noise``), ``GaussianDiffusion.training_losses``, backward (DDP averages the
+(``pipelines.training.example_noise``), ``GaussianDiffusion.training_losses``, backward (DDP averages the
 gradients), clip, Adam(W) with linear warm-up, EMA update.
 
-Rank 0 alone talks to MLflow (``pipelines.tracking``), draws sample grids and estimates held-out
+Rank 0 alone talks to MLflow (``pipelines.registry.runs``), draws sample grids and estimates held-out
 bits/dim with the EMA weights, and writes the checkpoints handed to ``ray.train.report``. After a
 restart the data epoch starts again from its beginning; the step count, weights, EMA, optimizer
 and RNG states continue from the checkpoint.
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray.train
@@ -36,16 +35,24 @@ import torch.distributed as dist
 from diffusion_core.checkpoint import save_checkpoint
 from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.unet import UNet
-from pipelines.ema import EMA
-from pipelines.example_noise import example_timesteps_and_noise
-from pipelines.model_eval import estimate_bpd, exact_bpd, sample_grid
-from pipelines.model_store import log_checkpoint_model
-from pipelines.tracking import MetricBuffer, RunTracker
-from pipelines.train_config import OptimizerConfig, ScalingSection, TrainConfig
-from pipelines.train_state import TrainState, capture_rng_state, load_train_state, restore_rng_state, save_train_state
+from pipelines.data.shards import read_split_numpy
+from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, sample_grid
+from pipelines.registry.model_store import log_checkpoint_model
+from pipelines.registry.runs import MetricBuffer, RunTracker
+from pipelines.training.config import OptimizerConfig, ScalingSection, TrainConfig
+from pipelines.training.ema import EMA
+from pipelines.training.example_noise import example_timesteps_and_noise
+from pipelines.training.state import (
+    TrainState,
+    capture_rng_state,
+    load_train_state,
+    restore_rng_state,
+    save_train_state,
+)
 
 MODEL_URI_TAG = "ddpm.model_uri"  # the final model of the run (registered when a name is configured)
 MODEL_STEP_TAG = "ddpm.model_step"  # the step it was logged at: finalization runs once per final step
+RESUMED_FROM_TAG = "ddpm.resumed_from_step"  # the checkpoint step the latest (re)start of the worker group resumed from
 
 
 @dataclass(frozen=True)
@@ -109,17 +116,24 @@ def restore_state(worker: Worker) -> TrainState | None:
         return load_train_state(folder)
 
 
-def build_trainee(config: TrainConfig, worker: Worker, state: TrainState | None) -> Trainee:
-    """UNet (same seed on every rank), restored weights, DDP wrapping, EMA, optimizer, RNG."""
+def prepare_ddp(net: torch.nn.Module) -> torch.nn.Module:
+    """Ray Train's DDP wrapping (``ray.train.torch.prepare_model``) with gradients as views into the
+    all-reduce buckets: no copy into and out of the buckets each step, one gradient-sized buffer
+    less (clipping and Adam read the views in place)."""
+    return ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+
+
+def build_trainee(config: TrainConfig, worker: Worker, state: TrainState | None,
+                  prepare: Callable[[torch.nn.Module], torch.nn.Module] = prepare_ddp) -> Trainee:
+    """UNet (same seed on every rank), restored weights, wrapping by ``prepare`` (DDP inside a Ray
+    Train worker; the identity for a single-process loop), EMA, optimizer, RNG."""
     torch.manual_seed(config.train.seed)
     net = UNet(config.model)
     if state is not None:
         net.load_state_dict(state.raw_weights)
     if worker.device.type == "cuda" and config.scaling.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    # Gradients as views into DDP's all-reduce buckets: no copy into and out of the buckets each step,
-    # one gradient-sized buffer less (clipping and Adam read the views in place).
-    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    model = prepare(net)
     net = net.to(worker.device)
     ema = EMA(net, config.train.ema_decay, warmup=config.train.ema_warmup)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
@@ -243,10 +257,47 @@ def gather_rng_states(worker: Worker) -> list[dict[str, Any]]:
     return states
 
 
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 over the bytes of every tensor of ``net.state_dict()`` in order: equal digests mean
+    bit-identical weights."""
+    digest = hashlib.sha256()
+    for tensor in net.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_replicas(worker: Worker, trainee: Trainee, local_loss: float) -> list[dict[str, Any]]:
+    """Every rank's ``{"rank", "host", "pid", "weights_sha256", "local_loss"}`` (list indexed by rank).
+
+    DDP keeps the replicas bit-identical; this is checked at every checkpoint, so a checkpoint is
+    never written from replicas that drifted apart (e.g. a rank that skipped an all-reduce).
+
+    Raises:
+        RuntimeError: naming the step and the ranks whose weights differ from rank 0's.
+    """
+    mine = {"rank": worker.rank, "host": socket.gethostname(), "pid": os.getpid(),
+            "weights_sha256": weights_digest(trainee.net), "local_loss": local_loss}
+    replicas: list[Any] = [mine]
+    if worker.world_size > 1:
+        replicas = [None] * worker.world_size
+        dist.all_gather_object(replicas, mine)
+    drifted = [r["rank"] for r in replicas if r["weights_sha256"] != replicas[0]["weights_sha256"]]
+    if drifted:
+        raise RuntimeError(f"step {trainee.step}: the weights of ranks {drifted} differ from rank 0's; "
+                           "the data-parallel replicas are out of sync")
+    return replicas
+
+
 def report_checkpoint(trainee: Trainee, config: TrainConfig, worker: Worker, buffer: MetricBuffer | None,
-                      run_id: str, metrics: dict[str, float]) -> None:
+                      run_id: str, metrics: dict[str, float], local_loss: float) -> None:
     """All ranks: report step ``trainee.step``; rank 0 attaches the checkpoint folder (written with
-    ``save_train_state``, including its still-unlogged metrics) to ``ray.train.report``."""
+    ``save_train_state``, including its still-unlogged metrics and the replicas' summaries) to
+    ``ray.train.report``.
+
+    Raises:
+        RuntimeError: if the replicas' weights differ (``gather_replicas``).
+    """
+    replicas = gather_replicas(worker, trainee, local_loss)
     rng_states = gather_rng_states(worker)
     report = {"step": trainee.step, **metrics}
     if not worker.is_chief:
@@ -256,6 +307,7 @@ def report_checkpoint(trainee: Trainee, config: TrainConfig, worker: Worker, buf
         step=trainee.step, raw_weights=trainee.net.state_dict(), ema_weights=trainee.ema.state_dict(),
         optimizer=trainee.optimizer.state_dict(), rng_states=rng_states, mlflow_run_id=run_id,
         pending_metrics=buffer.pending() if buffer else {},
+        replicas=replicas,
     )
     with tempfile.TemporaryDirectory(prefix="ddpm-ckpt-") as folder:
         save_train_state(folder, state, config)
@@ -282,8 +334,7 @@ class ChiefDuties:
 
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the model."""
-        m = self.config.model
-        return (m.in_channels, m.image_size, m.image_size)
+        return self.config.model.image_shape
 
     def periodic(self, trainee: Trainee, device: torch.device) -> None:
         """Sample grid and/or bits/dim estimate when ``trainee.step`` is due."""
@@ -329,18 +380,6 @@ class ChiefDuties:
         self.tracker.set_tags({MODEL_URI_TAG: ref.model_uri, MODEL_STEP_TAG: str(step)})
 
 
-def write_worker_log(folder: str, worker: Worker, trainee: Trainee, losses: torch.Tensor) -> None:
-    """Testing aid: append ``{"step", "sha256", "local_loss", "pid", "time"}`` to ``<folder>/rank<r>.jsonl``;
-    the sha256 is over the bytes of every parameter, so equal hashes mean identical weights."""
-    digest = hashlib.sha256()
-    for tensor in trainee.net.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    line = {"step": trainee.step, "sha256": digest.hexdigest(), "local_loss": float(losses.mean()), "pid": os.getpid(),
-            "time": time.time()}
-    with open(Path(folder) / f"rank{worker.rank}.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
 def current_worker() -> Worker:
     """This worker's rank, world size and device, from the Ray Train context."""
     context = ray.train.get_context()
@@ -357,9 +396,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     config = TrainConfig.from_dict(loop_config["config"])
     worker = current_worker()
     bf16 = configure_torch(config.scaling, worker.device)
-    if config.train.worker_log_dir:
-        Path(config.train.worker_log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.train.worker_log_dir) / f"rank{worker.rank}.pid").write_text(str(os.getpid()))
     state = restore_state(worker)
     trainee = build_trainee(config, worker, state)
     diffusion = GaussianDiffusion(config.diffusion)
@@ -368,6 +404,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         return
     tracker = RunTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], config.tracking.log_system_metrics)
     with tracker:
+        if state is not None:
+            tracker.set_tags({RESUMED_FROM_TAG: str(state.step)})
         val_images = load_val_images(config)
         chief = ChiefDuties(config, tracker, diffusion, val_images, state.pending_metrics if state else {})
         run_loop(config, worker, trainee, diffusion, bf16, chief, tracker.run_id)
@@ -376,8 +414,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
 def load_val_images(config: TrainConfig) -> torch.Tensor:
     """The fixed validation subset for bits/dim (first images of the val split), [N, C, H, W]."""
-    from pipelines.shards import read_split_numpy
-
     count = max(config.train.bpd_images if config.train.bpd_every else 0, config.train.final_bpd_images)
     if count == 0:
         return torch.empty(0)
@@ -398,8 +434,6 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
         losses, t, grad_norm = train_step(trainee, diffusion, x_start, config, bf16)
         window.add(losses, t, grad_norm)
         step, done = trainee.step, trainee.step >= train.total_steps
-        if train.worker_log_dir:
-            write_worker_log(train.worker_log_dir, worker, trainee, losses)
         if step % train.log_every == 0 or done:
             last_metrics = {**window.reduce(worker.world_size), "lr": learning_rate(config.optimizer, step)}
             if chief is not None:
@@ -407,7 +441,8 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
         if chief is not None:
             chief.periodic(trainee, worker.device)
         if step % train.checkpoint_every == 0 or done:
-            report_checkpoint(trainee, config, worker, chief.buffer if chief else None, run_id, last_metrics)
+            report_checkpoint(trainee, config, worker, chief.buffer if chief else None, run_id, last_metrics,
+                              float(losses.mean()))
             if chief is not None:
                 chief.tracker.log_steps(chief.buffer.take_through(step))
         if done:

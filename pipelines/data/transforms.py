@@ -3,7 +3,7 @@
 Everything here is plain Pillow/numpy (no Ray), so the same functions serve the Ray Data job,
 the single-process baseline of the benchmark and the tests.
 
-Pixel convention (DESIGN.md): uint8 ``k`` becomes exactly ``k / 127.5 - 1`` via
+Pixel convention (docs/ARCHITECTURE.md, "Conventions"): uint8 ``k`` becomes exactly ``k / 127.5 - 1`` via
 ``diffusion_core.images.uint8_to_float``; nothing here rescales values any other way.
 """
 

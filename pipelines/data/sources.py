@@ -18,10 +18,9 @@ decode and transform the items in parallel: items are grouped into blocks of bou
 Why not ``ray.data.read_binary_files`` for folders: for tiny files its per-file overhead
 dominates. Its file-based datasource builds a one-row Arrow block per file (plus a ``path``
 column, retry wrappers and compression inference per file), and with explicit paths the driver
-first calls ``get_file_info`` once per path. Reading the bytes of 20,000 28x28 PNGs on 2 CPUs
-(``benchmarks/bench_preprocess.py``, diagnosis) cost it ~460 CPU-us per file plus 1.2 s of driver
-set-up, against ~28 CPU-us per file here (the listing already has every path; each map task
-reads its block's files with pyarrow and decodes them in the same loop).
+first calls ``get_file_info`` once per path. Here the listing already has every path and each
+map task reads its block's files with pyarrow and decodes them in the same loop, an order of
+magnitude less CPU per file (README, "Preprocessing", has the measurement).
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines import storage
-from pipelines.transforms import (
+from pipelines.data import storage
+from pipelines.data.transforms import (
     IMAGE_EXTENSIONS,
     BadImageError,
     ImageSpec,
@@ -48,6 +47,8 @@ from pipelines.transforms import (
     image_file_to_pixels,
     output_batch,
 )
+import ray
+from ray.data.extensions import ArrowTensorArray
 
 IDX_IMAGES_PATTERN = re.compile(r"^(?P<stem>.+)-images-idx3-ubyte(?P<gz>\.gz)?$")
 IDX_UBYTE = 0x08
@@ -372,8 +373,6 @@ def build_dataset(listing: SourceListing, options: ReadOptions, *, num_cpus: int
         num_cpus: CPUs of the cluster, used to size the blocks.
         target_block_bytes: upper bound on the image bytes of one block (memory per task).
     """
-    import ray
-
     tables = input_blocks(listing, options.spec, num_cpus=num_cpus, target_block_bytes=target_block_bytes)
     return ray.data.from_arrow(tables).map_batches(
         block_reader(listing), batch_size=None, batch_format="pyarrow", fn_kwargs={"options": options}
@@ -501,8 +500,6 @@ def read_image_files(batch: pa.Table, options: ReadOptions) -> pa.Table:
 
 def _to_table(outputs: list[dict[str, np.ndarray]], block: int) -> pa.Table:
     """Concatenate output batches into one Arrow table with a Ray tensor column "image"."""
-    from ray.data.extensions import ArrowTensorArray
-
     columns = {name: np.concatenate([o[name] for o in outputs]) for name in DATASET_COLUMNS if name != "block"}
     return pa.table(
         {
