@@ -1,0 +1,135 @@
+"""diffusion_core.generate: every sampler name through ``generate`` is exactly the direct core call
+with the same seed; SamplerSettings validation, defaults and network-evaluation counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from _diffusion_helpers import (
+    ConvModel,
+    CountingModel,
+    single_thread,  # noqa: F401 (autouse fixture)
+)
+
+from diffusion_core import DiffusionConfig, GaussianDiffusion
+from diffusion_core.generate import DEFAULT_SPACING, SamplerSettings, generate, seeded_generator
+
+T = 30
+SHAPE = (2, 1, 6, 6)
+
+
+@pytest.fixture(scope="module")
+def diffusion() -> GaussianDiffusion:
+    return GaussianDiffusion(DiffusionConfig(num_timesteps=T))
+
+
+def _direct(diffusion: GaussianDiffusion, model, settings: SamplerSettings, seed: int) -> torch.Tensor:
+    """The core sampler called by hand with the parameters ``settings`` stands for."""
+    g, clip = seeded_generator(seed), settings.clip_denoised
+    if settings.sampler == "ddpm":
+        return diffusion.p_sample_loop(model, SHAPE, generator=g, clip_denoised=clip)
+    if settings.sampler == "ddim":
+        return diffusion.ddim_sample_loop(model, SHAPE, num_steps=settings.num_steps, eta=settings.eta, generator=g,
+                                          clip_denoised=clip, spacing=settings.spacing)
+    if settings.sampler == "pc":
+        return diffusion.pc_sample_loop(model, SHAPE, num_steps=settings.num_steps,
+                                        corrector_steps=settings.corrector_steps, snr=settings.snr, generator=g,
+                                        clip_denoised=clip, spacing=settings.spacing)
+    if settings.sampler == "langevin":
+        return diffusion.langevin_sample_loop(model, SHAPE, num_steps=settings.num_steps,
+                                              corrector_steps=settings.corrector_steps, snr=settings.snr,
+                                              generator=g, clip_denoised=clip, spacing=settings.spacing)
+    return diffusion.dpm_solver_sample_loop(model, SHAPE, num_steps=settings.num_steps, order=settings.order,
+                                            spacing=settings.spacing, generator=g, clip_denoised=clip)
+
+
+SETTINGS = [
+    SamplerSettings("ddpm"),
+    SamplerSettings("ddim", 7),
+    SamplerSettings("ddim", 6, eta=0.7, spacing="quadratic", clip_denoised=False),
+    SamplerSettings("pc", 5, corrector_steps=2, snr=0.2),
+    SamplerSettings("pc", 4, corrector_steps=0, spacing="logsnr"),
+    SamplerSettings("langevin", 4, corrector_steps=3, snr=0.1),
+    SamplerSettings("dpm_solver", 6),
+    SamplerSettings("dpm_solver", 5, order=1, spacing="uniform", clip_denoised=False),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{v}" for v in s.params().values()))
+def test_generate_equals_the_direct_sampler_call_and_counts_evaluations(diffusion, settings) -> None:
+    model = CountingModel(ConvModel())
+    images = generate(diffusion, model, SHAPE, settings, generator=seeded_generator(3))
+    assert images.shape == SHAPE and images.dtype == torch.float32
+    assert len(model.calls) == settings.network_evaluations(T)
+    assert torch.equal(images, _direct(diffusion, ConvModel(), settings, seed=3))  # bit for bit
+    if settings.clip_denoised:
+        assert images.abs().max() <= 1.0
+    other = generate(diffusion, ConvModel(), SHAPE, settings, generator=seeded_generator(4))
+    assert not torch.equal(images, other)  # every sampler draws x_T from the generator
+
+
+def test_defaults_are_unchanged_and_spacing_is_resolved() -> None:
+    default = SamplerSettings()
+    assert (default.sampler, default.num_steps, default.eta, default.clip_denoised) == ("ddim", 50, 0.0, True)
+    assert default.spacing == "uniform" and default == SamplerSettings("ddim", 50, 0.0, True, "uniform")
+    assert SamplerSettings("dpm_solver").spacing == "logsnr" == DEFAULT_SPACING["dpm_solver"]
+    assert SamplerSettings("pc").spacing == "uniform" and SamplerSettings("langevin").spacing == "uniform"
+    assert SamplerSettings("dpm_solver", spacing="quadratic").spacing == "quadratic"
+    assert SamplerSettings("ddpm").params() == {"sampler": "ddpm", "clip_denoised": True}
+    assert SamplerSettings("pc", 8, corrector_steps=2).params() == {
+        "sampler": "pc", "num_steps": 8, "spacing": "uniform", "corrector_steps": 2, "snr": 0.16, "clip_denoised": True}
+    assert set(SamplerSettings("ddim").params()) == {"sampler", "num_steps", "eta", "spacing", "clip_denoised"}
+    assert set(SamplerSettings("dpm_solver").params()) == {"sampler", "num_steps", "spacing", "order", "clip_denoised"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default.num_steps = 3  # type: ignore[misc]
+
+
+def test_ddim_default_is_the_plain_ddim_loop(diffusion) -> None:
+    """SamplerSettings("ddim", S) is ddim_sample_loop's own default call (uniform spacing, eta 0)."""
+    model = ConvModel()
+    images = generate(diffusion, model, SHAPE, SamplerSettings("ddim", 9), generator=seeded_generator(0))
+    expected = diffusion.ddim_sample_loop(model, SHAPE, num_steps=9, generator=seeded_generator(0))
+    assert torch.equal(images, expected)
+
+
+def test_network_evaluations() -> None:
+    assert SamplerSettings("ddpm", 3).network_evaluations(T) == T  # num_steps is ignored by ddpm
+    assert SamplerSettings("ddim", 10).network_evaluations(T) == 10
+    assert SamplerSettings("dpm_solver", 10).network_evaluations(T) == 10
+    assert SamplerSettings("pc", 10, corrector_steps=2).network_evaluations(T) == 30
+    assert SamplerSettings("pc", 10, corrector_steps=0).network_evaluations(T) == 10
+    assert SamplerSettings("langevin", 10, corrector_steps=2).network_evaluations(T) == 21
+    with pytest.raises(ValueError, match=r"num_steps=31 must be an integer in \[1, 30\]"):
+        SamplerSettings("ddim", 31).network_evaluations(T)
+    with pytest.raises(ValueError, match="num_timesteps"):
+        SamplerSettings("ddim", 3).network_evaluations(0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sampler": "euler"}, "sampler='euler' is not allowed"),
+        ({"num_steps": 0}, "num_steps=0 must be a positive integer"),
+        ({"num_steps": 2.0}, "num_steps=2.0 must be a positive integer"),
+        ({"eta": -0.1}, "eta=-0.1 must be a number"),
+        ({"clip_denoised": 1}, "clip_denoised=1 must be true or false"),
+        ({"spacing": "cosine"}, "spacing='cosine' is not allowed"),
+        ({"sampler": "pc", "corrector_steps": -1}, "corrector_steps=-1 must be an integer >= 0"),
+        ({"sampler": "langevin", "corrector_steps": 0}, "corrector_steps=0 must be an integer >= 1 for sampler 'langevin'"),
+        ({"sampler": "pc", "snr": 0.0}, "snr=0.0 must be a number in (0.0, inf)"),
+        ({"sampler": "pc", "snr": float("nan")}, "snr=nan must be a number"),
+        ({"sampler": "dpm_solver", "order": 3}, "order=3 must be an integer in [1, 2]"),
+        ({"sampler": "dpm_solver", "order": 1.5}, "order=1.5 must be an integer in [1, 2]"),
+    ],
+)
+def test_bad_settings_raise_naming_the_field(kwargs, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        SamplerSettings(**kwargs)
+    assert message in str(info.value)
+
+
+def test_generate_passes_core_errors_through(diffusion) -> None:
+    with pytest.raises(ValueError, match="num_steps"):
+        generate(diffusion, ConvModel(), SHAPE, SamplerSettings("dpm_solver", T + 1), seeded_generator(0))
