@@ -50,7 +50,7 @@ def as_request_error(error: Exception) -> RequestError:
 
 @serve.deployment(name="DDPMModel", max_ongoing_requests=32)
 class DDPMModel:
-    """A replica serving one model: batched DDPM/DDIM sampling and bits/dim."""
+    """A replica serving one model: batched sampling (any ``diffusion_core.generate`` sampler) and bits/dim."""
 
     def __init__(self) -> None:
         torch.set_num_threads(replica_cpus())
@@ -100,6 +100,7 @@ class DDPMModel:
 
     async def sample(self, request: SampleRequest, seed: int, max_num_steps: int) -> dict[str, Any] | RequestError:
         """Samples for one validated request: ``{"images": float32 [N, C, H, W], "num_steps": int,
+        "settings": SamplerSettings.params() dict, "network_evaluations": int (per image),
         "model": ModelSource dict}``, or the ``RequestError`` explaining why not."""
         runner = self._require_runner()
         try:
@@ -109,7 +110,10 @@ class DDPMModel:
         result = await self._sample_batch(job)
         if isinstance(result, Exception):
             return as_request_error(result)
-        return {"images": result.numpy(), "num_steps": job.num_steps, "model": runner.source.to_dict()}
+        settings = job.sampler_settings
+        return {"images": result.numpy(), "num_steps": job.num_steps, "settings": settings.params(),
+                "network_evaluations": settings.network_evaluations(runner.num_timesteps),
+                "model": runner.source.to_dict()}
 
     async def likelihood(
         self, options: LikelihoodOptions, pixels: np.ndarray, seed: int, images_field: str, max_num_steps: int

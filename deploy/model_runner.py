@@ -9,16 +9,17 @@ No Ray here, so it is tested directly. A ``ModelRunner`` holds a ``LoadedModel``
   else is in the batch: ``sample_many``, ``likelihood_many``. A job's failure is returned as its
   result (an ``Exception``) and never affects the other jobs.
 
-Jobs with equal settings (sampler, num_steps, eta, clip_denoised for sampling; method and K for
-the likelihood) form one group, computed by one call of the core's unchanged
-``ddim_sample_loop`` / ``p_sample_loop`` / ``calc_bpd_estimate`` / ``calc_bpd_loop`` on all their
-images at once, with a ``diffusion_core.RowGenerators`` that gives each job's rows its own
+Jobs with equal settings (for sampling, the sampler and every parameter it uses, as
+``SamplerSettings.params()``; method and K for the likelihood) form one group, computed by one
+call of ``diffusion_core.generate.generate`` (the core's unchanged samplers) or of
+``calc_bpd_estimate`` / ``calc_bpd_loop`` on all their images at once, with a ``diffusion_core.RowGenerators`` that gives each job's rows its own
 generator: every job gets exactly the random draws it would get alone, and the network runs once
 per step for the whole group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import tempfile
@@ -35,10 +36,11 @@ from deploy.schemas import (
     SampleRequest,
     check_exact_cost,
     check_images_for_model,
+    check_network_evaluations,
     resolve_num_steps,
 )
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
-from diffusion_core.generate import SamplerSettings, generate
+from diffusion_core.generate import SamplerName, SamplerSettings, generate
 from diffusion_core.images import uint8_to_float
 from diffusion_core.rng import RowGenerators
 from pipelines.registry.model_identity import ModelIdentity, describe_model
@@ -55,29 +57,43 @@ class SampleJob:
 
     Attributes:
         num_images: N >= 1.
-        sampler: "ddpm" or "ddim".
-        num_steps: network evaluations per image (T for DDPM).
-        eta: DDIM stochasticity (0 for DDPM, where it is unused).
+        sampler: "ddpm", "ddim", "pc", "langevin" or "dpm_solver".
+        num_steps: the sampler's steps S (T for DDPM).
+        eta: DDIM stochasticity (unused by the other samplers).
         seed: seed of the job's torch.Generator (initial and per-step noise).
         clip_denoised: clamp the predicted x_0 to [-1, 1] at every step.
+        spacing, corrector_steps, snr, order: as in ``SamplerSettings`` (same defaults; ``spacing``
+            None is the sampler's default).
+
+    Raises:
+        ValueError: naming the field, on values ``SamplerSettings`` refuses.
     """
 
     num_images: int
-    sampler: Literal["ddpm", "ddim"]
+    sampler: SamplerName
     num_steps: int
     eta: float
     seed: int
     clip_denoised: bool
+    spacing: str | None = None
+    corrector_steps: int = SamplerSettings.corrector_steps
+    snr: float = SamplerSettings.snr
+    order: int = SamplerSettings.order
+
+    def __post_init__(self) -> None:
+        self.sampler_settings  # noqa: B018 - validates the fields (ValueError naming the bad one)
 
     @property
-    def settings(self) -> tuple[str, int, float, bool]:
-        """Jobs with equal settings share network evaluations: (sampler, num_steps, eta, clip_denoised)."""
-        return (self.sampler, self.num_steps, self.eta, self.clip_denoised)
+    def settings(self) -> tuple[tuple[str, Any], ...]:
+        """Jobs with equal settings share network evaluations: the items of
+        ``sampler_settings.params()`` (the sampler, each parameter it uses, clip_denoised)."""
+        return tuple(self.sampler_settings.params().items())
 
     @property
     def sampler_settings(self) -> SamplerSettings:
         """The core's ``SamplerSettings`` of this job."""
-        return SamplerSettings(self.sampler, self.num_steps, self.eta, self.clip_denoised)
+        return SamplerSettings(self.sampler, self.num_steps, self.eta, self.clip_denoised, self.spacing,
+                               self.corrector_steps, self.snr, self.order)
 
 
 @dataclass(frozen=True)
@@ -208,13 +224,26 @@ class ModelRunner:
         """A ``SampleJob`` for ``request`` with ``seed`` (already resolved when the request had none).
 
         Raises:
-            RequestError: 422 if ``num_steps`` does not fit the model, 413 if the network
-                evaluations per image exceed ``max_num_steps``.
+            RequestError: 422 if ``num_steps`` does not fit the model (or a value the core
+                refuses), 413 if the network evaluations per image
+                (``SamplerSettings.network_evaluations``) exceed ``max_num_steps``, naming
+                ``num_steps``, or ``corrector_steps`` when the correctors are what goes over.
         """
         steps = resolve_num_steps(request.sampler, request.num_steps, self.num_timesteps, max_num_steps)
-        return SampleJob(
-            request.num_images, request.sampler, steps, float(request.eta), int(seed), request.clip_denoised
-        )
+        parameters = request.sampler_parameters()
+        try:
+            job = SampleJob(request.num_images, request.sampler, steps, parameters.pop("eta", 0.0), int(seed),
+                            request.clip_denoised, **parameters)
+            settings = job.sampler_settings
+            evaluations = settings.network_evaluations(self.num_timesteps)
+            fewest = evaluations
+            if "corrector_steps" in settings.uses():
+                least = 1 if settings.sampler == "langevin" else 0
+                fewest = dataclasses.replace(settings, corrector_steps=least).network_evaluations(self.num_timesteps)
+        except ValueError as err:  # the pydantic schema already checks each field; this is the core's word
+            raise RequestError(422, "body", str(err)) from err
+        check_network_evaluations(request.sampler, evaluations, fewest, max_num_steps)
+        return job
 
     def make_likelihood_job(
         self, options: LikelihoodOptions, pixels: np.ndarray, seed: int, images_field: str, max_num_steps: int
@@ -241,7 +270,8 @@ class ModelRunner:
         """Samples for every job, float32 [num_images, C, H, W] in [-1, 1] when clipped, on CPU.
 
         Jobs with equal ``settings`` run as one batch (``sample_group``); each job's images equal
-        ``p_sample_loop``/``ddim_sample_loop`` run alone with ``torch.Generator().manual_seed(seed)``
+        ``generate`` with the job's ``sampler_settings`` (the core sampler) run alone with
+        ``torch.Generator().manual_seed(seed)``
         (up to float rounding of the larger network batch). A group that fails is retried job by
         job, so a failure is returned only for the job that causes it.
         """
@@ -249,9 +279,10 @@ class ModelRunner:
 
     @torch.no_grad()
     def sample_group(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor]:
-        """Run jobs of identical ``settings`` as one call of the core sampler on all their images:
-        ``p_sample_loop`` (Ho et al. 2020, Alg. 2) or ``ddim_sample_loop`` (Song et al. 2021,
-        eq. 12), with one generator per job (``RowGenerators``).
+        """Run jobs of identical ``settings`` as one ``generate`` call (the core sampler the
+        settings name: ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``,
+        ``langevin_sample_loop`` or ``dpm_solver_sample_loop``) on all their images, with one
+        generator per job (``RowGenerators``).
 
         Returns:
             per job, float32 [num_images, C, H, W] on CPU.

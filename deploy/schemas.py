@@ -23,6 +23,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
 """Largest accepted ``seed`` (seeds are 0 <= seed <= 2**63 - 1, the range of torch.Generator)."""
@@ -63,6 +64,16 @@ class RequestError(Exception):
         return {"error": str(self), "field": self.field}
 
 
+FIELD_ERROR = "request_field"
+"""pydantic error type of the checks across fields (``field_error``); its ``ctx["field"]`` is the field to name."""
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A validation error, raised in a ``model_validator``, that ``request_error_from_validation``
+    reports as a 422 naming ``field`` (instead of the request body as a whole)."""
+    return PydanticCustomError(FIELD_ERROR, "{message}", {"field": field, "message": message})
+
+
 def request_error_from_validation(err: ValidationError | Sequence[dict[str, Any]], prefix: str = "") -> RequestError:
     """Turn pydantic/FastAPI validation errors into one 422 ``RequestError`` naming the first bad field.
 
@@ -79,7 +90,9 @@ def request_error_from_validation(err: ValidationError | Sequence[dict[str, Any]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     field = prefix + ".".join(loc) if loc else "body"
     message = str(first.get("msg", "invalid value"))
-    if first.get("type") == "extra_forbidden":
+    if first.get("type") == FIELD_ERROR:  # a check across fields that names the field it blames
+        field = prefix + str(first["ctx"]["field"])
+    elif first.get("type") == "extra_forbidden":
         message = "unknown field (not part of this endpoint's request schema)"
     elif "input" in first and first.get("type") != "json_invalid":
         message = f"{message} (got {_short_repr(first['input'])})"
@@ -97,8 +110,10 @@ class Limits(BaseModel):
 
     Attributes:
         max_num_images: most images one ``/sample`` request may ask for.
-        max_num_steps: most network evaluations per image: DDIM ``num_steps``, and the model's T
-            for DDPM sampling and for the exact bound (``method: "exact"``).
+        max_num_steps: most network evaluations (model calls) per image of one request: T for
+            "ddpm" and for the exact bound (``method: "exact"``), ``num_steps`` S for "ddim" and
+            "dpm_solver", S (1 + corrector_steps) for "pc", S corrector_steps + 1 for "langevin"
+            (``diffusion_core.sampling.network_evaluations``).
         max_num_samples: most timesteps K of the stratified likelihood estimate per image.
         max_likelihood_images: most images in one ``/likelihood`` request.
         max_upload_bytes: largest request body in bytes (JSON or multipart).
@@ -142,9 +157,24 @@ class IngressConfig(BaseModel):
     limits: Limits = Limits()
 
 
-Sampler = Literal["ddpm", "ddim"]
+Sampler = Literal["ddpm", "ddim", "pc", "langevin", "dpm_solver"]
+Spacing = Literal["uniform", "quadratic", "logsnr"]
 SampleFormat = Literal["png", "grid", "npy"]
 LikelihoodMethod = Literal["estimate", "exact"]
+
+SAMPLER_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "ddpm": (),
+    "ddim": ("eta", "spacing"),
+    "pc": ("spacing", "corrector_steps", "snr"),
+    "langevin": ("spacing", "corrector_steps", "snr"),
+    "dpm_solver": ("spacing", "order"),
+}
+"""The request fields each sampler takes besides ``num_steps`` (the fields of
+``diffusion_core.generate.SamplerSettings.uses()``; this module stays free of torch)."""
+
+DEFAULT_NUM_STEPS: dict[str, int] = {"ddim": 50, "pc": 50, "langevin": 50, "dpm_solver": 20}
+"""``num_steps`` of a request that omits it (capped at the model's T); 20 for "dpm_solver" is
+``dpm_solver_sample_loop``'s default. "ddpm" always runs all T steps."""
 
 
 class SampleRequest(BaseModel):
@@ -152,15 +182,27 @@ class SampleRequest(BaseModel):
 
     Attributes:
         num_images: N >= 1 images to draw (at most ``Limits.max_num_images``).
-        sampler: "ddpm" (ancestral sampling over all T steps, Ho et al. 2020 Alg. 2) or "ddim"
-            (Song et al. 2021 eq. 12 over ``num_steps`` evenly spaced steps).
-        num_steps: DDIM steps (default 50, at most T); for DDPM it must be omitted or equal T.
-        eta: DDIM stochasticity in [0, 1] (0: deterministic DDIM; 1: DDPM-like variance).
+        sampler: "ddpm" (ancestral sampling over all T steps, Ho et al. 2020 Alg. 2), "ddim"
+            (Song et al. 2021 eq. 12), "pc" (predictor-corrector: ancestral predictor and
+            Langevin corrector, Song et al. 2021, SDEs), "langevin" (annealed Langevin dynamics,
+            Song & Ermon 2019) or "dpm_solver" (DPM-Solver++ 1/2M, Lu et al. 2022).
+        num_steps: S, the sampler's steps (noise levels), 1 <= S <= T; omitted: ``DEFAULT_NUM_STEPS``
+            (at most T). For "ddpm" it must be omitted or equal T.
+        eta: DDIM stochasticity in [0, 1] (0: deterministic DDIM; 1: DDPM-like variance); "ddim"
+            only (any other sampler refuses a non-zero eta).
+        spacing: which timesteps the S steps visit, "uniform", "quadratic" or "logsnr"; not for
+            "ddpm"; omitted: "logsnr" for "dpm_solver", else "uniform".
+        corrector_steps: M, Langevin corrector steps per level, >= 0 for "pc" and >= 1 for
+            "langevin" (only those); omitted: 1.
+        snr: the Langevin step's signal-to-noise ratio, > 0 ("pc", "langevin" only); omitted: 0.16.
+        order: DPM-Solver++ order, 1 or 2 ("dpm_solver" only); omitted: 2.
         seed: 0 <= seed <= 2**63-1; the same seed gives the same images. Omitted: a random
             seed is drawn and returned.
         clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
         format: "png" (JSON with one base64 PNG per image), "grid" (one PNG, ``image/png``) or
             "npy" (``application/octet-stream``: ``np.save`` of uint8 ``[N, H, W, C]``).
+
+    A parameter given for a sampler that does not take it is a 422 naming that parameter.
     """
 
     model_config = _STRICT
@@ -169,15 +211,36 @@ class SampleRequest(BaseModel):
     sampler: Sampler = "ddim"
     num_steps: int | None = Field(None, gt=0)
     eta: float = Field(0.0, ge=0.0, le=1.0)
+    spacing: Spacing | None = None
+    corrector_steps: int | None = Field(None, ge=0)
+    snr: float | None = Field(None, gt=0.0)
+    order: int | None = Field(None, ge=1, le=2)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     clip_denoised: bool = True
     format: SampleFormat = "png"
 
     @model_validator(mode="after")
-    def _eta_only_for_ddim(self) -> "SampleRequest":
-        if self.sampler == "ddpm" and self.eta != 0.0:
-            raise ValueError("eta applies to sampler 'ddim' only; omit it for 'ddpm'")
+    def _parameters_fit_the_sampler(self) -> "SampleRequest":
+        used = SAMPLER_PARAMETERS[self.sampler]
+        if self.eta != 0.0 and "eta" not in used:
+            raise field_error("eta", f"eta applies to sampler 'ddim' only; omit it for {self.sampler!r}")
+        for name in ("spacing", "corrector_steps", "snr", "order"):
+            if getattr(self, name) is not None and name not in used:
+                takers = [sampler for sampler, names in SAMPLER_PARAMETERS.items() if name in names]
+                raise field_error(name, f"{name} applies to sampler {' / '.join(map(repr, takers))} only; "
+                                        f"omit it for {self.sampler!r}")
+        if self.sampler == "langevin" and self.corrector_steps == 0:
+            raise field_error("corrector_steps", "sampler 'langevin' needs corrector_steps >= 1 (its only steps "
+                                                 "are corrector steps); use sampler 'pc' for none")
         return self
+
+    def sampler_parameters(self) -> dict[str, Any]:
+        """The sampler parameters this request sets (``eta`` for "ddim", and each of ``spacing``,
+        ``corrector_steps``, ``snr``, ``order`` that is given), as keyword arguments of
+        ``SamplerSettings``; what is left out takes the core's defaults."""
+        given = {name: getattr(self, name) for name in ("spacing", "corrector_steps", "snr", "order")}
+        eta = {"eta": float(self.eta)} if self.sampler == "ddim" else {}
+        return {**eta, **{name: value for name, value in given.items() if value is not None}}
 
 
 class LikelihoodOptions(BaseModel):
@@ -211,9 +274,12 @@ class LikelihoodJsonRequest(LikelihoodOptions):
 
 
 def check_sample_limits(request: SampleRequest, limits: Limits) -> None:
-    """Raise ``RequestError`` 413 if ``request`` asks for more images or DDIM steps than ``limits`` allow.
+    """Raise ``RequestError`` 413 if ``request`` asks for more images, or more steps, than ``limits`` allow.
 
-    The DDPM step count depends on the model (T) and is checked by ``check_model_steps``.
+    Every sampler needs at least ``num_steps`` network evaluations per image, so a ``num_steps``
+    over ``max_num_steps`` is refused here, before the request is queued; the exact count depends
+    on the model (T, and the sampler's correctors) and is checked by ``resolve_num_steps`` and
+    ``check_network_evaluations`` on the replica.
     """
     if request.num_images > limits.max_num_images:
         raise RequestError(
@@ -238,32 +304,50 @@ def check_likelihood_limits(options: LikelihoodOptions, num_images: int, images_
 
 
 def resolve_num_steps(sampler: Sampler, num_steps: int | None, num_timesteps: int, max_num_steps: int) -> int:
-    """The number of network evaluations per image of a sampling request for a model with T steps.
+    """The steps S of a sampling request for a model with T steps.
 
-    DDPM always runs all T steps (``num_steps`` must be omitted or equal T); DDIM runs
-    ``num_steps`` (default ``min(50, T)``), which must be <= T.
+    "ddpm" always runs all T steps (``num_steps`` must be omitted or equal T); the other samplers
+    run ``num_steps`` (default ``min(DEFAULT_NUM_STEPS[sampler], T)``), which must be <= T. Every
+    sampler needs at least S network evaluations per image, so S over ``max_num_steps`` is refused
+    (the corrector steps of "pc"/"langevin" are counted by ``check_network_evaluations``).
 
     Raises:
-        RequestError: 422 if ``num_steps`` does not fit the model, 413 if the steps exceed
-            ``max_num_steps``.
+        RequestError: 422 if ``num_steps`` does not fit the model, 413 if S exceeds ``max_num_steps``.
     """
     if sampler == "ddpm":
         if num_steps is not None and num_steps != num_timesteps:
             raise RequestError(
                 422, "num_steps", f"sampler 'ddpm' runs all T={num_timesteps} steps of this model; got {num_steps} "
-                "(omit num_steps, or use sampler 'ddim' for fewer steps)",
+                "(omit num_steps, or use sampler 'ddim' or 'dpm_solver' for fewer steps)",
             )
         steps = num_timesteps
     else:
-        steps = min(50, num_timesteps) if num_steps is None else num_steps
+        steps = min(DEFAULT_NUM_STEPS[sampler], num_timesteps) if num_steps is None else num_steps
         if steps > num_timesteps:
             raise RequestError(422, "num_steps", f"{steps} is more than this model's T={num_timesteps} steps")
     if steps > max_num_steps:
+        at_least = "at least " if sampler in ("pc", "langevin") else ""
         raise RequestError(
             413, "num_steps",
-            f"{sampler} needs {steps} network evaluations per image, over the limit of {max_num_steps}",
+            f"{sampler} needs {at_least}{steps} network evaluations per image, over the limit of {max_num_steps}",
         )
     return steps
+
+
+def check_network_evaluations(sampler: Sampler, evaluations: int, fewest: int, max_num_steps: int) -> None:
+    """Raise ``RequestError`` 413 if a request's ``evaluations`` (network evaluations per image,
+    ``SamplerSettings.network_evaluations``) are over ``max_num_steps``.
+
+    The error names ``corrector_steps`` when the corrector steps are what goes over the limit
+    (``fewest``, the count with the sampler's fewest corrector steps, fits), else ``num_steps``.
+    """
+    if evaluations <= max_num_steps:
+        return
+    field = "corrector_steps" if sampler in ("pc", "langevin") and fewest <= max_num_steps else "num_steps"
+    raise RequestError(
+        413, field, f"{sampler} with these settings needs {evaluations} network evaluations per image, over the "
+        f"limit of {max_num_steps}",
+    )
 
 
 def check_exact_cost(num_timesteps: int, max_num_steps: int) -> None:

@@ -8,8 +8,10 @@ Run it with the YAML (model, limits, batching, autoscaling and resources all liv
 Endpoints (errors are always ``{"error": "<field>: <what is wrong>", "field": ...}``: a 4xx for a bad
 request, 503 with ``Retry-After`` when the model replica holding the request dies):
 
-* ``POST /sample`` JSON ``SampleRequest``: images as base64 PNGs in JSON, one PNG grid, or an
-  ``.npy`` (uint8 [N, H, W, C]); the same ``seed`` gives the same images.
+* ``POST /sample`` JSON ``SampleRequest`` (sampler "ddpm", "ddim", "pc", "langevin" or
+  "dpm_solver" with its parameters): images as base64 PNGs in JSON, one PNG grid, or an ``.npy``
+  (uint8 [N, H, W, C]); the same ``seed`` gives the same images. The JSON answer also carries the
+  sampler's resolved parameters and its ``network_evaluations`` per image.
 * ``POST /likelihood``: PNG/JPEG uploads (multipart field ``files``; options as form fields) or
   JSON ``{"pixels": uint8 [N, H, W, C] or [N, H, W], "method", "num_samples", "seed",
   "breakdown"}``; bits/dim per image (exact bound or stratified estimate with standard error).
@@ -121,7 +123,8 @@ class DDPMIngress:
         result = _unwrap(await self._model.sample.remote(sample, seed, limits.max_num_steps))
         metadata = {
             "seed": seed, "sampler": sample.sampler, "num_steps": result["num_steps"], "eta": sample.eta,
-            "clip_denoised": sample.clip_denoised, "model": _model_ref(result["model"]),
+            **result["settings"], "network_evaluations": result["network_evaluations"],
+            "model": _model_ref(result["model"]),
         }
         return sample_response(result["images"], sample.format, metadata)
 

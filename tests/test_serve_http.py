@@ -18,6 +18,7 @@ from _serve_helpers import RegisteredModels, read_idx_images, register_tiny_mode
 from PIL import Image
 
 from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.generate import SamplerSettings, generate
 from diffusion_core.images import encode_png, images_to_pngs, uint8_to_float
 from tooling.local_cluster import LocalRayCluster, derive_serve_config
 
@@ -111,6 +112,28 @@ def test_sampling_returns_seeded_pngs_for_ddim_and_ddpm(http: str, local_v1) -> 
     assert _pngs(response) == _pngs(requests.post(f"{http}/sample", json=ddpm, timeout=120))
 
 
+def test_sampling_with_dpm_solver_and_pc(http: str, local_v1) -> None:
+    cases = [
+        ({"num_images": 3, "sampler": "dpm_solver", "num_steps": 5, "order": 2, "seed": 8},
+         SamplerSettings("dpm_solver", 5, order=2), 5),
+        ({"num_images": 2, "sampler": "pc", "num_steps": 4, "corrector_steps": 2, "snr": 0.1, "seed": 9},
+         SamplerSettings("pc", 4, corrector_steps=2, snr=0.1), 12),
+    ]
+    for request, settings, evaluations in cases:
+        response = requests.post(f"{http}/sample", json=request, timeout=120)
+        pngs = _pngs(response)
+        body = response.json()
+        assert len(pngs) == request["num_images"] and body["shape"] == [request["num_images"], 28, 28, 1]
+        assert {key: body[key] for key in settings.params()} == settings.params()
+        assert body["network_evaluations"] == evaluations
+        # the core sampler's images for that seed
+        expected = generate(local_v1.diffusion, local_v1.model, (request["num_images"], 1, 28, 28), settings,
+                            generator=torch.Generator().manual_seed(request["seed"]))
+        decoded = np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in pngs])
+        reference = np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in images_to_pngs(expected)])
+        assert np.abs(decoded.astype(int) - reference.astype(int)).max() <= 1
+
+
 def test_grid_and_npy_formats(http: str) -> None:
     request = {"num_images": 4, "num_steps": 3, "seed": 5, "eta": 1.0}
     grid = requests.post(f"{http}/sample", json={**request, "format": "grid"}, timeout=120)
@@ -189,6 +212,13 @@ def _bad_requests(http: str, image: np.ndarray) -> dict[str, tuple[Callable[[], 
         "too many steps": (sample({"num_steps": 101}), 413, "num_steps"),
         "ddpm wrong steps": (sample({"sampler": "ddpm", "num_steps": 10}), 422, "num_steps"),
         "ddim more steps than T": (sample({"num_steps": 41}), 422, "num_steps"),
+        "zero snr": (sample({"sampler": "pc", "snr": 0}), 422, "snr"),
+        "negative snr": (sample({"sampler": "langevin", "snr": -0.5}), 422, "snr"),
+        "order 3": (sample({"sampler": "dpm_solver", "order": 3}), 422, "order"),
+        "order for ddim": (sample({"sampler": "ddim", "order": 1}), 422, "order"),
+        "eta for pc": (sample({"sampler": "pc", "eta": 0.5}), 422, "eta"),
+        "pc over the evaluation limit": (sample({"sampler": "pc", "num_steps": 40, "corrector_steps": 2}), 413,
+                                         "corrector_steps"),
         "not an image": (upload(b"GIF89a? no, plain text"), 422, "files[0]"),
         "truncated png": (upload(_png_bytes((28, 28))[:300]), 422, "files[0]"),
         "wrong size": (upload(_png_bytes((32, 32))), 422, "files"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -15,12 +16,14 @@ from ray.serve.schema import ServeDeploySchema
 from deploy.http_io import parse_json_model, sample_response
 from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob, inference_network
 from deploy.schemas import (
+    SAMPLER_PARAMETERS,
     IngressConfig,
     LikelihoodJsonRequest,
     LikelihoodOptions,
     Limits,
     ModelDeploymentConfig,
     RequestError,
+    Sampler,
     SampleRequest,
     check_content_length,
     check_likelihood_limits,
@@ -31,6 +34,7 @@ from deploy.schemas import (
 )
 from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 from diffusion_core.checkpoint import LoadedModel
+from diffusion_core.generate import SamplerName, SamplerSettings
 from diffusion_core.images import uint8_to_float
 from pipelines.registry.model_identity import ModelIdentity, describe_model, parse_model_uri
 from pipelines.registry.model_store import read_manifest_summary
@@ -108,7 +112,22 @@ def _png(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
         (b'{"seed": -1}', "seed"),
         (b'{"format": "gif"}', "format"),
         (b'{"num_imagez": 2}', "num_imagez"),
-        (b'{"sampler": "ddpm", "eta": 0.5}', "body"),
+        (b'{"sampler": "ddpm", "eta": 0.5}', "eta"),
+        (b'{"sampler": "pc", "eta": 0.5}', "eta"),
+        (b'{"sampler": "pc", "snr": 0}', "snr"),
+        (b'{"sampler": "pc", "snr": -0.1}', "snr"),
+        (b'{"sampler": "pc", "snr": "0.1"}', "snr"),
+        (b'{"sampler": "langevin", "snr": Infinity}', "snr"),
+        (b'{"sampler": "pc", "corrector_steps": -1}', "corrector_steps"),
+        (b'{"sampler": "langevin", "corrector_steps": 0}', "corrector_steps"),
+        (b'{"sampler": "dpm_solver", "order": 3}', "order"),
+        (b'{"sampler": "dpm_solver", "order": 0}', "order"),
+        (b'{"sampler": "dpm_solver", "order": 1.0}', "order"),
+        (b'{"sampler": "dpm_solver", "spacing": "cosine"}', "spacing"),
+        (b'{"sampler": "ddpm", "spacing": "uniform"}', "spacing"),
+        (b'{"sampler": "ddim", "order": 1}', "order"),
+        (b'{"sampler": "dpm_solver", "snr": 0.1}', "snr"),
+        (b'{"sampler": "ddim", "corrector_steps": 2}', "corrector_steps"),
     ],
 )
 def test_sample_request_rejects_bad_fields_by_name(body: bytes, field: str) -> None:
@@ -129,6 +148,21 @@ def test_sample_request_defaults_and_limits() -> None:
     check_sample_limits(SampleRequest(num_images=2, num_steps=10), limits)  # at the limits: fine
 
 
+def test_sampler_parameters_are_taken_per_sampler() -> None:
+    pc = parse_json_model(SampleRequest, b'{"sampler": "pc", "num_steps": 8, "corrector_steps": 2, "snr": 0.2}')
+    assert pc.sampler_parameters() == {"corrector_steps": 2, "snr": 0.2}
+    dpm = parse_json_model(SampleRequest, b'{"sampler": "dpm_solver", "order": 1, "spacing": "uniform"}')
+    assert dpm.sampler_parameters() == {"spacing": "uniform", "order": 1}
+    assert SampleRequest(eta=0.3).sampler_parameters() == {"eta": 0.3}
+    assert SampleRequest(sampler="ddpm", eta=0.0).sampler_parameters() == {}  # eta 0 is accepted with any sampler
+    err = _error(parse_json_model, SampleRequest, b'{"sampler": "ddpm", "order": 2}')
+    assert err.message == "order applies to sampler 'dpm_solver' only; omit it for 'ddpm'"
+    # the schema's table of parameters is the core's
+    for sampler, names in SAMPLER_PARAMETERS.items():
+        assert set(names) == set(SamplerSettings(sampler).uses()) - {"num_steps"}
+    assert set(SAMPLER_PARAMETERS) == set(get_args(SamplerName)) == set(get_args(Sampler))
+
+
 def test_resolve_num_steps_follows_the_model() -> None:
     assert resolve_num_steps("ddpm", None, 40, 100) == 40
     assert resolve_num_steps("ddim", None, 40, 100) == 40 and resolve_num_steps("ddim", None, 1000, 1000) == 50
@@ -137,6 +171,35 @@ def test_resolve_num_steps_follows_the_model() -> None:
     assert _error(resolve_num_steps, "ddim", 41, 40, 100).status == 422
     err = _error(resolve_num_steps, "ddpm", None, 40, 39)
     assert (err.status, err.field) == (413, "num_steps")
+    assert resolve_num_steps("dpm_solver", None, 40, 100) == 20 and resolve_num_steps("dpm_solver", None, 8, 100) == 8
+    assert resolve_num_steps("pc", None, 1000, 1000) == 50 and resolve_num_steps("langevin", 9, 40, 100) == 9
+    assert _error(resolve_num_steps, "pc", 41, 40, 100).status == 422
+
+
+def test_sample_job_limits_count_network_evaluations(runner: ModelRunner) -> None:
+    """max_num_steps bounds network evaluations per image: S (1 + M) for pc, S M + 1 for langevin."""
+    def job(body: bytes, limit: int) -> SampleJob:
+        return runner.make_sample_job(parse_json_model(SampleRequest, body), 1, limit)
+
+    pc = b'{"sampler": "pc", "num_steps": 6, "corrector_steps": 2}'
+    assert job(pc, 18).sampler_settings == SamplerSettings("pc", 6, corrector_steps=2)
+    err = _error(job, pc, 17)
+    assert (err.status, err.field) == (413, "corrector_steps") and "18 network evaluations" in err.message
+    assert _error(job, b'{"sampler": "pc", "num_steps": 18}', 17).field == "num_steps"
+    assert job(b'{"sampler": "pc", "num_steps": 6}', 12).corrector_steps == 1  # default M = 1: 12 evaluations
+    langevin = b'{"sampler": "langevin", "num_steps": 5, "corrector_steps": 3}'
+    assert job(langevin, 16).sampler_settings.network_evaluations(24) == 16
+    assert _error(job, langevin, 15).field == "corrector_steps"
+    assert _error(job, b'{"sampler": "langevin", "num_steps": 5}', 5).field == "num_steps"  # 5 + 1 with M = 1
+    dpm = job(b'{"sampler": "dpm_solver", "order": 1}', 20)
+    assert (dpm.num_steps, dpm.order, dpm.sampler_settings.spacing) == (20, 1, "logsnr")
+    assert _error(job, b'{"sampler": "dpm_solver"}', 19).field == "num_steps"
+    ddim = job(b'{"num_steps": 4, "eta": 0.5, "spacing": "quadratic"}', 4)
+    assert ddim.settings == (("sampler", "ddim"), ("num_steps", 4), ("eta", 0.5), ("spacing", "quadratic"),
+                             ("clip_denoised", True))
+    assert job(b'{"sampler": "ddpm"}', 24).settings == (("sampler", "ddpm"), ("clip_denoised", True))
+    with pytest.raises(ValueError, match="snr"):
+        SampleJob(1, "pc", 4, 0.0, 1, True, snr=-1.0)
 
 
 def test_likelihood_options_and_limits() -> None:
@@ -245,10 +308,21 @@ def _reference_sample(runner: ModelRunner, job: SampleJob) -> torch.Tensor:
     diffusion, model = runner.loaded.diffusion, runner.loaded.model
     generator = torch.Generator().manual_seed(job.seed)
     shape = (job.num_images, *runner.image_shape)
+    settings, clip = job.sampler_settings, job.clip_denoised
     if job.sampler == "ddpm":
-        return diffusion.p_sample_loop(model, shape, generator=generator, clip_denoised=job.clip_denoised)
+        return diffusion.p_sample_loop(model, shape, generator=generator, clip_denoised=clip)
+    if job.sampler == "pc":
+        return diffusion.pc_sample_loop(model, shape, num_steps=job.num_steps, corrector_steps=job.corrector_steps,
+                                        snr=job.snr, spacing=settings.spacing, generator=generator, clip_denoised=clip)
+    if job.sampler == "langevin":
+        return diffusion.langevin_sample_loop(model, shape, num_steps=job.num_steps,
+                                              corrector_steps=job.corrector_steps, snr=job.snr,
+                                              spacing=settings.spacing, generator=generator, clip_denoised=clip)
+    if job.sampler == "dpm_solver":
+        return diffusion.dpm_solver_sample_loop(model, shape, num_steps=job.num_steps, order=job.order,
+                                                spacing=settings.spacing, generator=generator, clip_denoised=clip)
     return diffusion.ddim_sample_loop(model, shape, num_steps=job.num_steps, eta=job.eta, generator=generator,
-                                      clip_denoised=job.clip_denoised)
+                                      clip_denoised=clip, spacing=settings.spacing)
 
 
 def test_runner_network_is_traced_and_matches_the_eager_model(runner: ModelRunner) -> None:
@@ -285,6 +359,29 @@ def test_batched_sampling_equals_each_request_alone_and_shares_evaluations(runne
     # the same seed alone gives the same images (batching does not change results)
     torch.testing.assert_close(runner.sample_many([jobs[2]])[0], results[2], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(results[0], results[4][:1].expand(2, -1, -1, -1))
+
+
+def test_batched_sampling_of_every_sampler_groups_by_all_parameters(runner: ModelRunner) -> None:
+    jobs = [
+        SampleJob(2, "pc", 3, 0.0, 21, True, corrector_steps=1, snr=0.2),
+        SampleJob(1, "dpm_solver", 4, 0.0, 22, True),
+        SampleJob(1, "pc", 3, 0.0, 23, True, corrector_steps=1, snr=0.2),
+        SampleJob(1, "pc", 3, 0.0, 24, True, corrector_steps=1, snr=0.3),  # another snr: its own group
+        SampleJob(2, "dpm_solver", 4, 0.0, 25, True, order=1),  # another order: its own group
+        SampleJob(1, "langevin", 2, 0.0, 26, True, corrector_steps=2),
+        SampleJob(1, "dpm_solver", 4, 0.0, 27, True, spacing="logsnr"),  # = the default spacing: same group
+        SampleJob(1, "ddim", 4, 0.0, 28, True, spacing="quadratic"),
+    ]
+    with _CountCalls(runner) as calls:
+        results = runner.sample_many(jobs)
+    for job, result in zip(jobs, results):
+        assert isinstance(result, torch.Tensor), result
+        assert result.shape == (job.num_images, 1, 8, 8)
+        torch.testing.assert_close(result, _reference_sample(runner, job), rtol=1e-5, atol=1e-5)
+    # pc snr 0.2 (3 images, S (1 + M) = 6 evaluations), dpm_solver order 2 (2 images, 4), dpm_solver order 1
+    # (2 images, 4), and 1 image each: pc snr 0.3 (6), langevin (S M + 1 = 5), ddim quadratic (4)
+    expected = [3] * 6 + [2] * 4 + [2] * 4 + [1] * (6 + 5 + 4)
+    assert sorted(calls.sizes) == sorted(expected)
 
 
 def test_sampling_failure_is_isolated(runner: ModelRunner) -> None:
