@@ -3,12 +3,15 @@ estimated) and a sample grid, logged to MLflow as an evaluation of that model.
 
     python pipelines/evaluate.py --model models:/ddpm-tiny/1 --shards data/fashion-mnist-shards --images 64
     python pipelines/evaluate.py --model runs/<run>/checkpoint_00000200 --shards ... --estimate 16
+    python pipelines/evaluate.py --model ... --shards ... --sampler dpm_solver --sample-steps 20 --order 2
 
 ``--model`` takes anything ``pipelines.registry.model_store.fetch_checkpoint`` does (``models:/name/version``,
 ``models:/name@alias``, ``runs:/<id>/model``, ``s3://...``, a local checkpoint folder). The results
 go to a new MLflow run tagged with the model URI, registered name/version and the run that trained
 the model; the metrics are also linked to the logged model (MLflow 3 ``model_id``) and the
-validation data (an MLflow dataset input), so they show on the model's page.
+validation data (an MLflow dataset input), so they show on the model's page. The sample grid's
+sampler (``--sampler`` and its parameters, ``diffusion_core.generate.SamplerSettings``) is logged
+as ``sample_*`` params.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Sequence, get_args
 
+from diffusion_core.generate import SamplerName, SamplerSettings
+from diffusion_core.timesteps import Spacing
 from pipelines.evaluation.job import DEFAULT_EXPERIMENT, EvalSettings, evaluate
 
 
@@ -32,7 +37,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--estimate", type=int, default=0, metavar="K",
                         help="estimate the bound with K timesteps per image instead of computing it exactly")
     parser.add_argument("--samples", type=int, default=16, help="images in the sample grid (0: none)")
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grid")
+    parser.add_argument("--sampler", choices=get_args(SamplerName), default="ddim",
+                        help="sampler of the sample grid (ddpm always runs all T steps)")
+    parser.add_argument("--sample-steps", type=int, default=50,
+                        help="steps (noise levels) of the grid's sampler, at most the model's T; ignored by ddpm")
+    parser.add_argument("--spacing", choices=get_args(Spacing), default=None,
+                        help="timesteps the steps visit (default: logsnr for dpm_solver, else uniform)")
+    parser.add_argument("--corrector-steps", type=int, default=SamplerSettings.corrector_steps,
+                        help="Langevin corrector steps per level (pc: >= 0, langevin: >= 1)")
+    parser.add_argument("--snr", type=float, default=SamplerSettings.snr,
+                        help="signal-to-noise ratio of the Langevin steps (pc, langevin), > 0")
+    parser.add_argument("--order", type=int, default=SamplerSettings.order, help="DPM-Solver++ order, 1 or 2")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bound's noise and the samples")
     parser.add_argument("--experiment", default=None,
@@ -45,15 +60,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, low in minimums.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+    try:
+        sampler_settings_from_args(args)
+    except ValueError as err:  # names the field: corrector_steps, snr, order
+        parser.error(f"sampler settings: {err}")
     return args
+
+
+def sampler_settings_from_args(args: argparse.Namespace) -> SamplerSettings:
+    """The grid's ``SamplerSettings`` from ``--sampler``, ``--sample-steps``, ``--spacing``,
+    ``--corrector-steps``, ``--snr`` and ``--order`` (DDIM's eta stays 0).
+
+    Raises:
+        ValueError: naming the field, on values ``SamplerSettings`` refuses.
+    """
+    return SamplerSettings(args.sampler, args.sample_steps, spacing=args.spacing,
+                           corrector_steps=args.corrector_steps, snr=args.snr, order=args.order)
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The ``EvalSettings`` of the parsed command line."""
     return EvalSettings(
         model=args.model, shards=args.shards, images=args.images, estimate=args.estimate, samples=args.samples,
-        sample_steps=args.sample_steps, batch_size=args.batch_size, seed=args.seed, experiment=args.experiment,
-        device=args.device, threads=args.threads,
+        sampling=sampler_settings_from_args(args), batch_size=args.batch_size, seed=args.seed,
+        experiment=args.experiment, device=args.device, threads=args.threads,
     )
 
 

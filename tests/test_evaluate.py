@@ -66,9 +66,12 @@ def test_estimated_evaluation_of_checkpoint_folder(tiny_runs, fmnist_shards: Pat
     training = tiny_runs[1].outcome
     checkpoint = training["checkpoint"]
     assert main(["--model", checkpoint, "--shards", str(fmnist_shards), "--images", "4", "--estimate", "16",
-                 "--experiment", EXPERIMENT, *FAST]) == 0
+                 "--experiment", EXPERIMENT, *FAST, "--sampler", "dpm_solver", "--order", "1"]) == 0
     run = _eval_run(MlflowClient(resolve_tracking_uri()), checkpoint)
     assert run.data.tags["eval.source_run_id"] == training["mlflow_run_id"]  # from the checkpoint's metadata
+    params = run.data.params
+    assert (params["sample_sampler"], params["sample_steps"], params["sample_order"]) == ("dpm_solver", "3", "1")
+    assert (params["sample_spacing"], params["sample_network_evaluations"]) == ("logsnr", "3")
     # the estimate is unbiased: within 4 of its standard errors of the exact bound of the same model and images
     loaded = load_checkpoint(checkpoint)
     images = torch.from_numpy(read_split_numpy(str(fmnist_shards), "val", limit=4)[0])
@@ -88,3 +91,8 @@ def test_bad_inputs_fail_with_a_message(tiny_runs, fmnist_shards: Path, tmp_path
     with pytest.raises(SystemExit):
         main(["--model", checkpoint, "--shards", str(fmnist_shards), "--images", "0"])
     assert "--images=0 must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", checkpoint, "--shards", str(fmnist_shards), "--sampler", "pc", "--snr", "0"])
+    assert "snr=0.0 must be a number in (0.0, inf)" in capsys.readouterr().err
+    assert main(["--model", checkpoint, "--shards", str(fmnist_shards), *FAST, "--sample-steps", "100000"]) == 2
+    assert "num_steps=100000 must be an integer in [1, " in capsys.readouterr().err

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diffusion_core.generate import SamplerSettings
 from pipelines.train import main
-from pipelines.training.config import TrainConfig, load_config, parse_overrides
+from pipelines.training.config import TrainConfig, TrainSection, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -44,6 +45,18 @@ def test_cifar10_config_has_ho_et_al_settings() -> None:
     assert (c.scaling.num_workers, c.scaling.use_gpu, c.per_worker_batch_size) == (8, True, 16)
 
 
+def test_sample_grid_sampler_defaults_to_ddim_and_is_configurable() -> None:
+    config = load_config(CONFIGS / "tiny_cpu.yaml")
+    assert config.train.sample_sampler == "ddim" and TrainSection().sample_sampler == "ddim"
+    assert config.train.sampler_settings == SamplerSettings("ddim", config.train.sample_steps)  # as before
+    assert config.flat_params()["train.sample_sampler"] == "ddim"
+    dpm = load_config(CONFIGS / "tiny_cpu.yaml", ["train.sample_sampler=dpm_solver", "train.sample_steps=10"])
+    assert dpm.train.sampler_settings == SamplerSettings("dpm_solver", 10)
+    assert TrainConfig.from_dict(dpm.to_dict()) == dpm
+    # ddpm ignores sample_steps (it runs all T steps), so a larger value is not an error there
+    assert load_config(CONFIGS / "tiny_cpu.yaml", ["train.sample_sampler=ddpm", "train.sample_steps=500"])
+
+
 def test_overrides_are_parsed_as_yaml() -> None:
     assert parse_overrides(["train.total_steps=200", "diffusion.prediction=v", "model.channel_mult=[1, 2]",
                             "tracking.registered_model_name=null", "optimizer.lr=1e-3"]) == {
@@ -70,12 +83,14 @@ def test_overrides_are_parsed_as_yaml() -> None:
         ("train.ema_warmup=3", "train.ema_warmup=3 must be true or false"),
         ("optimizer.lr=-1", "optimizer.lr=-1.0 must be a number in (0.0, 1.0]"),
         ("optimizer.name=sgd", "optimizer.name='sgd' is not allowed; choose one of ['adam', 'adamw']"),
-        ("diffusion.prediction=score", "prediction='score' is not allowed"),
+        ("diffusion.prediction=mu", "prediction='mu' is not allowed"),  # "score" is a prediction now
         ("model.dropout=1.0", "dropout=1.0 must be in [0, 1)"),
         ("scaling.num_workers=3", "train.global_batch_size=32 must be divisible by scaling.num_workers=3"),
         ("diffusion.variance=learned_range", "model.out_channels=1 does not fit diffusion.variance='learned_range'"),
         ("train.checkpoint_every=7", "train.checkpoint_every=7 must be a multiple of train.log_every=5"),
         ("scaling.precision=fp16", "scaling.precision='fp16' is not allowed"),
+        ("train.sample_sampler=euler", "train.sample_sampler='euler' is not allowed; choose one of ['ddpm', 'ddim'"),
+        ("train.sample_steps=201", "train.sample_steps=201 must be at most diffusion.num_timesteps=200"),
         ("total_steps=5", "must look like section.key=value"),
         ("train.total_steps", "must look like section.key=value"),
     ],

@@ -8,7 +8,7 @@ command line around :func:`evaluate`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ import torch
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.generate import SamplerSettings
 from pipelines.data.shards import load_manifest, read_split_numpy
 from pipelines.data.storage import resolve
-from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, plot_bpd_terms, sample_grid
+from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, plot_bpd_terms, sample_grid, sampler_params
 from pipelines.registry.model_identity import describe_model
 from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.runs import log_png
@@ -38,7 +39,9 @@ class EvalSettings:
         shards: the shard folder (local or s3://) whose ``val`` split is scored.
         images: the first N >= 1 validation images.
         estimate: K timesteps per image for the estimated bound; 0 computes the exact bound.
-        samples: images in the sample grid (0: none); sample_steps: its DDIM steps.
+        samples: images in the sample grid (0: none).
+        sampling: the grid's sampler and its parameters (default: DDIM, 50 steps, eta = 0);
+            ``sample_steps`` is its ``num_steps``.
         batch_size: images per forward pass; seed: seed of the bound's noise and the samples.
         experiment: MLflow experiment (``None``: the training run's, else ``DEFAULT_EXPERIMENT``).
         device: torch device; threads: torch intra-op threads (``None``: torch's choice).
@@ -49,12 +52,17 @@ class EvalSettings:
     images: int = 64
     estimate: int = 0
     samples: int = 16
-    sample_steps: int = 50
+    sampling: SamplerSettings = field(default_factory=lambda: SamplerSettings("ddim", 50))
     batch_size: int = 64
     seed: int = 0
     experiment: str | None = None
     device: str = "cpu"
     threads: int | None = None
+
+    @property
+    def sample_steps(self) -> int:
+        """``sampling.num_steps``, the grid's steps (the setting's name before other samplers existed)."""
+        return self.sampling.num_steps
 
 
 def load_validation(shards: str, image_shape: tuple[int, int, int], limit: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -74,14 +82,17 @@ def load_validation(shards: str, image_shape: tuple[int, int, int], limit: int) 
 
 
 def evaluate(args: EvalSettings) -> dict[str, Any]:
-    """Run the evaluation and log it.
+    """Run the evaluation and log it (the sampler settings as ``sample_*`` params, see
+    ``metrics.sampler_params``).
 
     Returns:
         ``{"metrics": {name: bits/dim}, "run_id", "experiment_id", "tracking_uri", "artifact_uri",
         "model": ModelIdentity}``.
 
     Raises:
-        ValueError / FileNotFoundError: on a bad model URI, a missing model or bad shards.
+        ValueError / FileNotFoundError: on a bad model URI, a missing model or bad shards, or
+            sampler settings that do not fit the model (``num_steps`` > T), the latter checked
+            before the bound is computed.
     """
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,6 +102,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     loaded = load_checkpoint(folder, device=args.device)
     source = describe_model(args.model, loaded.metadata, client)
     shape = loaded.unet_config.image_shape
+    sampling_params = sampler_params(args.sampling, loaded.diffusion.num_timesteps)
     shards = resolve(args.shards).uri
     images, manifest = load_validation(shards, shape, args.images)
     x = torch.from_numpy(images).to(args.device)
@@ -105,7 +117,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         plot = plot_bpd_terms(result["vb_per_t"], result["prior_bpd"], f"{args.model}: {result['bpd']:.3f} bits/dim")
     grid = None
     if args.samples:
-        grid = sample_grid(loaded.diffusion, loaded.model, shape, args.samples, args.sample_steps, args.seed)[1]
+        grid = sample_grid(loaded.diffusion, loaded.model, shape, args.samples, args.sampling, args.seed)[1]
 
     experiment = args.experiment
     if experiment is None and source.run_id:
@@ -125,7 +137,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
                                          digest=str(manifest.get("source_checksum", ""))[:36] or None)
         mlflow.log_input(dataset, context="evaluation")
         mlflow.log_params({"images": len(images), "estimate_k": args.estimate, "seed": args.seed,
-                           "samples": args.samples, "sample_steps": args.sample_steps})
+                           "samples": args.samples, **sampling_params})
         mlflow.log_metrics(metrics, model_id=source.model_id, dataset=dataset)
         if plot is not None:
             log_png(client, run.info.run_id, plot, "eval/bpd_per_timestep.png")

@@ -1,6 +1,7 @@
-"""Evaluation metrics shared by the training loop (rank 0) and ``pipelines/evaluate.py``: DDIM
-sample grids, the estimated and the exact held-out bound in bits/dim, and the per-timestep plot.
-All of the diffusion math is ``diffusion_core``'s; this only batches, seeds and formats.
+"""Evaluation metrics shared by the training loop (rank 0) and ``pipelines/evaluate.py``: sample
+grids (any sampler of ``diffusion_core.generate``), the estimated and the exact held-out bound in
+bits/dim, and the per-timestep plot. All of the diffusion math is ``diffusion_core``'s; this only
+batches, seeds and formats.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from diffusion_core.images import encode_png, make_grid
 
 def sample_grid(
     diffusion: Any, model: torch.nn.Module, image_shape: tuple[int, int, int], num_images: int,
-    num_steps: int, seed: int,
+    settings: SamplerSettings, seed: int,
 ) -> tuple[torch.Tensor, bytes]:
-    """Draw ``num_images`` DDIM samples (eta = 0, ``num_steps`` steps, clipped to [-1, 1]) and
+    """Draw ``num_images`` samples with ``settings`` (``diffusion_core.generate.generate``) and
     tile them.
 
     Args:
@@ -28,15 +29,35 @@ def sample_grid(
         model: the network (in eval mode), on its device.
         image_shape: ``(C, H, W)``.
         num_images: N >= 1.
-        num_steps: DDIM steps in [1, T].
-        seed: seed of the CPU generator that draws the initial noise.
+        settings: the sampler and its parameters (``num_steps`` in [1, T]); training's and
+            ``evaluate.py``'s default is ``SamplerSettings("ddim", S)``: DDIM, eta = 0, clipped.
+        seed: seed of the CPU generator that draws the initial (and any per-step) noise.
 
     Returns:
-        ``(images, png)``: float32 ``[N, C, H, W]`` in [-1, 1] on CPU, and the grid as PNG bytes.
+        ``(images, png)``: float32 ``[N, C, H, W]`` (in [-1, 1] when ``settings.clip_denoised``)
+        on CPU, and the grid as PNG bytes.
+
+    Raises:
+        ValueError: from the sampler on settings that do not fit the diffusion (num_steps > T).
     """
-    images = generate(diffusion, model, (num_images, *image_shape), SamplerSettings("ddim", num_steps),
+    images = generate(diffusion, model, (num_images, *image_shape), settings,
                       generator=seeded_generator(seed)).float().cpu()
     return images, encode_png(make_grid(images))
+
+
+def sampler_params(settings: SamplerSettings, num_timesteps: int, prefix: str = "sample_") -> dict[str, Any]:
+    """MLflow params describing ``settings`` for a model with T = ``num_timesteps``:
+    ``{prefix + name: value}`` for each of ``settings.params()``, with ``num_steps`` named
+    ``<prefix>steps`` (the key evaluations logged before other samplers existed; T for "ddpm"),
+    plus ``<prefix>network_evaluations`` per image.
+
+    Raises:
+        ValueError: if ``settings.num_steps`` is more than T (see ``SamplerSettings.network_evaluations``).
+    """
+    params = {f"{prefix}{name}": value for name, value in settings.params().items() if name != "num_steps"}
+    params[f"{prefix}steps"] = settings.num_steps if "num_steps" in settings.uses() else num_timesteps
+    params[f"{prefix}network_evaluations"] = settings.network_evaluations(num_timesteps)
+    return params
 
 
 def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from diffusion_core.config import DiffusionConfig, UNetConfig, check_out_channels, config_from_dict
+from diffusion_core.generate import SamplerName, SamplerSettings
 from diffusion_core.validation import (
     check_bool,
     check_choice,
@@ -116,7 +117,10 @@ class TrainSection:
         keep_checkpoints: how many recent checkpoints Ray Train keeps (>= 1).
         sample_every: steps between sample grids logged to MLflow (0 disables; also at the end).
         sample_images: images in each grid.
-        sample_steps: DDIM steps (eta = 0) for the grids.
+        sample_sampler: the grids' sampler, "ddim" (eta = 0), "ddpm" (all T steps), "pc",
+            "langevin" or "dpm_solver", with the other parameters at ``SamplerSettings``'
+            defaults (``diffusion_core.generate``).
+        sample_steps: the grids' sampler steps (ignored by "ddpm"), at most ``diffusion.num_timesteps``.
         bpd_every: steps between held-out bits/dim estimates (0 disables).
         bpd_images: validation images in the fixed subset for the periodic estimate.
         bpd_samples: K, timesteps sampled per image by ``calc_bpd_estimate``.
@@ -139,6 +143,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     sample_every: int = 0
     sample_images: int = 16
+    sample_sampler: SamplerName = "ddim"
     sample_steps: int = 50
     bpd_every: int = 0
     bpd_images: int = 64
@@ -157,6 +162,7 @@ class TrainSection:
             raise ValueError(
                 f"train.checkpoint_every={self.checkpoint_every} must be a multiple of train.log_every={self.log_every}"
             )
+        check_choice("train.sample_sampler", self.sample_sampler, SamplerName)
         check_number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         check_bool("train.ema_warmup", self.ema_warmup)
         check_optional_str("train.run_name", self.run_name)
@@ -164,6 +170,11 @@ class TrainSection:
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")
         if not isinstance(self.storage_path, str) or not self.storage_path.strip():
             raise ValueError(f"train.storage_path={self.storage_path!r} must be a local path or s3://...")
+
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        """The sample grids' ``SamplerSettings``: ``sample_sampler`` with ``sample_steps`` steps."""
+        return SamplerSettings(self.sample_sampler, self.sample_steps)
 
 
 @dataclass(frozen=True)
@@ -241,8 +252,9 @@ class TrainConfig:
     """The whole resolved training configuration; each attribute is one YAML section.
 
     Cross-section checks: ``model.out_channels`` must be ``2 * in_channels`` exactly when
-    ``diffusion.variance`` is "learned_range", and ``train.global_batch_size`` must be divisible by
-    ``scaling.num_workers``.
+    ``diffusion.variance`` is "learned_range", ``train.global_batch_size`` must be divisible by
+    ``scaling.num_workers``, and ``train.sample_steps`` must be at most ``diffusion.num_timesteps``
+    (unless ``train.sample_sampler`` is "ddpm", which ignores it).
     """
 
     model: UNetConfig
@@ -259,6 +271,12 @@ class TrainConfig:
             raise ValueError(
                 f"train.global_batch_size={self.train.global_batch_size} must be divisible by "
                 f"scaling.num_workers={self.scaling.num_workers}"
+            )
+        if self.train.sample_sampler != "ddpm" and self.train.sample_steps > self.diffusion.num_timesteps:
+            raise ValueError(
+                f"train.sample_steps={self.train.sample_steps} must be at most "
+                f"diffusion.num_timesteps={self.diffusion.num_timesteps} for train.sample_sampler="
+                f"{self.train.sample_sampler!r}"
             )
 
     @property

@@ -352,9 +352,10 @@ class ChiefDuties:
             self.buffer.add(step, {"val_bpd": result["bpd"], "val_bpd_stderr": result["bpd_stderr"]})
 
     def log_samples(self, net: UNet, step: int) -> None:
-        """A DDIM grid of the EMA model as ``samples/step_<step>.png`` (same seed every time)."""
+        """A grid of the EMA model drawn with ``train.sampler_settings`` as ``samples/step_<step>.png``
+        (same seed every time)."""
         train = self.config.train
-        _, png = sample_grid(self.diffusion, net, self.image_shape(), train.sample_images, train.sample_steps,
+        _, png = sample_grid(self.diffusion, net, self.image_shape(), train.sample_images, train.sampler_settings,
                              train.seed)
         self.tracker.log_png(png, f"samples/step_{step:08d}.png")
 
