@@ -11,10 +11,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
+from diffusion_core.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
+from diffusion_core.diffusion import GaussianDiffusion
+from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.unet import UNet
-from pipelines.registry.model_store import ModelRef, fetch_checkpoint, log_checkpoint_model
+from pipelines.registry.model_store import DDPMCheckpointModel, ModelRef, fetch_checkpoint, log_checkpoint_model
 from pipelines.registry.tracking_uri import ensure_experiment
 from tooling.s3_server import running_s3_server
 
@@ -134,3 +136,23 @@ def test_s3_prefix(checkpoint: Path, tmp_path: Path) -> None:
         folder = fetch_checkpoint(uri, str(tmp_path / "from-s3"))
     assert folder.is_relative_to(tmp_path / "from-s3") and _same_weights(folder, checkpoint)
     assert load_checkpoint(folder).metadata == {"step": 7}
+
+
+def test_pyfunc_predict_takes_any_sampler() -> None:
+    """DDPMCheckpointModel.predict (without MLflow): the default is DDIM with 50 steps as before, and
+    the sampler keys select any ``generate`` sampler; bad settings raise ValueError naming the field."""
+    torch.manual_seed(0)
+    model = UNet(TINY_UNET).eval()
+    wrapper = DDPMCheckpointModel()
+    wrapper.loaded = LoadedModel(model, GaussianDiffusion(TINY_DIFFUSION), TINY_UNET, TINY_DIFFUSION, {})
+
+    def expected(settings: SamplerSettings, n: int, seed: int):
+        return generate(wrapper.loaded.diffusion, model, (n, 1, 8, 8), settings, seeded_generator(seed)).numpy()
+
+    assert (wrapper.predict(None, {"num_images": 2, "seed": 3}) == expected(SamplerSettings("ddim", 50), 2, 3)).all()
+    out = wrapper.predict(None, {"num_images": 1, "seed": 4, "sampler": "dpm_solver", "num_steps": 5, "order": 1})
+    assert (out == expected(SamplerSettings("dpm_solver", 5, order=1), 1, 4)).all()
+    out = wrapper.predict(None, {"num_images": 1, "seed": 5}, params={"sampler": "pc", "num_steps": 4, "snr": 0.1})
+    assert (out == expected(SamplerSettings("pc", 4, snr=0.1), 1, 5)).all()
+    with pytest.raises(ValueError, match="snr=0.0"):
+        wrapper.predict(None, {"sampler": "pc", "snr": 0})

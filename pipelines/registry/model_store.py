@@ -52,12 +52,18 @@ class ModelRef:
     version: str | None = None
 
 
+_PREDICT_TYPES = {"sampler": str, "eta": float, "spacing": str, "corrector_steps": int, "snr": float, "order": int}
+
+
 class DDPMCheckpointModel(PythonModel):
     """pyfunc wrapper around a core checkpoint, so ``mlflow.pyfunc.load_model`` can sample.
 
     ``predict`` takes a mapping (or one-row DataFrame) with ``num_images`` (int, default 4),
-    ``seed`` (int, default 0) and ``num_steps`` (DDIM steps, default 50) and returns float32 images
-    ``[N, C, H, W]`` in [-1, 1] as a numpy array. Nothing in it is needed to fetch the weights.
+    ``seed`` (int, default 0), ``num_steps`` (the sampler's steps, default 50) and optionally
+    ``sampler`` ("ddpm", "ddim" (default), "pc", "langevin", "dpm_solver"), ``eta``, ``spacing``,
+    ``corrector_steps``, ``snr`` and ``order`` (``diffusion_core.generate.SamplerSettings``), and
+    returns float32 images ``[N, C, H, W]`` in [-1, 1] as a numpy array. Nothing in it is needed to
+    fetch the weights.
     """
 
     def load_context(self, context: Any) -> None:
@@ -65,7 +71,8 @@ class DDPMCheckpointModel(PythonModel):
         self.loaded = load_checkpoint(find_checkpoint_dir(Path(context.artifacts["checkpoint"])))
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would infer a schema from them
-        """Draw DDIM samples; see the class docstring for the inputs. Raises ValueError on bad counts."""
+        """Draw samples; see the class docstring for the inputs. Raises ValueError on bad counts or
+        sampler settings (naming the field)."""
         if hasattr(model_input, "to_dict"):  # one-row pandas DataFrame
             model_input = {k: v[0] for k, v in model_input.to_dict(orient="list").items()}
         request = {**dict(model_input or {}), **dict(params or {})}
@@ -73,9 +80,10 @@ class DDPMCheckpointModel(PythonModel):
                                                                          ("num_steps", 50)))
         if not 1 <= num_images <= 256:
             raise ValueError(f"num_images={num_images} must be in [1, 256]")
+        options = {name: cast(request[name]) for name, cast in _PREDICT_TYPES.items() if request.get(name) is not None}
+        settings = SamplerSettings(num_steps=steps, **options)
         shape = (num_images, *self.loaded.unet_config.image_shape)
-        images = generate(self.loaded.diffusion, self.loaded.model, shape, SamplerSettings("ddim", steps),
-                          generator=seeded_generator(seed))
+        images = generate(self.loaded.diffusion, self.loaded.model, shape, settings, generator=seeded_generator(seed))
         return images.numpy()
 
 
