@@ -38,10 +38,11 @@ from diffusion_core.unet import UNet
 from pipelines.data.shards import read_split_numpy
 from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, sample_grid
 from pipelines.registry.model_store import log_checkpoint_model
-from pipelines.registry.runs import MetricBuffer, RunTracker
+from pipelines.registry.runs import MetricBuffer, RunTracker, run_folder
 from pipelines.training.config import OptimizerConfig, ScalingSection, TrainConfig
 from pipelines.training.ema import EMA
 from pipelines.training.example_noise import example_timesteps_and_noise
+from pipelines.training.progress import ProgressLog
 from pipelines.training.state import (
     TrainState,
     capture_rng_state,
@@ -312,7 +313,17 @@ def report_checkpoint(trainee: Trainee, config: TrainConfig, worker: Worker, buf
     with tempfile.TemporaryDirectory(prefix="ddpm-ckpt-") as folder:
         save_train_state(folder, state, config)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{trainee.step:08d}")
+                         checkpoint_dir_name=checkpoint_dir_name(trainee.step))
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder name of the checkpoint of ``step`` in the run folder: ``checkpoint_<step:08d>``."""
+    return f"checkpoint_{step:08d}"
+
+
+def checkpoint_path(config: TrainConfig, step: int) -> str:
+    """Where Ray Train persists the checkpoint of ``step``: ``<storage_path>/<run_name>/checkpoint_<step>``."""
+    return run_folder(config).join(checkpoint_dir_name(step)).uri
 
 
 def ema_network(trainee: Trainee, config: TrainConfig, device: torch.device) -> UNet:
@@ -324,12 +335,13 @@ class ChiefDuties:
     """What rank 0 does besides training: metric buffering/flushing, sample grids, bits/dim."""
 
     def __init__(self, config: TrainConfig, tracker: RunTracker, diffusion: GaussianDiffusion,
-                 val_images: torch.Tensor, pending: dict[int, dict[str, float]]) -> None:
+                 val_images: torch.Tensor, pending: dict[int, dict[str, float]], start_step: int = 0) -> None:
         self.config = config
         self.tracker = tracker
         self.diffusion = diffusion
         self.val_images = val_images
         self.buffer = MetricBuffer()
+        self.progress = ProgressLog(config.train.total_steps, start_step)
         tracker.resume_pending(pending)
 
     def image_shape(self) -> tuple[int, int, int]:
@@ -350,13 +362,16 @@ class ChiefDuties:
             subset = self.val_images[: train.bpd_images].to(device)
             result = estimate_bpd(self.diffusion, net, subset, train.bpd_samples, seed=train.seed)
             self.buffer.add(step, {"val_bpd": result["bpd"], "val_bpd_stderr": result["bpd_stderr"]})
+            self.progress.val_bpd(step, result["bpd"], result["bpd_stderr"], len(subset), train.bpd_samples)
 
     def log_samples(self, net: UNet, step: int) -> None:
         """A DDIM grid of the EMA model as ``samples/step_<step>.png`` (same seed every time)."""
         train = self.config.train
         _, png = sample_grid(self.diffusion, net, self.image_shape(), train.sample_images, train.sample_steps,
                              train.seed)
-        self.tracker.log_png(png, f"samples/step_{step:08d}.png")
+        artifact = f"samples/step_{step:08d}.png"
+        self.tracker.log_png(png, artifact)
+        self.progress.samples(step, artifact, self.tracker.run_id)
 
     def finalize(self, trainee: Trainee, device: torch.device, manifest: dict[str, Any]) -> None:
         """At the end (once per final step, also across restarts; a run extended to more steps
@@ -371,6 +386,7 @@ class ChiefDuties:
             subset = self.val_images[: train.final_bpd_images].to(device)
             result = exact_bpd(self.diffusion, net, subset, seed=train.seed)
             self.tracker.log_steps({step: {"val_bpd_exact": result["bpd"], "val_prior_bpd": result["prior_bpd"]}})
+            self.progress.exact_bpd(step, result["bpd"], len(subset))
         with tempfile.TemporaryDirectory(prefix="ddpm-final-") as folder:
             save_checkpoint(folder, trainee.ema.state_dict(), self.config.model, self.config.diffusion,
                             metadata={"step": step, "weights": "ema", "mlflow_run_id": self.tracker.run_id,
@@ -378,6 +394,7 @@ class ChiefDuties:
             ref = log_checkpoint_model(folder, registered_model_name=self.config.tracking.registered_model_name,
                                        manifest=manifest)
         self.tracker.set_tags({MODEL_URI_TAG: ref.model_uri, MODEL_STEP_TAG: str(step)})
+        self.progress.model(step, ref.model_uri)
 
 
 def current_worker() -> Worker:
@@ -407,7 +424,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if state is not None:
             tracker.set_tags({RESUMED_FROM_TAG: str(state.step)})
         val_images = load_val_images(config)
-        chief = ChiefDuties(config, tracker, diffusion, val_images, state.pending_metrics if state else {})
+        chief = ChiefDuties(config, tracker, diffusion, val_images, state.pending_metrics if state else {},
+                            start_step=state.step if state else 0)
         run_loop(config, worker, trainee, diffusion, bf16, chief, tracker.run_id)
         chief.finalize(trainee, worker.device, loop_config["manifest"])
 
@@ -438,11 +456,14 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
             last_metrics = {**window.reduce(worker.world_size), "lr": learning_rate(config.optimizer, step)}
             if chief is not None:
                 chief.buffer.add(step, last_metrics)
+                chief.progress.step(step, last_metrics["loss"], last_metrics["images_per_s"])
         if chief is not None:
             chief.periodic(trainee, worker.device)
         if step % train.checkpoint_every == 0 or done:
             report_checkpoint(trainee, config, worker, chief.buffer if chief else None, run_id, last_metrics,
                               float(losses.mean()))
+            if chief is not None:
+                chief.progress.checkpoint(step, checkpoint_path(config, step))
             if chief is not None:
                 chief.tracker.log_steps(chief.buffer.take_through(step))
         if done:
