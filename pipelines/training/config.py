@@ -127,6 +127,9 @@ class TrainSection:
             ``<config name>-<timestamp>`` on the driver.
         storage_path: where Ray Train writes checkpoints (local path or ``s3://``; the entry point
             makes local paths absolute).
+        max_nonfinite_steps: consecutive steps with a non-finite loss or gradient after which
+            training stops with an error (>= 1). Each such step is skipped: no optimizer or EMA
+            update, counted in the ``skipped_steps`` metric.
     """
 
     total_steps: int = 1000
@@ -146,10 +149,11 @@ class TrainSection:
     final_bpd_images: int = 0
     run_name: str | None = None
     storage_path: str = DEFAULT_STORAGE_PATH
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "sample_images", "sample_steps", "bpd_images", "bpd_samples"):
+                     "sample_images", "sample_steps", "bpd_images", "bpd_samples", "max_nonfinite_steps"):
             check_int_in_range(f"train.{name}", getattr(self, name), 1)
         for name in ("seed", "sample_every", "bpd_every", "final_bpd_images"):
             check_int_in_range(f"train.{name}", getattr(self, name), 0)

@@ -79,6 +79,12 @@ class Trainee:
     ema: EMA
     optimizer: torch.optim.Optimizer
     step: int
+    nonfinite_run: int = 0  # consecutive skipped (non-finite) steps up to the current one
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced non-finite losses or gradients for ``train.max_nonfinite_steps`` steps in
+    a row, or non-finite weights; the message names the step. No checkpoint of it is written."""
 
 
 def configure_torch(scaling: ScalingSection, device: torch.device) -> bool:
@@ -164,11 +170,17 @@ class Window:
 
     def reset(self) -> None:
         """Start a new window."""
-        self.stats = torch.zeros(13, dtype=torch.float64, device=self.device)  # sums[5], counts[5], grad, steps, images
+        # sums[5], counts[5], grad, steps, images, skipped steps
+        self.stats = torch.zeros(14, dtype=torch.float64, device=self.device)
         self.started = time.perf_counter()
 
     def add(self, losses: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Add one step: per-example ``losses`` [N], timesteps ``t`` [N], the global grad norm."""
+        """Add one step: per-example ``losses`` [N], timesteps ``t`` [N], the global grad norm. A
+        skipped step (non-finite grad norm) counts its images and itself as skipped, no losses."""
+        if not torch.isfinite(grad_norm):
+            self.stats[12] += losses.numel()
+            self.stats[13] += 1
+            return
         losses = losses.detach().double()
         quartile = (t * 4) // self.num_timesteps
         self.stats[0] += losses.sum()
@@ -180,15 +192,16 @@ class Window:
         self.stats[12] += losses.numel()
 
     def reduce(self, world_size: int) -> dict[str, float]:
-        """All-reduce (sum) over workers and return ``loss``, ``loss_q0..3``, ``grad_norm`` and
-        ``images_per_s`` (global images / wall seconds of the window); then reset."""
+        """All-reduce (sum) over workers and return ``loss``, ``loss_q0..3``, ``grad_norm`` (over the
+        steps not skipped), ``images_per_s`` (global images / wall seconds of the window) and
+        ``skipped_steps`` (steps of the window skipped for a non-finite gradient); then reset."""
         stats = self.stats.clone()
         if world_size > 1:
             dist.all_reduce(stats)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         stats = stats.cpu().tolist()
         metrics = {"loss": stats[0] / max(stats[5], 1), "grad_norm": stats[10] / max(stats[11], 1),
-                   "images_per_s": stats[12] / elapsed}
+                   "images_per_s": stats[12] / elapsed, "skipped_steps": stats[13] / max(world_size, 1)}
         for q in range(4):
             if stats[6 + q] > 0:
                 metrics[f"loss_q{q}"] = stats[1 + q] / stats[6 + q]
@@ -200,9 +213,15 @@ def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Te
                bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on this worker's part ``x_start`` [n, C, H, W] of the global batch.
 
+    A step whose global gradient norm is not finite (a non-finite loss anywhere makes it so) is
+    skipped on every rank: no optimizer or EMA update; the step still counts.
+
     Returns:
         ``(losses [n], t [n], grad_norm)``: per-example losses (float32, detached), timesteps, and
-        the global gradient L2 norm before clipping.
+        the global gradient L2 norm before clipping (non-finite for a skipped step).
+
+    Raises:
+        TrainingDivergedError: on the ``train.max_nonfinite_steps``-th skipped step in a row.
     """
     trainee.step += 1
     for group in trainee.optimizer.param_groups:
@@ -216,7 +235,19 @@ def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Te
         losses = diffusion.training_losses(trainee.model, x_start, t, noise=noise)["loss"]
     losses.float().mean().backward()
     clip = config.optimizer.grad_clip if config.optimizer.grad_clip > 0 else float("inf")
+    # The norm of the all-reduced gradients: the same on every rank, so all ranks skip together.
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), clip)
+    if not torch.isfinite(grad_norm):
+        trainee.optimizer.zero_grad(set_to_none=True)
+        trainee.nonfinite_run += 1
+        if trainee.nonfinite_run >= config.train.max_nonfinite_steps:
+            raise TrainingDivergedError(
+                f"training diverged at step {trainee.step}: {trainee.nonfinite_run} consecutive steps had a "
+                f"non-finite loss or gradient (train.max_nonfinite_steps={config.train.max_nonfinite_steps}); "
+                "the last checkpoint holds the last finite weights (lower optimizer.lr or raise optimizer.grad_clip)"
+            )
+        return losses.detach().float(), t, grad_norm
+    trainee.nonfinite_run = 0
     trainee.optimizer.step()
     trainee.ema.update(trainee.net, trainee.step)
     return losses.detach().float(), t, grad_norm
@@ -271,11 +302,17 @@ def gather_replicas(worker: Worker, trainee: Trainee, local_loss: float) -> list
     """Every rank's ``{"rank", "host", "pid", "weights_sha256", "local_loss"}`` (list indexed by rank).
 
     DDP keeps the replicas bit-identical; this is checked at every checkpoint, so a checkpoint is
-    never written from replicas that drifted apart (e.g. a rank that skipped an all-reduce).
+    never written from replicas that drifted apart (e.g. a rank that skipped an all-reduce), nor
+    from non-finite weights.
 
     Raises:
+        TrainingDivergedError: if this rank's weights hold a non-finite value.
         RuntimeError: naming the step and the ranks whose weights differ from rank 0's.
     """
+    nonfinite = [name for name, tensor in trainee.net.state_dict().items() if not torch.isfinite(tensor).all()]
+    if nonfinite:
+        raise TrainingDivergedError(f"step {trainee.step}: rank {worker.rank} holds non-finite weights in "
+                                    f"{nonfinite[:5]}; no checkpoint is written")
     mine = {"rank": worker.rank, "host": socket.gethostname(), "pid": os.getpid(),
             "weights_sha256": weights_digest(trainee.net), "local_loss": local_loss}
     replicas: list[Any] = [mine]
