@@ -50,6 +50,7 @@ from pipelines.training.state import (
     restore_rng_state,
     save_train_state,
 )
+from pipelines.training.timestep_sampler import LossSecondMomentSampler, build_timestep_sampler
 
 MODEL_URI_TAG = "ddpm.model_uri"  # the final model of the run (registered when a name is configured)
 MODEL_STEP_TAG = "ddpm.model_step"  # the step it was logged at: finalization runs once per final step
@@ -80,6 +81,8 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     step: int
     nonfinite_run: int = 0  # consecutive skipped (non-finite) steps up to the current one
+    timestep_sampler: LossSecondMomentSampler | None = None  # None: uniform timesteps
+    world_size: int = 1
 
 
 class TrainingDivergedError(RuntimeError):
@@ -153,7 +156,11 @@ def build_trainee(config: TrainConfig, worker: Worker, state: TrainState | None,
         restore_rng_state(state.rng_states[worker.rank])
     else:  # dropout streams differ between ranks
         torch.manual_seed(_seed_from(config.train.seed, worker.rank, step))
-    return Trainee(model=model, net=net, ema=ema, optimizer=optimizer, step=step)
+    sampler = build_timestep_sampler(config.train.timestep_sampler, config.diffusion.num_timesteps)
+    if sampler is not None and state is not None and state.timestep_sampler is not None:
+        sampler.load_state_dict(state.timestep_sampler)
+    return Trainee(model=model, net=net, ema=ema, optimizer=optimizer, step=step, timestep_sampler=sampler,
+                   world_size=worker.world_size)
 
 
 class Window:
@@ -209,6 +216,18 @@ class Window:
         return metrics
 
 
+def gather_in_rank_order(t: torch.Tensor, losses: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's timesteps ``[n]`` and losses ``[n]`` concatenated in rank order (all ranks hold
+    the same per-worker batch size ``n``), so that every rank updates its timestep sampler alike."""
+    if world_size == 1:
+        return t, losses
+    gathered_t = [torch.empty_like(t) for _ in range(world_size)]
+    gathered_losses = [torch.empty_like(losses) for _ in range(world_size)]
+    dist.all_gather(gathered_t, t)
+    dist.all_gather(gathered_losses, losses)
+    return torch.cat(gathered_t), torch.cat(gathered_losses)
+
+
 def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Tensor, config: TrainConfig,
                bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on this worker's part ``x_start`` [n, C, H, W] of the global batch.
@@ -226,14 +245,21 @@ def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Te
     trainee.step += 1
     for group in trainee.optimizer.param_groups:
         group["lr"] = learning_rate(config.optimizer, trainee.step)
-    t, noise = example_timesteps_and_noise(x_start, config.train.seed, trainee.step, diffusion.num_timesteps)
+    sampler = trainee.timestep_sampler
+    probabilities = sampler.probabilities() if sampler is not None else None
+    t, noise = example_timesteps_and_noise(x_start, config.train.seed, trainee.step, diffusion.num_timesteps,
+                                           probabilities)
     if x_start.device.type == "cuda" and config.scaling.channels_last:
         x_start = x_start.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(x_start.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainee.optimizer.zero_grad(set_to_none=True)
     with autocast:
         losses = diffusion.training_losses(trainee.model, x_start, t, noise=noise)["loss"]
-    losses.float().mean().backward()
+    if sampler is None:
+        losses.float().mean().backward()
+    else:  # importance weights 1 / (T p_t) keep the objective unbiased
+        weights = torch.from_numpy(sampler.weights(t.cpu().numpy(), probabilities)).to(losses.device)
+        (losses.float() * weights.float()).mean().backward()
     clip = config.optimizer.grad_clip if config.optimizer.grad_clip > 0 else float("inf")
     # The norm of the all-reduced gradients: the same on every rank, so all ranks skip together.
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), clip)
@@ -250,6 +276,9 @@ def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Te
     trainee.nonfinite_run = 0
     trainee.optimizer.step()
     trainee.ema.update(trainee.net, trainee.step)
+    if sampler is not None:
+        all_t, all_losses = gather_in_rank_order(t, losses.detach().float(), trainee.world_size)
+        sampler.update(all_t.cpu().numpy(), all_losses.cpu().numpy())
     return losses.detach().float(), t, grad_norm
 
 
@@ -307,7 +336,8 @@ def gather_replicas(worker: Worker, trainee: Trainee, local_loss: float) -> list
 
     Raises:
         TrainingDivergedError: if this rank's weights hold a non-finite value.
-        RuntimeError: naming the step and the ranks whose weights differ from rank 0's.
+        RuntimeError: naming the step and the ranks whose weights (or timestep sampler state)
+            differ from rank 0's.
     """
     nonfinite = [name for name, tensor in trainee.net.state_dict().items() if not torch.isfinite(tensor).all()]
     if nonfinite:
@@ -315,13 +345,17 @@ def gather_replicas(worker: Worker, trainee: Trainee, local_loss: float) -> list
                                     f"{nonfinite[:5]}; no checkpoint is written")
     mine = {"rank": worker.rank, "host": socket.gethostname(), "pid": os.getpid(),
             "weights_sha256": weights_digest(trainee.net), "local_loss": local_loss}
+    if trainee.timestep_sampler is not None:
+        mine["timestep_sampler_sha256"] = trainee.timestep_sampler.digest()
     replicas: list[Any] = [mine]
     if worker.world_size > 1:
         replicas = [None] * worker.world_size
         dist.all_gather_object(replicas, mine)
-    drifted = [r["rank"] for r in replicas if r["weights_sha256"] != replicas[0]["weights_sha256"]]
+    keys = ("weights_sha256", "timestep_sampler_sha256")
+    drifted = [r["rank"] for r in replicas if any(r.get(k) != replicas[0].get(k) for k in keys)]
     if drifted:
-        raise RuntimeError(f"step {trainee.step}: the weights of ranks {drifted} differ from rank 0's; "
+        raise RuntimeError(f"step {trainee.step}: the weights or timestep sampler of ranks {drifted} differ from "
+                           "rank 0's; "
                            "the data-parallel replicas are out of sync")
     return replicas
 
@@ -346,6 +380,7 @@ def report_checkpoint(trainee: Trainee, config: TrainConfig, worker: Worker, buf
         optimizer=trainee.optimizer.state_dict(), rng_states=rng_states, mlflow_run_id=run_id,
         pending_metrics=buffer.pending() if buffer else {},
         replicas=replicas,
+        timestep_sampler=trainee.timestep_sampler.state_dict() if trainee.timestep_sampler else None,
     )
     with tempfile.TemporaryDirectory(prefix="ddpm-ckpt-") as folder:
         save_train_state(folder, state, config)
