@@ -4,6 +4,7 @@ re-submitting the same run name with more steps continues the same run and MLflo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -24,8 +25,9 @@ TOTAL, EVERY, EXTENDED = 12, 4, 14
 
 
 class Killer(threading.Thread):
-    """Waits for the run's first checkpoint (step ``EVERY``) and SIGKILLs the process of rank 1,
-    whose pid that checkpoint records among its replicas."""
+    """Waits until Ray Train has registered the run's first checkpoint (its checkpoint-manager
+    snapshot in the run folder names it) and SIGKILLs the process of rank 1, whose pid that
+    checkpoint records among its replicas."""
 
     def __init__(self, run_folder: Path) -> None:
         super().__init__(daemon=True)
@@ -33,14 +35,20 @@ class Killer(threading.Thread):
         self.killed_pid: int | None = None
         self.stop = threading.Event()
 
+    def registered_checkpoint(self) -> Path | None:
+        try:
+            snapshot = json.loads((self.run_folder / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):  # not written yet, or being written
+            return None
+        latest = snapshot.get("latest_checkpoint_result")
+        return self.run_folder / latest["checkpoint_dir_name"] if latest else None
+
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                states = checkpoint_states(self.run_folder)
-            except (OSError, ValueError):  # a checkpoint still being written
-                states = {}
-            if states:
-                self.killed_pid = states[min(states)]["replicas"][1]["pid"]
+            checkpoint = self.registered_checkpoint()
+            if checkpoint is not None:
+                state = json.loads((checkpoint / "train_state.json").read_text())
+                self.killed_pid = state["replicas"][1]["pid"]
                 os.kill(self.killed_pid, signal.SIGKILL)
                 return
             time.sleep(0.02)
