@@ -113,7 +113,16 @@ class AttentionBlock(nn.Module):
         # [3, N, heads, HW, d], contiguous so that SDPA can use its fused (flash) kernels.
         q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
+        # [N, heads, HW, d] -> [N, C, H, W]. With one head this is a view whose memory is
+        # channels-last (NHWC). A 1x1 conv on a channels-last input computes in channels-last
+        # (oneDNN on CPU, cuDNN on GPU) and gives its weight gradient channels-last strides
+        # [C, 1, C, C]; for a contiguous model those differ from the parameter's [C, 1, 1, 1]
+        # (DDP: "Grad strides do not match bucket view strides"). So the projection gets x's
+        # layout: contiguous for a contiguous model (a copy of [N, C, HW]), the channels-last view
+        # itself (no copy) for a channels-last model.
         out = out.transpose(-1, -2).reshape(n, c, h, w)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        out = out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return x + self.proj(out)
 
 

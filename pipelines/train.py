@@ -20,6 +20,7 @@ cluster's resources are checked here, before any worker starts.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Sequence
 
@@ -40,7 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for a bad config or bad data)."""
+    """Entry point; returns the process exit code (2 for a bad config or bad data). SIGTERM (what
+    ``ray job stop`` sends first) raises ``KeyboardInterrupt``, so the MLflow run ends KILLED."""
     args = parse_args(argv)
     try:
         config = resolve_config(args.config, args.overrides)
@@ -50,11 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         outcome = run(config, args.num_cpus)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"run {outcome['run_name']} {'resumed and ' if outcome['resumed'] else ''}finished at step "
           f"{outcome['metrics'].get('step')}")
     print(f"checkpoints: {outcome['run_folder']}")

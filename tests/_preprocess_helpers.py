@@ -106,3 +106,39 @@ def plant_bad_files(folder: Path, sample: np.ndarray) -> dict[str, str]:
 def leftovers(output: Path) -> list[Path]:
     """Temporary or replaced siblings of ``output`` that a run left behind (should be none)."""
     return sorted(output.parent.glob(f"{output.name}.tmp-*")) + sorted(output.parent.glob(f"{output.name}.old-*"))
+
+
+def to_unit(pixels: np.ndarray) -> np.ndarray:
+    """The documented pixel convention re-derived here: uint8 k -> float32 k / 127.5 - 1."""
+    pixels = np.asarray(pixels)
+    assert pixels.dtype == np.uint8, pixels.dtype
+    return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the real entry point ``python pipelines/preprocess.py ARGV`` in this process (it reuses the
+    test's Ray instance); return (exit code, stdout, stderr)."""
+    from pipelines import preprocess
+
+    capsys.readouterr()  # drop anything printed before
+    code = preprocess.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file below ``root`` (to check an output was left untouched)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``pixels`` (uint8 [H, W] or [H, W, 3]) encoded as PNG."""
+    return _png_bytes(pixels)
+
+
+def corrupt_png(png: bytes) -> bytes:
+    """A PNG whose compressed pixel data (IDAT) is scrambled: the header is fine, decoding fails."""
+    corrupt = bytearray(png)
+    idat = corrupt.index(b"IDAT") + 8
+    corrupt[idat : idat + 40] = bytes(255 - b for b in corrupt[idat : idat + 40])
+    return bytes(corrupt)

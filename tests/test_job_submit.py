@@ -61,3 +61,12 @@ def test_ray_job_submit_runs_the_tiny_config(ray_head, fmnist_shards: Path, trai
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
     assert run.data.tags["ddpm.model_uri"] == "models:/ddpm-job/1"
     assert (storage / "job" / "checkpoint_00000004" / "model.safetensors").is_file()
+
+    # what the user reads in the job log: a progress line per logged step and one per checkpoint and
+    # model, and none of the warnings this project's code used to cause
+    for step in range(1, 5):
+        assert f"step {step}/4  loss " in output, output[-4000:]
+    assert f"checkpoint at step 2 -> {storage / 'job' / 'checkpoint_00000002'}" in output
+    assert "model at step 4 -> models:/ddpm-job/1" in output
+    for ours in ("CloudPickle", "Add type hints to the `predict` method", "Grad strides do not match"):
+        assert ours not in output, ours

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -16,7 +17,8 @@ from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.unet import UNet
-from pipelines.registry.model_store import DDPMCheckpointModel, ModelRef, fetch_checkpoint, log_checkpoint_model
+from pipelines.registry.model_store import ModelRef, fetch_checkpoint, log_checkpoint_model
+from pipelines.registry.pyfunc_model import DDPMCheckpointModel, PyfuncSampleRequest
 from pipelines.registry.tracking_uri import ensure_experiment
 from tooling.s3_server import running_s3_server
 
@@ -139,8 +141,9 @@ def test_s3_prefix(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_pyfunc_predict_takes_any_sampler() -> None:
-    """DDPMCheckpointModel.predict (without MLflow): the default is DDIM with 50 steps as before, and
-    the sampler keys select any ``generate`` sampler; bad settings raise ValueError naming the field."""
+    """DDPMCheckpointModel.predict (without MLflow): a list of typed requests, each answered with its
+    images as nested lists; the default is DDIM with 50 steps, and the sampler fields select any
+    ``generate`` sampler; bad settings raise ValueError naming the field."""
     torch.manual_seed(0)
     model = UNet(TINY_UNET).eval()
     wrapper = DDPMCheckpointModel()
@@ -149,10 +152,12 @@ def test_pyfunc_predict_takes_any_sampler() -> None:
     def expected(settings: SamplerSettings, n: int, seed: int):
         return generate(wrapper.loaded.diffusion, model, (n, 1, 8, 8), settings, seeded_generator(seed)).numpy()
 
-    assert (wrapper.predict(None, {"num_images": 2, "seed": 3}) == expected(SamplerSettings("ddim", 50), 2, 3)).all()
-    out = wrapper.predict(None, {"num_images": 1, "seed": 4, "sampler": "dpm_solver", "num_steps": 5, "order": 1})
-    assert (out == expected(SamplerSettings("dpm_solver", 5, order=1), 1, 4)).all()
-    out = wrapper.predict(None, {"num_images": 1, "seed": 5}, params={"sampler": "pc", "num_steps": 4, "snr": 0.1})
-    assert (out == expected(SamplerSettings("pc", 4, snr=0.1), 1, 5)).all()
-    with pytest.raises(ValueError, match="snr=0.0"):
-        wrapper.predict(None, {"sampler": "pc", "snr": 0})
+    requests = [PyfuncSampleRequest(num_images=2, seed=3),
+                PyfuncSampleRequest(num_images=1, seed=4, sampler="dpm_solver", num_steps=5, order=1),
+                PyfuncSampleRequest(num_images=1, seed=5, sampler="pc", num_steps=4, snr=0.1)]
+    out = [np.asarray(images, dtype=np.float32) for images in wrapper.predict(None, requests)]
+    np.testing.assert_array_equal(out[0], expected(SamplerSettings("ddim", 50), 2, 3))
+    np.testing.assert_array_equal(out[1], expected(SamplerSettings("dpm_solver", 5, order=1), 1, 4))
+    np.testing.assert_array_equal(out[2], expected(SamplerSettings("pc", 4, snr=0.1), 1, 5))
+    with pytest.raises(ValueError, match="snr=0"):
+        wrapper.predict(None, [PyfuncSampleRequest(sampler="pc", snr=0)])

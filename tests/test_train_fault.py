@@ -4,6 +4,7 @@ re-submitting the same run name with more steps continues the same run and MLflo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from _train_helpers import EXPERIMENT, checkpoint_states, tiny_config
 from mlflow import MlflowClient
 
@@ -23,8 +25,9 @@ TOTAL, EVERY, EXTENDED = 12, 4, 14
 
 
 class Killer(threading.Thread):
-    """Waits for the run's first checkpoint (step ``EVERY``) and SIGKILLs the process of rank 1,
-    whose pid that checkpoint records among its replicas."""
+    """Waits until Ray Train has registered the run's first checkpoint (its checkpoint-manager
+    snapshot in the run folder names it) and SIGKILLs the process of rank 1, whose pid that
+    checkpoint records among its replicas."""
 
     def __init__(self, run_folder: Path) -> None:
         super().__init__(daemon=True)
@@ -32,14 +35,20 @@ class Killer(threading.Thread):
         self.killed_pid: int | None = None
         self.stop = threading.Event()
 
+    def registered_checkpoint(self) -> Path | None:
+        try:
+            snapshot = json.loads((self.run_folder / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):  # not written yet, or being written
+            return None
+        latest = snapshot.get("latest_checkpoint_result")
+        return self.run_folder / latest["checkpoint_dir_name"] if latest else None
+
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                states = checkpoint_states(self.run_folder)
-            except (OSError, ValueError):  # a checkpoint still being written
-                states = {}
-            if states:
-                self.killed_pid = states[min(states)]["replicas"][1]["pid"]
+            checkpoint = self.registered_checkpoint()
+            if checkpoint is not None:
+                state = json.loads((checkpoint / "train_state.json").read_text())
+                self.killed_pid = state["replicas"][1]["pid"]
                 os.kill(self.killed_pid, signal.SIGKILL)
                 return
             time.sleep(0.02)
@@ -55,6 +64,7 @@ def test_killed_worker_resumes_and_resubmission_extends(ray_local, fmnist_shards
         scaling__num_workers=2, scaling__max_failures=2, train__total_steps=TOTAL, train__checkpoint_every=EVERY,
         train__keep_checkpoints=TOTAL // EVERY + 1, train__global_batch_size=32, train__sample_every=0,
         train__bpd_every=0, train__final_bpd_images=0, tracking__registered_model_name=None,
+        diffusion__loss="hybrid", train__timestep_sampler="loss_second_moment",
     )
     killer = Killer(train_sandbox / "runs" / "fault")
     killer.start()
@@ -78,6 +88,17 @@ def test_killed_worker_resumes_and_resubmission_extends(ray_local, fmnist_shards
     for step in range(resumed_from + EVERY, TOTAL + 1, EVERY):
         after = {r["pid"] for r in states[step]["replicas"]}
         assert after.isdisjoint(before), f"checkpoint {step} was written by the processes from before the kill"
+
+    # the importance sampler's loss history: the same on both ranks at every checkpoint, and restored
+    # at the resume (the state after it extends the resumed one for every timestep)
+    for step, state in states.items():
+        digests = {r["timestep_sampler_sha256"] for r in state["replicas"]}
+        assert len(digests) == 1, f"the ranks' timestep samplers differ at step {step}"
+    counts = {step: torch.load(Path(outcome["run_folder"]) / f"checkpoint_{step:08d}" / "optimizer.pt",
+                               weights_only=True)["timestep_sampler"]["counts"] for step in states}
+    assert int(counts[resumed_from].sum()) == 32 * resumed_from  # 32 images a step, no timestep at 10 yet
+    after = counts[TOTAL]
+    assert bool((after >= counts[resumed_from]).all()) and int(after.sum()) > int(counts[resumed_from].sum())
 
     # one MLflow run with every step exactly once
     experiment = client.get_experiment_by_name(EXPERIMENT)

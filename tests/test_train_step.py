@@ -10,7 +10,16 @@ import torch
 
 from diffusion_core.diffusion import GaussianDiffusion
 from pipelines.training.config import load_config
-from pipelines.training.loop import Worker, build_optimizer, build_trainee, configure_torch, train_step
+from pipelines.training.loop import (
+    TrainingDivergedError,
+    Window,
+    Worker,
+    build_optimizer,
+    build_trainee,
+    configure_torch,
+    gather_replicas,
+    train_step,
+)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 CPU = Worker(rank=0, world_size=1, device=torch.device("cpu"))
@@ -74,3 +83,44 @@ def test_adamw_decays_weights_decoupled_from_the_gradient() -> None:
 def test_optimizer_name_selects_the_class(name) -> None:
     trainee = build_trainee(_config(**{"optimizer.name": name}), CPU, None, prepare=lambda net: net)
     assert type(trainee.optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+
+
+def test_a_non_finite_step_is_skipped_and_a_run_of_them_stops_training() -> None:
+    config = _config(**{"train.max_nonfinite_steps": 3})
+    trainee = build_trainee(config, CPU, None, prepare=lambda net: net)
+    diffusion = GaussianDiffusion(config.diffusion)
+    good = torch.rand(8, *config.model.image_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bad = good.clone()
+    bad[3, 0, 5, 5] = float("nan")  # one corrupt pixel poisons the batch's gradient
+    window = Window(diffusion.num_timesteps, CPU.device)
+    losses, t, grad_norm = train_step(trainee, diffusion, good, config, bf16=False)
+    window.add(losses, t, grad_norm)
+    weights = {k: v.clone() for k, v in trainee.net.state_dict().items()}
+    ema = {k: v.clone() for k, v in trainee.ema.state_dict().items()}
+    for skipped in (1, 2):
+        losses, t, grad_norm = train_step(trainee, diffusion, bad, config, bf16=False)
+        window.add(losses, t, grad_norm)
+        assert not torch.isfinite(grad_norm) and trainee.nonfinite_run == skipped
+        assert all(torch.equal(weights[k], v) for k, v in trainee.net.state_dict().items()), "skipped step moved weights"
+        assert all(torch.equal(ema[k], v) for k, v in trainee.ema.state_dict().items())
+    assert trainee.step == 3
+    metrics = window.reduce(1)
+    assert metrics["skipped_steps"] == 2 and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert metrics["images_per_s"] > 0
+    # a finite step resets the run; then three non-finite steps in a row stop training, naming the step
+    train_step(trainee, diffusion, good, config, bf16=False)
+    assert trainee.nonfinite_run == 0
+    train_step(trainee, diffusion, bad, config, bf16=False)
+    train_step(trainee, diffusion, bad, config, bf16=False)
+    with pytest.raises(TrainingDivergedError, match="training diverged at step 7: 3 consecutive steps"):
+        train_step(trainee, diffusion, bad, config, bf16=False)
+
+
+def test_no_checkpoint_of_non_finite_weights() -> None:
+    config = _config()
+    trainee = build_trainee(config, CPU, None, prepare=lambda net: net)
+    assert gather_replicas(CPU, trainee, 0.5)[0]["weights_sha256"]
+    with torch.no_grad():
+        next(trainee.net.parameters())[0].fill_(float("inf"))
+    with pytest.raises(TrainingDivergedError, match="non-finite weights"):
+        gather_replicas(CPU, trainee, 0.5)

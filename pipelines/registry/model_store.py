@@ -1,14 +1,15 @@
 """Trained DDPM checkpoints as MLflow models: log/register one, and fetch one back as a folder.
 
-The MLflow model named ``"model"`` is a pyfunc whose only artifact is the core checkpoint folder
+The MLflow model named ``"model"`` is a pyfunc logged with MLflow's models-from-code
+(``registry/pyfunc_entry.py``; nothing is pickled) whose only artifact is the core checkpoint folder
 written by ``diffusion_core.checkpoint.save_checkpoint`` (``model.safetensors`` + ``config.json``,
-plus ``manifest.json`` of the training data when given). Loading never needs the pickled pyfunc
-object: ``fetch_checkpoint`` downloads the files and returns the folder that holds them, which
+plus ``manifest.json`` of the training data when given). Fetching needs no pyfunc at all:
+``fetch_checkpoint`` downloads the files and returns the folder that holds them, which
 ``diffusion_core.checkpoint.load_checkpoint`` reads.
 
 Downloaded layout of ``models:/<name>/<version>`` (MLflow 3)::
 
-    <dst>/MLmodel, python_model.pkl, requirements.txt, ...
+    <dst>/MLmodel, pyfunc_entry.py, requirements.txt, ...
     <dst>/artifacts/checkpoint/{model.safetensors, config.json, manifest.json}
 """
 
@@ -23,14 +24,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
-from mlflow.pyfunc import PythonModel
 
-from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, read_checkpoint_config
-from diffusion_core.generate import SamplerSettings, generate, seeded_generator
+from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint_config
 from pipelines.data.shards import MANIFEST_NAME
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 MODEL_NAME = "model"
+#: The models-from-code file of the pyfunc (``mlflow.models.set_model`` of ``DDPMCheckpointModel``).
+PYFUNC_ENTRY = Path(__file__).resolve().with_name("pyfunc_entry.py")
 _REMOTE_PREFIXES = ("models:/", "runs:/", "s3://", "mlflow-artifacts:/", "file://")
 
 
@@ -50,41 +51,6 @@ class ModelRef:
     run_id: str
     name: str | None = None
     version: str | None = None
-
-
-_PREDICT_TYPES = {"sampler": str, "eta": float, "spacing": str, "corrector_steps": int, "snr": float, "order": int}
-
-
-class DDPMCheckpointModel(PythonModel):
-    """pyfunc wrapper around a core checkpoint, so ``mlflow.pyfunc.load_model`` can sample.
-
-    ``predict`` takes a mapping (or one-row DataFrame) with ``num_images`` (int, default 4),
-    ``seed`` (int, default 0), ``num_steps`` (the sampler's steps, default 50) and optionally
-    ``sampler`` ("ddpm", "ddim" (default), "pc", "langevin", "dpm_solver"), ``eta``, ``spacing``,
-    ``corrector_steps``, ``snr`` and ``order`` (``diffusion_core.generate.SamplerSettings``), and
-    returns float32 images ``[N, C, H, W]`` in [-1, 1] as a numpy array. Nothing in it is needed to
-    fetch the weights.
-    """
-
-    def load_context(self, context: Any) -> None:
-        """Load the checkpoint artifact into ``self.loaded`` (a ``LoadedModel`` on CPU)."""
-        self.loaded = load_checkpoint(find_checkpoint_dir(Path(context.artifacts["checkpoint"])))
-
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would infer a schema from them
-        """Draw samples; see the class docstring for the inputs. Raises ValueError on bad counts or
-        sampler settings (naming the field)."""
-        if hasattr(model_input, "to_dict"):  # one-row pandas DataFrame
-            model_input = {k: v[0] for k, v in model_input.to_dict(orient="list").items()}
-        request = {**dict(model_input or {}), **dict(params or {})}
-        num_images, seed, steps = (int(request.get(k, d)) for k, d in (("num_images", 4), ("seed", 0),
-                                                                         ("num_steps", 50)))
-        if not 1 <= num_images <= 256:
-            raise ValueError(f"num_images={num_images} must be in [1, 256]")
-        options = {name: cast(request[name]) for name, cast in _PREDICT_TYPES.items() if request.get(name) is not None}
-        settings = SamplerSettings(num_steps=steps, **options)
-        shape = (num_images, *self.loaded.unet_config.image_shape)
-        images = generate(self.loaded.diffusion, self.loaded.model, shape, settings, generator=seeded_generator(seed))
-        return images.numpy()
 
 
 _MANIFEST_SUMMARY_KEYS = (
@@ -177,7 +143,7 @@ def log_checkpoint_model(
             (staged / MANIFEST_NAME).write_text(json.dumps(manifest_data, indent=2, sort_keys=True))
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=DDPMCheckpointModel(),
+            python_model=str(PYFUNC_ENTRY),  # models-from-code: nothing is pickled
             artifacts={"checkpoint": str(staged)},
             pip_requirements=_pip_requirements(),
         )

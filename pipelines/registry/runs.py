@@ -93,6 +93,18 @@ def open_run(config: TrainConfig, tracking_uri: str, manifest: Mapping[str, Any]
     return run_id, False
 
 
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Give run ``run_id`` its terminal status ("FINISHED", "FAILED" or "KILLED") when the job ends,
+    whatever the workers managed to set (a worker killed mid-run leaves its run RUNNING).
+
+    Raises:
+        ValueError: on any other status.
+    """
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"status={status!r} must be FINISHED, FAILED or KILLED")
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
 def log_png(client: MlflowClient, run_id: str, png: bytes, artifact_file: str) -> None:
     """Store PNG bytes (as made by ``diffusion_core.images.encode_png``) as the artifact
     ``artifact_file`` of run ``run_id``, unchanged."""

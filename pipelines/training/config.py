@@ -28,6 +28,7 @@ from diffusion_core.validation import (
     check_optional_str,
 )
 from pipelines.paths import DEFAULT_STORAGE_PATH
+from pipelines.training.timestep_sampler import TimestepSamplerName
 
 OptimizerName = Literal["adam", "adamw"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -131,6 +132,12 @@ class TrainSection:
             ``<config name>-<timestamp>`` on the driver.
         storage_path: where Ray Train writes checkpoints (local path or ``s3://``; the entry point
             makes local paths absolute).
+        timestep_sampler: how a step draws its timesteps: "uniform", or "loss_second_moment"
+            (importance sampling by sqrt(E[L_t^2]), Nichol & Dhariwal 2021 sec. 3.3; only with
+            ``diffusion.loss`` "vlb" or "hybrid"; see ``training.timestep_sampler``).
+        max_nonfinite_steps: consecutive steps with a non-finite loss or gradient after which
+            training stops with an error (>= 1). Each such step is skipped: no optimizer or EMA
+            update, counted in the ``skipped_steps`` metric.
     """
 
     total_steps: int = 1000
@@ -151,10 +158,12 @@ class TrainSection:
     final_bpd_images: int = 0
     run_name: str | None = None
     storage_path: str = DEFAULT_STORAGE_PATH
+    max_nonfinite_steps: int = 10
+    timestep_sampler: TimestepSamplerName = "uniform"
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "sample_images", "sample_steps", "bpd_images", "bpd_samples"):
+                     "sample_images", "sample_steps", "bpd_images", "bpd_samples", "max_nonfinite_steps"):
             check_int_in_range(f"train.{name}", getattr(self, name), 1)
         for name in ("seed", "sample_every", "bpd_every", "final_bpd_images"):
             check_int_in_range(f"train.{name}", getattr(self, name), 0)
@@ -166,6 +175,7 @@ class TrainSection:
         check_number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         check_bool("train.ema_warmup", self.ema_warmup)
         check_optional_str("train.run_name", self.run_name)
+        check_choice("train.timestep_sampler", self.timestep_sampler, TimestepSamplerName)
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")
         if not isinstance(self.storage_path, str) or not self.storage_path.strip():
@@ -267,6 +277,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_out_channels(self.model, self.diffusion)
+        if self.train.timestep_sampler == "loss_second_moment" and self.diffusion.loss == "simple":
+            raise ValueError(
+                "train.timestep_sampler='loss_second_moment' needs diffusion.loss 'vlb' or 'hybrid' "
+                "(it importance-samples the terms of the bound), not 'simple'"
+            )
         if self.train.global_batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"train.global_batch_size={self.train.global_batch_size} must be divisible by "

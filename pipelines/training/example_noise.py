@@ -39,27 +39,35 @@ def example_keys(x_start: torch.Tensor) -> np.ndarray:
 
 
 def example_timesteps_and_noise(
-    x_start: torch.Tensor, seed: int, step: int, num_timesteps: int
+    x_start: torch.Tensor, seed: int, step: int, num_timesteps: int, probabilities: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps (uniform over [0, T), 0-based) and standard normal noise for each image, drawn
-    from a generator seeded by ``SeedSequence([seed, step, key])`` (``key`` from ``example_keys``).
+    """Timesteps (0-based, in [0, T)) and standard normal noise for each image, drawn from a
+    generator seeded by ``SeedSequence([seed, step, key])`` (``key`` from ``example_keys``).
 
     Args:
         x_start: images ``[N, C, H, W]`` in [-1, 1] (any device).
         seed: run seed (>= 0).
         step: the 1-based optimizer step.
         num_timesteps: T.
+        probabilities: ``None`` for uniform timesteps, else p_t (float ``[T]``, summing to 1): each
+            image's t is the inverse CDF of p at a uniform draw of its own generator, so the draw
+            still does not depend on how the batch is split.
 
     Returns:
         ``(t, noise)``: int64 ``[N]`` and float32 ``[N, C, H, W]`` on ``x_start``'s device.
     """
     keys = example_keys(x_start)
+    cdf = None if probabilities is None else np.cumsum(np.asarray(probabilities, dtype=np.float64))
     shape = tuple(x_start.shape[1:])
     ts, noises = [], []
     for key in keys:
         state = np.random.SeedSequence([seed, step, int(key)]).generate_state(1, dtype=np.uint64)
         generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        if probabilities is None:
+            ts.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        else:
+            u = float(torch.rand(1, generator=generator, dtype=torch.float64))
+            ts.append(torch.tensor([min(int(np.searchsorted(cdf, u, side="right")), num_timesteps - 1)]))
         noises.append(torch.randn(shape, generator=generator))
     t = torch.cat(ts).to(x_start.device)
     noise = torch.stack(noises).to(x_start.device, torch.float32)

@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.data import storage
 from pipelines.data.shards import load_manifest, read_split
-from pipelines.registry.runs import open_run, run_folder
+from pipelines.registry.runs import end_run, open_run, run_folder
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import TrainConfig, load_config
 from pipelines.training.loop import train_func
@@ -113,7 +113,9 @@ def check_resources(config: TrainConfig, fixed_size: bool) -> None:
 def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
     """Check the inputs, open (or resume) the MLflow run, train, and return where things went:
     ``{"run_name", "run_folder", "mlflow_run_id", "tracking_uri", "checkpoint", "metrics",
-    "resumed"}``.
+    "resumed"}``. The MLflow run ends FINISHED when training returns, FAILED when it raises, and
+    KILLED when it is interrupted (``KeyboardInterrupt``; ``pipelines/train.py`` turns the SIGTERM
+    of ``ray job stop`` into one), also after a resume.
 
     Raises:
         ValueError: bad shards or resources (before any worker starts).
@@ -130,7 +132,15 @@ def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
     run_id, resumed = open_run(config, tracking_uri, manifest)
     loop_config = {"config": config.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                    "manifest": manifest}
-    result = build_trainer(config, loop_config).fit()
+    try:
+        result = build_trainer(config, loop_config).fit()
+    except KeyboardInterrupt:
+        end_run(tracking_uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    end_run(tracking_uri, run_id, "FINISHED")
     return {
         "run_name": config.train.run_name,
         "run_folder": run_folder(config).uri,

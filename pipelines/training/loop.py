@@ -38,10 +38,11 @@ from diffusion_core.unet import UNet
 from pipelines.data.shards import read_split_numpy
 from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, sample_grid
 from pipelines.registry.model_store import log_checkpoint_model
-from pipelines.registry.runs import MetricBuffer, RunTracker
+from pipelines.registry.runs import MetricBuffer, RunTracker, run_folder
 from pipelines.training.config import OptimizerConfig, ScalingSection, TrainConfig
 from pipelines.training.ema import EMA
 from pipelines.training.example_noise import example_timesteps_and_noise
+from pipelines.training.progress import ProgressLog
 from pipelines.training.state import (
     TrainState,
     capture_rng_state,
@@ -49,6 +50,7 @@ from pipelines.training.state import (
     restore_rng_state,
     save_train_state,
 )
+from pipelines.training.timestep_sampler import LossSecondMomentSampler, build_timestep_sampler
 
 MODEL_URI_TAG = "ddpm.model_uri"  # the final model of the run (registered when a name is configured)
 MODEL_STEP_TAG = "ddpm.model_step"  # the step it was logged at: finalization runs once per final step
@@ -78,6 +80,14 @@ class Trainee:
     ema: EMA
     optimizer: torch.optim.Optimizer
     step: int
+    nonfinite_run: int = 0  # consecutive skipped (non-finite) steps up to the current one
+    timestep_sampler: LossSecondMomentSampler | None = None  # None: uniform timesteps
+    world_size: int = 1
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced non-finite losses or gradients for ``train.max_nonfinite_steps`` steps in
+    a row, or non-finite weights; the message names the step. No checkpoint of it is written."""
 
 
 def configure_torch(scaling: ScalingSection, device: torch.device) -> bool:
@@ -146,7 +156,11 @@ def build_trainee(config: TrainConfig, worker: Worker, state: TrainState | None,
         restore_rng_state(state.rng_states[worker.rank])
     else:  # dropout streams differ between ranks
         torch.manual_seed(_seed_from(config.train.seed, worker.rank, step))
-    return Trainee(model=model, net=net, ema=ema, optimizer=optimizer, step=step)
+    sampler = build_timestep_sampler(config.train.timestep_sampler, config.diffusion.num_timesteps)
+    if sampler is not None and state is not None and state.timestep_sampler is not None:
+        sampler.load_state_dict(state.timestep_sampler)
+    return Trainee(model=model, net=net, ema=ema, optimizer=optimizer, step=step, timestep_sampler=sampler,
+                   world_size=worker.world_size)
 
 
 class Window:
@@ -163,11 +177,17 @@ class Window:
 
     def reset(self) -> None:
         """Start a new window."""
-        self.stats = torch.zeros(13, dtype=torch.float64, device=self.device)  # sums[5], counts[5], grad, steps, images
+        # sums[5], counts[5], grad, steps, images, skipped steps
+        self.stats = torch.zeros(14, dtype=torch.float64, device=self.device)
         self.started = time.perf_counter()
 
     def add(self, losses: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Add one step: per-example ``losses`` [N], timesteps ``t`` [N], the global grad norm."""
+        """Add one step: per-example ``losses`` [N], timesteps ``t`` [N], the global grad norm. A
+        skipped step (non-finite grad norm) counts its images and itself as skipped, no losses."""
+        if not torch.isfinite(grad_norm):
+            self.stats[12] += losses.numel()
+            self.stats[13] += 1
+            return
         losses = losses.detach().double()
         quartile = (t * 4) // self.num_timesteps
         self.stats[0] += losses.sum()
@@ -179,15 +199,16 @@ class Window:
         self.stats[12] += losses.numel()
 
     def reduce(self, world_size: int) -> dict[str, float]:
-        """All-reduce (sum) over workers and return ``loss``, ``loss_q0..3``, ``grad_norm`` and
-        ``images_per_s`` (global images / wall seconds of the window); then reset."""
+        """All-reduce (sum) over workers and return ``loss``, ``loss_q0..3``, ``grad_norm`` (over the
+        steps not skipped), ``images_per_s`` (global images / wall seconds of the window) and
+        ``skipped_steps`` (steps of the window skipped for a non-finite gradient); then reset."""
         stats = self.stats.clone()
         if world_size > 1:
             dist.all_reduce(stats)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         stats = stats.cpu().tolist()
         metrics = {"loss": stats[0] / max(stats[5], 1), "grad_norm": stats[10] / max(stats[11], 1),
-                   "images_per_s": stats[12] / elapsed}
+                   "images_per_s": stats[12] / elapsed, "skipped_steps": stats[13] / max(world_size, 1)}
         for q in range(4):
             if stats[6 + q] > 0:
                 metrics[f"loss_q{q}"] = stats[1 + q] / stats[6 + q]
@@ -195,29 +216,69 @@ class Window:
         return metrics
 
 
+def gather_in_rank_order(t: torch.Tensor, losses: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's timesteps ``[n]`` and losses ``[n]`` concatenated in rank order (all ranks hold
+    the same per-worker batch size ``n``), so that every rank updates its timestep sampler alike."""
+    if world_size == 1:
+        return t, losses
+    gathered_t = [torch.empty_like(t) for _ in range(world_size)]
+    gathered_losses = [torch.empty_like(losses) for _ in range(world_size)]
+    dist.all_gather(gathered_t, t)
+    dist.all_gather(gathered_losses, losses)
+    return torch.cat(gathered_t), torch.cat(gathered_losses)
+
+
 def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Tensor, config: TrainConfig,
                bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on this worker's part ``x_start`` [n, C, H, W] of the global batch.
 
+    A step whose global gradient norm is not finite (a non-finite loss anywhere makes it so) is
+    skipped on every rank: no optimizer or EMA update; the step still counts.
+
     Returns:
         ``(losses [n], t [n], grad_norm)``: per-example losses (float32, detached), timesteps, and
-        the global gradient L2 norm before clipping.
+        the global gradient L2 norm before clipping (non-finite for a skipped step).
+
+    Raises:
+        TrainingDivergedError: on the ``train.max_nonfinite_steps``-th skipped step in a row.
     """
     trainee.step += 1
     for group in trainee.optimizer.param_groups:
         group["lr"] = learning_rate(config.optimizer, trainee.step)
-    t, noise = example_timesteps_and_noise(x_start, config.train.seed, trainee.step, diffusion.num_timesteps)
+    sampler = trainee.timestep_sampler
+    probabilities = sampler.probabilities() if sampler is not None else None
+    t, noise = example_timesteps_and_noise(x_start, config.train.seed, trainee.step, diffusion.num_timesteps,
+                                           probabilities)
     if x_start.device.type == "cuda" and config.scaling.channels_last:
         x_start = x_start.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(x_start.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainee.optimizer.zero_grad(set_to_none=True)
     with autocast:
         losses = diffusion.training_losses(trainee.model, x_start, t, noise=noise)["loss"]
-    losses.float().mean().backward()
+    if sampler is None:
+        losses.float().mean().backward()
+    else:  # importance weights 1 / (T p_t) keep the objective unbiased
+        weights = torch.from_numpy(sampler.weights(t.cpu().numpy(), probabilities)).to(losses.device)
+        (losses.float() * weights.float()).mean().backward()
     clip = config.optimizer.grad_clip if config.optimizer.grad_clip > 0 else float("inf")
+    # The norm of the all-reduced gradients: the same on every rank, so all ranks skip together.
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), clip)
+    if not torch.isfinite(grad_norm):
+        trainee.optimizer.zero_grad(set_to_none=True)
+        trainee.nonfinite_run += 1
+        if trainee.nonfinite_run >= config.train.max_nonfinite_steps:
+            raise TrainingDivergedError(
+                f"training diverged at step {trainee.step}: {trainee.nonfinite_run} consecutive steps had a "
+                f"non-finite loss or gradient (train.max_nonfinite_steps={config.train.max_nonfinite_steps}); "
+                "the last checkpoint holds the last finite weights (lower optimizer.lr or raise optimizer.grad_clip)"
+            )
+        return losses.detach().float(), t, grad_norm
+    trainee.nonfinite_run = 0
     trainee.optimizer.step()
     trainee.ema.update(trainee.net, trainee.step)
+    if sampler is not None:
+        all_t, all_losses = gather_in_rank_order(t, losses.detach().float(), trainee.world_size)
+        sampler.update(all_t.cpu().numpy(), all_losses.cpu().numpy())
     return losses.detach().float(), t, grad_norm
 
 
@@ -270,20 +331,31 @@ def gather_replicas(worker: Worker, trainee: Trainee, local_loss: float) -> list
     """Every rank's ``{"rank", "host", "pid", "weights_sha256", "local_loss"}`` (list indexed by rank).
 
     DDP keeps the replicas bit-identical; this is checked at every checkpoint, so a checkpoint is
-    never written from replicas that drifted apart (e.g. a rank that skipped an all-reduce).
+    never written from replicas that drifted apart (e.g. a rank that skipped an all-reduce), nor
+    from non-finite weights.
 
     Raises:
-        RuntimeError: naming the step and the ranks whose weights differ from rank 0's.
+        TrainingDivergedError: if this rank's weights hold a non-finite value.
+        RuntimeError: naming the step and the ranks whose weights (or timestep sampler state)
+            differ from rank 0's.
     """
+    nonfinite = [name for name, tensor in trainee.net.state_dict().items() if not torch.isfinite(tensor).all()]
+    if nonfinite:
+        raise TrainingDivergedError(f"step {trainee.step}: rank {worker.rank} holds non-finite weights in "
+                                    f"{nonfinite[:5]}; no checkpoint is written")
     mine = {"rank": worker.rank, "host": socket.gethostname(), "pid": os.getpid(),
             "weights_sha256": weights_digest(trainee.net), "local_loss": local_loss}
+    if trainee.timestep_sampler is not None:
+        mine["timestep_sampler_sha256"] = trainee.timestep_sampler.digest()
     replicas: list[Any] = [mine]
     if worker.world_size > 1:
         replicas = [None] * worker.world_size
         dist.all_gather_object(replicas, mine)
-    drifted = [r["rank"] for r in replicas if r["weights_sha256"] != replicas[0]["weights_sha256"]]
+    keys = ("weights_sha256", "timestep_sampler_sha256")
+    drifted = [r["rank"] for r in replicas if any(r.get(k) != replicas[0].get(k) for k in keys)]
     if drifted:
-        raise RuntimeError(f"step {trainee.step}: the weights of ranks {drifted} differ from rank 0's; "
+        raise RuntimeError(f"step {trainee.step}: the weights or timestep sampler of ranks {drifted} differ from "
+                           "rank 0's; "
                            "the data-parallel replicas are out of sync")
     return replicas
 
@@ -308,11 +380,22 @@ def report_checkpoint(trainee: Trainee, config: TrainConfig, worker: Worker, buf
         optimizer=trainee.optimizer.state_dict(), rng_states=rng_states, mlflow_run_id=run_id,
         pending_metrics=buffer.pending() if buffer else {},
         replicas=replicas,
+        timestep_sampler=trainee.timestep_sampler.state_dict() if trainee.timestep_sampler else None,
     )
     with tempfile.TemporaryDirectory(prefix="ddpm-ckpt-") as folder:
         save_train_state(folder, state, config)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{trainee.step:08d}")
+                         checkpoint_dir_name=checkpoint_dir_name(trainee.step))
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder name of the checkpoint of ``step`` in the run folder: ``checkpoint_<step:08d>``."""
+    return f"checkpoint_{step:08d}"
+
+
+def checkpoint_path(config: TrainConfig, step: int) -> str:
+    """Where Ray Train persists the checkpoint of ``step``: ``<storage_path>/<run_name>/checkpoint_<step>``."""
+    return run_folder(config).join(checkpoint_dir_name(step)).uri
 
 
 def ema_network(trainee: Trainee, config: TrainConfig, device: torch.device) -> UNet:
@@ -324,12 +407,13 @@ class ChiefDuties:
     """What rank 0 does besides training: metric buffering/flushing, sample grids, bits/dim."""
 
     def __init__(self, config: TrainConfig, tracker: RunTracker, diffusion: GaussianDiffusion,
-                 val_images: torch.Tensor, pending: dict[int, dict[str, float]]) -> None:
+                 val_images: torch.Tensor, pending: dict[int, dict[str, float]], start_step: int = 0) -> None:
         self.config = config
         self.tracker = tracker
         self.diffusion = diffusion
         self.val_images = val_images
         self.buffer = MetricBuffer()
+        self.progress = ProgressLog(config.train.total_steps, start_step)
         tracker.resume_pending(pending)
 
     def image_shape(self) -> tuple[int, int, int]:
@@ -350,6 +434,7 @@ class ChiefDuties:
             subset = self.val_images[: train.bpd_images].to(device)
             result = estimate_bpd(self.diffusion, net, subset, train.bpd_samples, seed=train.seed)
             self.buffer.add(step, {"val_bpd": result["bpd"], "val_bpd_stderr": result["bpd_stderr"]})
+            self.progress.val_bpd(step, result["bpd"], result["bpd_stderr"], len(subset), train.bpd_samples)
 
     def log_samples(self, net: UNet, step: int) -> None:
         """A grid of the EMA model drawn with ``train.sampler_settings`` as ``samples/step_<step>.png``
@@ -357,7 +442,9 @@ class ChiefDuties:
         train = self.config.train
         _, png = sample_grid(self.diffusion, net, self.image_shape(), train.sample_images, train.sampler_settings,
                              train.seed)
-        self.tracker.log_png(png, f"samples/step_{step:08d}.png")
+        artifact = f"samples/step_{step:08d}.png"
+        self.tracker.log_png(png, artifact)
+        self.progress.samples(step, artifact, self.tracker.run_id)
 
     def finalize(self, trainee: Trainee, device: torch.device, manifest: dict[str, Any]) -> None:
         """At the end (once per final step, also across restarts; a run extended to more steps
@@ -372,6 +459,7 @@ class ChiefDuties:
             subset = self.val_images[: train.final_bpd_images].to(device)
             result = exact_bpd(self.diffusion, net, subset, seed=train.seed)
             self.tracker.log_steps({step: {"val_bpd_exact": result["bpd"], "val_prior_bpd": result["prior_bpd"]}})
+            self.progress.exact_bpd(step, result["bpd"], len(subset))
         with tempfile.TemporaryDirectory(prefix="ddpm-final-") as folder:
             save_checkpoint(folder, trainee.ema.state_dict(), self.config.model, self.config.diffusion,
                             metadata={"step": step, "weights": "ema", "mlflow_run_id": self.tracker.run_id,
@@ -379,6 +467,7 @@ class ChiefDuties:
             ref = log_checkpoint_model(folder, registered_model_name=self.config.tracking.registered_model_name,
                                        manifest=manifest)
         self.tracker.set_tags({MODEL_URI_TAG: ref.model_uri, MODEL_STEP_TAG: str(step)})
+        self.progress.model(step, ref.model_uri)
 
 
 def current_worker() -> Worker:
@@ -408,7 +497,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if state is not None:
             tracker.set_tags({RESUMED_FROM_TAG: str(state.step)})
         val_images = load_val_images(config)
-        chief = ChiefDuties(config, tracker, diffusion, val_images, state.pending_metrics if state else {})
+        chief = ChiefDuties(config, tracker, diffusion, val_images, state.pending_metrics if state else {},
+                            start_step=state.step if state else 0)
         run_loop(config, worker, trainee, diffusion, bf16, chief, tracker.run_id)
         chief.finalize(trainee, worker.device, loop_config["manifest"])
 
@@ -439,11 +529,14 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
             last_metrics = {**window.reduce(worker.world_size), "lr": learning_rate(config.optimizer, step)}
             if chief is not None:
                 chief.buffer.add(step, last_metrics)
+                chief.progress.step(step, last_metrics["loss"], last_metrics["images_per_s"])
         if chief is not None:
             chief.periodic(trainee, worker.device)
         if step % train.checkpoint_every == 0 or done:
             report_checkpoint(trainee, config, worker, chief.buffer if chief else None, run_id, last_metrics,
                               float(losses.mean()))
+            if chief is not None:
+                chief.progress.checkpoint(step, checkpoint_path(config, step))
             if chief is not None:
                 chief.tracker.log_steps(chief.buffer.take_through(step))
         if done:

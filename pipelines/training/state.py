@@ -5,7 +5,8 @@ Layout of a training checkpoint (what rank 0 hands to ``ray.train.report``)::
     model.safetensors, config.json   EMA weights as a core checkpoint (diffusion_core.checkpoint):
                                      loadable by serving and evaluate.py as it is
     raw_model.safetensors            the raw (non-averaged) weights being optimized
-    optimizer.pt                     optimizer state and every rank's RNG states (torch.save of
+    optimizer.pt                     optimizer state, every rank's RNG states and the timestep
+                                     sampler's loss history (torch.save of
                                      tensors and plain Python values only; read with weights_only)
     train_state.json                 step, MLflow run id, world size, every replica's summary (rank,
                                      host, pid, sha256 of its weights, its local loss of the step),
@@ -56,6 +57,7 @@ class TrainState:
     mlflow_run_id: str | None
     pending_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     replicas: list[dict[str, Any]] = field(default_factory=list)
+    timestep_sampler: dict[str, Any] | None = None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -89,7 +91,8 @@ def save_train_state(directory: str | Path, state: TrainState, config: TrainConf
                   "mlflow_run_id": state.mlflow_run_id, "run_name": config.train.run_name},
     )
     save_file({k: v.detach().cpu().contiguous() for k, v in state.raw_weights.items()}, str(folder / RAW_WEIGHTS))
-    torch.save({"optimizer": state.optimizer, "rng_states": state.rng_states}, folder / OPTIMIZER_FILE)
+    torch.save({"optimizer": state.optimizer, "rng_states": state.rng_states,
+                "timestep_sampler": state.timestep_sampler}, folder / OPTIMIZER_FILE)
     summary = {
         "step": state.step,
         "mlflow_run_id": state.mlflow_run_id,
@@ -123,4 +126,5 @@ def load_train_state(directory: str | Path, device: str | torch.device = "cpu") 
         mlflow_run_id=summary.get("mlflow_run_id"),
         pending_metrics={int(step): values for step, values in summary.get("pending_metrics", {}).items()},
         replicas=list(summary.get("replicas", [])),
+        timestep_sampler=extra.get("timestep_sampler"),
     )

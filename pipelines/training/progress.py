@@ -1,0 +1,74 @@
+"""Training progress as plain lines on rank 0's stdout, which Ray forwards to the job log
+(``ray job logs``): one line per ``train.log_every`` steps and one per checkpoint, sample grid and
+evaluation saying where it went. No terminal control characters, so the lines read the same in a
+log file as on a console.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` for a non-negative number of seconds (rounded down)."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class ProgressLog:
+    """Rank 0's progress printer for one (re)start of the worker group.
+
+    Attributes:
+        total_steps: ``train.total_steps``.
+        start_step: the step this start resumed from (0 for a fresh run); the ETA extrapolates the
+            steps per second since then.
+        stream: where lines go (stdout by default; Ray captures it into the job log).
+    """
+
+    total_steps: int
+    start_step: int = 0
+    stream: TextIO = field(default_factory=lambda: sys.stdout)
+    started: float = field(default_factory=time.monotonic)
+    last_val_bpd: float | None = None
+
+    def emit(self, line: str) -> None:
+        """Print one line and flush it (a job log should show it at once)."""
+        print(line, file=self.stream, flush=True)
+
+    def step(self, step: int, loss: float, images_per_s: float) -> None:
+        """``step 120/3000  loss 0.0412  68.3 images/s  elapsed 0:05:12  eta 1:02:00  val_bpd 3.71``
+        (``val_bpd``: the last held-out bits/dim estimate, ``-`` before the first)."""
+        elapsed = time.monotonic() - self.started
+        done = step - self.start_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        val = f"{self.last_val_bpd:.3f}" if self.last_val_bpd is not None else "-"
+        eta_text = format_duration(eta) if eta == eta else "-"
+        self.emit(f"step {step}/{self.total_steps}  loss {loss:.4f}  {images_per_s:.1f} images/s  "
+                  f"elapsed {format_duration(elapsed)}  eta {eta_text}  val_bpd {val}")
+
+    def val_bpd(self, step: int, bpd: float, stderr: float, num_images: int, num_samples: int) -> None:
+        """The held-out estimate of ``step`` (bits/dim), remembered for the following step lines."""
+        self.last_val_bpd = bpd
+        self.emit(f"val_bpd at step {step}: {bpd:.4f} +- {stderr:.4f} bits/dim "
+                  f"({num_images} validation images, K={num_samples}) -> MLflow metric val_bpd")
+
+    def exact_bpd(self, step: int, bpd: float, num_images: int) -> None:
+        """The exact held-out bound at the end (bits/dim)."""
+        self.emit(f"val_bpd_exact at step {step}: {bpd:.4f} bits/dim ({num_images} validation images) "
+                  "-> MLflow metric val_bpd_exact")
+
+    def samples(self, step: int, artifact: str, run_id: str) -> None:
+        """A sample grid logged as an MLflow artifact."""
+        self.emit(f"samples at step {step} -> MLflow run {run_id} artifact {artifact}")
+
+    def checkpoint(self, step: int, path: str) -> None:
+        """A checkpoint handed to Ray Train (``path``: where Ray Train persists it)."""
+        self.emit(f"checkpoint at step {step} -> {path}")
+
+    def model(self, step: int, model_uri: str) -> None:
+        """The final EMA model logged (and registered when a name is configured)."""
+        self.emit(f"model at step {step} -> {model_uri}")

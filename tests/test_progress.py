@@ -1,0 +1,43 @@
+"""Rank 0's progress lines (``pipelines.training.progress``): their format and the ETA arithmetic."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from pipelines.training.progress import ProgressLog, format_duration
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.9, "0:00:59"), (61, "0:01:01"), (3 * 3600 + 62, "3:01:02"),
+                                           (-5, "0:00:00")])
+def test_format_duration(seconds, text) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_step_line_extrapolates_the_eta_from_the_steps_since_the_start() -> None:
+    stream = io.StringIO()
+    log = ProgressLog(total_steps=1000, start_step=200, stream=stream)
+    log.started -= 100.0  # 100 s since this start
+    log.step(400, loss=0.04123, images_per_s=68.25)  # 200 steps in 100 s: 600 left take 300 s
+    line = stream.getvalue().strip()
+    assert line.startswith("step 400/1000  loss 0.0412  68.2 images/s  elapsed 0:01:40  eta 0:05:00")
+    assert line.endswith("val_bpd -")
+    log.val_bpd(400, 3.712, 0.25, 64, 8)
+    log.step(500, loss=0.04, images_per_s=70.0)
+    assert stream.getvalue().splitlines()[-1].endswith("val_bpd 3.712")
+    assert "3.7120 +- 0.2500 bits/dim (64 validation images, K=8)" in stream.getvalue()
+
+
+def test_event_lines_say_where_things_went() -> None:
+    stream = io.StringIO()
+    log = ProgressLog(total_steps=10, stream=stream)
+    log.step(0, loss=1.0, images_per_s=1.0)  # no step done yet: no ETA
+    log.checkpoint(5, "/runs/r/checkpoint_00000005")
+    log.samples(5, "samples/step_00000005.png", "abc")
+    log.model(10, "models:/ddpm/3")
+    lines = stream.getvalue().splitlines()
+    assert "eta -" in lines[0]
+    assert lines[1:] == ["checkpoint at step 5 -> /runs/r/checkpoint_00000005",
+                         "samples at step 5 -> MLflow run abc artifact samples/step_00000005.png",
+                         "model at step 10 -> models:/ddpm/3"]
