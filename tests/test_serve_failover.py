@@ -1,4 +1,5 @@
-"""A model replica SIGKILLed under load: Serve replaces it, and requests after recovery succeed.
+"""A model replica SIGKILLed under load: exactly the requests it held fail, each with 503 and
+Retry-After; Serve replaces it, and requests sent after the kill succeed.
 
 The model is served from a plain checkpoint folder (no registry), the other source `model_uri` takes.
 """
@@ -20,16 +21,51 @@ from tooling.local_cluster import LocalRayCluster, derive_serve_config
 
 pytestmark = pytest.mark.slow
 
-REQUEST = {"num_images": 1, "sampler": "ddim", "num_steps": 4, "seed": 3}
+# ~1 s of replica compute per round (4 requests batched: 20 network evaluations of 16 images), long
+# against the milliseconds a request spends in the proxy and ingress on its way in and out
+REQUEST = {"num_images": 4, "sampler": "ddim", "num_steps": 20, "seed": 3}
 CLIENTS = 4
+WARMUP_ROUNDS = 3
 
 
 @dataclass(frozen=True)
 class Outcome:
+    round: int
     started: float
     finished: float
-    ok: bool
+    status: int | None  # None: no HTTP response at all
+    retry_after: str | None
     detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+class Rounds:
+    """The clients send their requests in rounds: all ``CLIENTS`` at once (a barrier), the next round
+    when every one has its answer. So the main thread knows when a round's requests are all on the
+    replica (shortly after the round starts, well before any can finish) and can kill it then."""
+
+    def __init__(self) -> None:
+        self.number = 0
+        self.started = 0.0
+        self.changed = threading.Condition()
+        self.barrier = threading.Barrier(CLIENTS, action=self._next)
+
+    def _next(self) -> None:  # run by one client when all have arrived, before any is released
+        with self.changed:
+            self.number += 1
+            self.started = time.monotonic()
+            self.changed.notify_all()
+
+    def wait_for_round(self, number: int, timeout_s: float) -> float:
+        """Block until round ``number`` has started; its start time."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.number >= number, timeout=timeout_s), (
+                f"round {number} did not start in {timeout_s} s (at round {self.number})")
+            assert self.number == number, f"missed the start of round {number} (already at {self.number})"
+            return self.started
 
 
 @pytest.fixture(scope="module")
@@ -46,55 +82,80 @@ def served(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path):
         cluster.stop()
 
 
-def _client(url: str, stop: threading.Event, outcomes: list[Outcome], lock: threading.Lock) -> None:
+def _client(url: str, rounds: Rounds, stop: threading.Event, outcomes: list[Outcome], lock: threading.Lock) -> None:
     with requests.Session() as session:
-        while not stop.is_set():
-            started = time.monotonic()
+        while True:
             try:
-                response = session.post(f"{url}/sample", json=REQUEST, timeout=60)
-                ok, detail = response.status_code == 200, f"{response.status_code} {response.text[:200]}"
+                rounds.barrier.wait(timeout=300)
+            except threading.BrokenBarrierError:
+                return
+            if stop.is_set():
+                return
+            number, started = rounds.number, time.monotonic()
+            try:
+                response = session.post(f"{url}/sample", json=REQUEST, timeout=150)
+                status, retry_after = response.status_code, response.headers.get("retry-after")
+                detail = f"{response.status_code} {response.text[:200]}"
             except requests.RequestException as err:
-                ok, detail = False, repr(err)[:80]
+                status, retry_after, detail = None, None, repr(err)[:120]
             with lock:
-                outcomes.append(Outcome(started, time.monotonic(), ok, detail))
+                outcomes.append(Outcome(number, started, time.monotonic(), status, retry_after, detail))
 
 
 def test_killed_replica_is_replaced_and_requests_after_recovery_succeed(served: LocalRayCluster) -> None:
     cluster = served
     (victim,) = cluster.model_replicas()
     outcomes: list[Outcome] = []
-    lock, stop = threading.Lock(), threading.Event()
-    clients = [threading.Thread(target=_client, args=(cluster.http, stop, outcomes, lock)) for _ in range(CLIENTS)]
+    lock, stop, rounds = threading.Lock(), threading.Event(), Rounds()
+    clients = [threading.Thread(target=_client, args=(cluster.http, rounds, stop, outcomes, lock))
+               for _ in range(CLIENTS)]
     for client in clients:
         client.start()
     try:
-        time.sleep(3.0)
+        kill_round = WARMUP_ROUNDS + 1
+        round_started = rounds.wait_for_round(kill_round, timeout_s=300)
         with lock:
-            assert outcomes and all(o.ok for o in outcomes), [o.detail for o in outcomes if not o.ok][:3]
+            assert len(outcomes) == WARMUP_ROUNDS * CLIENTS and all(o.ok for o in outcomes), (
+                [o.detail for o in outcomes if not o.ok][:3])
+            fastest = min(o.finished - o.started for o in outcomes)
+        # kill once this round's requests have had a while to reach the replica, but long before the
+        # fastest warm-up request was answered
+        time.sleep(max(0.0, round_started + 0.4 * fastest - time.monotonic()))
+        with lock:
+            assert not [o for o in outcomes if o.round == kill_round], "a request was answered before the kill"
         killed_at = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
-        deadline = killed_at + 120
-        while time.monotonic() < deadline:  # load continues until requests started after the kill succeed again
+        deadline = killed_at + 240
+        while time.monotonic() < deadline:  # rounds continue until two after the kill have succeeded
             with lock:
                 if sum(o.ok and o.started > killed_at for o in outcomes) >= 2 * CLIENTS:
                     break
             time.sleep(0.5)
     finally:
         stop.set()
+        rounds.barrier.abort()
         for client in clients:
-            client.join(timeout=90)
+            client.join(timeout=200)
 
     failed = [o for o in outcomes if not o.ok]
     during = [o for o in outcomes if o.started <= killed_at <= o.finished]
     after = [o for o in outcomes if o.started > killed_at]
     recovered_at = min((o.finished for o in after if o.ok), default=None)
-    print(f"\nfailover: {len(failed)} of {len(outcomes)} requests failed ({CLIENTS} clients; "
-          f"{len(during)} were in flight at the kill, {len(after)} started after it); first success of a request "
-          f"started after the kill came {None if recovered_at is None else round(recovered_at - killed_at, 2)} s "
-          f"after the kill; failure kinds: {sorted({o.detail[:110] for o in failed})}")
+    print(f"\nfailover: {len(failed)} of {len(outcomes)} requests failed ({CLIENTS} clients, in rounds; the fastest "
+          f"warm-up request took {fastest:.2f} s; {len(during)} were in flight at the kill, {len(after)} started "
+          f"after it); first success of a request started after the kill came "
+          f"{None if recovered_at is None else round(recovered_at - killed_at, 2)} s after the kill; "
+          f"failure kinds: {sorted({o.detail[:110] for o in failed})}")
     assert recovered_at is not None, "no request succeeded after the replica was killed"
-    # a request lost with the replica is a 503 asking to retry, never a 500 or a hang
-    assert all(o.detail.startswith("503") and "retry" in o.detail for o in failed), [o.detail for o in failed][:3]
+    # every client had its request of the kill round on the replica when it died ...
+    assert len(during) == CLIENTS and {o.round for o in during} == {kill_round}, during
+    # ... exactly those requests failed: nothing before the kill, nothing sent after it ...
+    assert set(failed) == set(during), (
+        [(o.round, o.detail) for o in failed if o not in during], [(o.round, o.detail) for o in during if o.ok])
+    # ... and each as a 503 asking to retry (Retry-After), never a 500, a dropped connection or a hang
+    for o in failed:
+        assert o.status == 503 and "retry" in o.detail, o.detail
+        assert o.retry_after is not None and int(o.retry_after) > 0, (o.retry_after, o.detail)
 
     cluster.wait_healthy(timeout_s=120)
     (replacement,) = cluster.model_replicas()

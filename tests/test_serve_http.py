@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from _serve_helpers import RegisteredModels, read_idx_images, register_tiny_models
+from _serve_helpers import MODEL_NAME, RegisteredModels, read_idx_images, register_tiny_models
 from PIL import Image
 
 from diffusion_core.checkpoint import load_checkpoint
@@ -66,6 +67,35 @@ def test_images(fashion_mnist_dir: Path) -> np.ndarray:
 def local_v1(models: RegisteredModels):
     torch.set_num_threads(1)  # like the replica (num_cpus: 1)
     return load_checkpoint(models.checkpoint_v1)
+
+
+def _wait_for(http: str, done: Callable[[requests.Response, requests.Response], bool], what: str,
+              timeout_s: float = 180) -> tuple[requests.Response, requests.Response]:
+    """Poll ``GET /healthz`` and ``GET /model`` until ``done(healthz, model)``; returns the last pair."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            last = (requests.get(f"{http}/healthz", timeout=30), requests.get(f"{http}/model", timeout=30))
+            if done(*last):
+                return last
+        except requests.RequestException as err:
+            last = err
+        time.sleep(0.5)
+    detail = last if not isinstance(last, tuple) else [(r.status_code, r.text[:300]) for r in last]
+    raise AssertionError(f"{what}: not reached in {timeout_s} s (last: {detail})")
+
+
+def _serves_version(version: str) -> Callable[[requests.Response, requests.Response], bool]:
+    """``_wait_for`` condition: healthy, and /model reports registered ``version``."""
+    return lambda health, model: (health.status_code == 200 and model.status_code == 200
+                                  and model.json().get("version") == version)
+
+
+def _restore_v1(served, models: RegisteredModels) -> None:
+    """Deploy models:/<name>/1 again (the state every other test expects) and wait until it is served."""
+    cluster, deploy = served
+    deploy(models.v1.model_uri)
+    _wait_for(cluster.http, _serves_version("1"), "version 1 served again")
 
 
 def _pngs(response: requests.Response) -> list[bytes]:
@@ -264,18 +294,60 @@ def test_bad_inputs_get_4xx_naming_the_field_and_good_requests_still_succeed(
 def test_user_config_change_reloads_without_restarting_the_replica(served, models: RegisteredModels) -> None:
     cluster, deploy = served
     before = requests.get(f"{cluster.http}/model", timeout=30).json()
+    assert before["version"] == "1", before  # the module's deployment state, whatever ran before
     replicas_before = cluster.model_replicas()
     request = {"num_images": 2, "num_steps": 5, "seed": 77}
     images_v1 = _pngs(requests.post(f"{cluster.http}/sample", json=request, timeout=120))
+    try:
+        deploy(f"models:/{models.v2.name}@champion")
+        _, model = _wait_for(cluster.http, _serves_version("2"), "version 2 served", timeout_s=60)
+        after = model.json()
+        assert (after["version"], after["alias"], after["run_id"]) == ("2", "champion", models.v2.run_id)
+        assert after["replica"] == before["replica"]  # same replica id, actor id and pid: reconfigured in place
+        assert cluster.model_replicas() == replicas_before
+        assert _pngs(requests.post(f"{cluster.http}/sample", json=request, timeout=120)) != images_v1
+    finally:
+        _restore_v1(served, models)
+    # back on version 1: the same request gives version 1's images again
+    assert _pngs(requests.post(f"{cluster.http}/sample", json=request, timeout=120)) == images_v1
 
-    deploy(f"models:/{models.v2.name}@champion")
-    after = before
-    for _ in range(120):
-        after = requests.get(f"{cluster.http}/model", timeout=30).json()
-        if after.get("version") == "2":
-            break
-        __import__("time").sleep(0.5)
-    assert (after["version"], after["alias"], after["run_id"]) == ("2", "champion", models.v2.run_id)
-    assert after["replica"] == before["replica"]  # same replica id, actor id and pid: reconfigured in place
-    assert cluster.model_replicas() == replicas_before
-    assert _pngs(requests.post(f"{cluster.http}/sample", json=request, timeout=120)) != images_v1
+
+def test_server_chosen_seed_is_returned_and_reproduces_the_images(http: str) -> None:
+    request = {"num_images": 2, "sampler": "ddim", "num_steps": 4}
+    seeds, images = [], []
+    for _ in range(2):
+        response = requests.post(f"{http}/sample", json=request, timeout=120)
+        seed = response.json()["seed"]
+        assert isinstance(seed, int) and 0 <= seed <= 2**63 - 1, seed
+        seeds.append(seed)
+        images.append(_pngs(response))
+    assert seeds[0] != seeds[1] and images[0] != images[1]  # a fresh seed per request
+    for seed, pngs in zip(seeds, images):
+        again = requests.post(f"{http}/sample", json={**request, "seed": seed}, timeout=120)
+        assert again.json()["seed"] == seed and _pngs(again) == pngs  # byte for byte
+    # formats without a JSON body carry it in X-Seed
+    npy = requests.post(f"{http}/sample", json={**request, "format": "npy"}, timeout=120)
+    assert npy.status_code == 200, npy.text
+    seed = int(npy.headers["x-seed"])
+    again = requests.post(f"{http}/sample", json={**request, "format": "npy", "seed": seed}, timeout=120)
+    assert again.headers["x-seed"] == str(seed) and again.content == npy.content
+
+
+def test_healthz_answers_503_when_no_model_replica_can_serve(served, models: RegisteredModels) -> None:
+    """A model URI that cannot be loaded: the model deployment's replicas fail to (re)configure, so
+    /healthz must answer 503 naming the model; deploying a good URI makes it healthy again."""
+    cluster, deploy = served
+    assert requests.get(f"{cluster.http}/healthz", timeout=30).status_code == 200
+    try:
+        deploy(f"models:/{MODEL_NAME}/99")  # never registered: load_runner raises FileNotFoundError
+        health, _ = _wait_for(cluster.http, lambda health, _: health.status_code == 503, "healthz 503")
+        body = health.json()
+        assert set(body) == {"error", "field"} and body["field"] == "model", body
+        assert body["error"].startswith("model: not ready: "), body
+        # requests are refused meanwhile, not held until a replica comes
+        sample = requests.post(f"{cluster.http}/sample", json={"num_images": 1, "num_steps": 2}, timeout=60)
+        assert sample.status_code == 503, (sample.status_code, sample.text[:300])
+        assert sample.json()["field"] == "model" and int(sample.headers["Retry-After"]) > 0  # our JSON, not Serve's text
+    finally:
+        _restore_v1(served, models)
+    assert requests.get(f"{cluster.http}/healthz", timeout=30).json()["model"]["version"] == "1"
