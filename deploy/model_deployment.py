@@ -58,7 +58,7 @@ class DDPMModel:
         self._config: ModelDeploymentConfig | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply a ``ModelDeploymentConfig`` dict: load ``model_uri`` if it changed (in a thread,
+        """Apply a ``ModelDeploymentConfig`` dict: load ``model_uri`` if it or ``network`` changed (in a thread,
         so requests keep being served by the current model meanwhile), then update batching.
 
         Raises:
@@ -67,8 +67,9 @@ class DDPMModel:
                 model, if any, stays in place).
         """
         config = ModelDeploymentConfig.model_validate(user_config)
-        if self._runner is None or self._config is None or config.model_uri != self._config.model_uri:
-            self._runner = await asyncio.to_thread(load_runner, config.model_uri)
+        if self._runner is None or self._config is None or (config.model_uri, config.network) != (
+                self._config.model_uri, self._config.network):
+            self._runner = await asyncio.to_thread(load_runner, config.model_uri, None, config.network)
         self._config = config
         for handler in (self._sample_batch, self._likelihood_batch):
             handler.set_max_batch_size(config.max_batch_size)
@@ -95,7 +96,7 @@ class DDPMModel:
                 "pid": os.getpid(),
                 "torch_threads": torch.get_num_threads(),
             },
-            "batching": self._config.model_dump(exclude={"model_uri"}) if self._config else None,
+            "batching": self._config.model_dump(exclude={"model_uri", "network"}) if self._config else None,
         }
 
     async def sample(self, request: SampleRequest, seed: int, max_num_steps: int) -> dict[str, Any] | RequestError:

@@ -32,6 +32,7 @@ import torch
 
 from deploy.schemas import (
     LikelihoodOptions,
+    NetworkMode,
     RequestError,
     SampleRequest,
     check_exact_cost,
@@ -179,21 +180,25 @@ class ModelRunner:
             in eval mode on ``device``.
         source: where the model came from (name, version, run id).
         manifest: summary of the training data's manifest, or ``None``.
-        compile_network: run the network as frozen TorchScript (``inference_network``); False
-            calls the eager module.
+        network: "torchscript" runs the network as frozen TorchScript (``inference_network``),
+            "compiled" through ``torch.compile`` (inductor), "eager" as the module itself.
     """
 
     def __init__(self, loaded: LoadedModel, source: ModelIdentity, manifest: dict[str, Any] | None = None,
-                 compile_network: bool = True) -> None:
+                 network: NetworkMode = "torchscript") -> None:
         self.loaded = loaded
         self.source = source
         self.manifest = manifest
         first = next(loaded.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self.network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            inference_network(loaded.model, self.image_shape, self.device) if compile_network else loaded.model
-        )
-        """What the samplers and bounds call: the frozen TorchScript network, or the eager one."""
+        self.network_mode = network
+        self.network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loaded.model
+        """What the samplers and bounds call: the frozen TorchScript network, the compiled one, or
+        the eager module."""
+        if network == "torchscript":
+            self.network = inference_network(loaded.model, self.image_shape, self.device)
+        elif network == "compiled":
+            self.network = torch.compile(loaded.model)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -215,7 +220,8 @@ class ModelRunner:
             "data_manifest": self.manifest,
             "image_shape": list(self.image_shape),
             "device": str(self.device),
-            "network": "torchscript" if isinstance(self.network, torch.jit.ScriptModule) else "eager",
+            "network": ("torchscript" if isinstance(self.network, torch.jit.ScriptModule)
+                        else "eager" if self.network is self.loaded.model else self.network_mode),
             "num_parameters": sum(p.numel() for p in self.loaded.model.parameters()),
         }
 
@@ -370,7 +376,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_runner(model_uri: str, device: str | torch.device | None = None) -> ModelRunner:
+def load_runner(model_uri: str, device: str | torch.device | None = None,
+                network: NetworkMode = "torchscript") -> ModelRunner:
     """Fetch ``model_uri`` (``models:/name/version``, ``models:/name@alias``, ``runs:/...``,
     ``s3://...`` or a local folder; see ``pipelines.registry.model_store.fetch_checkpoint``), load it on
     ``device`` (default: ``default_device()``) and resolve its registry identity.
@@ -386,4 +393,4 @@ def load_runner(model_uri: str, device: str | torch.device | None = None) -> Mod
         folder = fetch_checkpoint(model_uri, dst=tmp)
         loaded = load_checkpoint(folder, device=device)
         manifest = read_manifest_summary(folder)
-    return ModelRunner(loaded, describe_model(model_uri, loaded.metadata), manifest)
+    return ModelRunner(loaded, describe_model(model_uri, loaded.metadata), manifest, network=network)

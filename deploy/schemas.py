@@ -130,6 +130,9 @@ class Limits(BaseModel):
     max_image_pixels: int = Field(1_048_576, gt=0)
 
 
+NetworkMode = Literal["torchscript", "compiled", "eager"]
+
+
 class ModelDeploymentConfig(BaseModel):
     """``user_config`` of the model deployment (``DDPMModel``); changing it reconfigures replicas in place.
 
@@ -140,6 +143,9 @@ class ModelDeploymentConfig(BaseModel):
         batch_wait_timeout_s: how long a batch waits for more requests after its first one; long
             enough for requests that reach the replica one by one through the ingress to fill a
             batch, at the cost of that much more latency for a lone request (README, "Serving").
+        network: how the replica runs the UNet: "torchscript" (traced and frozen, the default),
+            "compiled" (``torch.compile``, inductor; the first request of each batch size compiles)
+            or "eager". A change reloads the model.
     """
 
     model_config = _STRICT
@@ -147,6 +153,7 @@ class ModelDeploymentConfig(BaseModel):
     model_uri: str = Field(min_length=1)
     max_batch_size: int = Field(8, gt=0)
     batch_wait_timeout_s: float = Field(0.1, ge=0.0)
+    network: NetworkMode = "torchscript"
 
 
 class IngressConfig(BaseModel):

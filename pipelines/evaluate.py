@@ -53,6 +53,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=None,
                         help=f"MLflow experiment (default: the training run's, else {DEFAULT_EXPERIMENT!r})")
     parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the UNet through torch.compile (inductor); the first call compiles")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default: torch's choice; 1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
@@ -83,7 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(
         model=args.model, shards=args.shards, images=args.images, estimate=args.estimate, samples=args.samples,
         sampling=sampler_settings_from_args(args), batch_size=args.batch_size, seed=args.seed,
-        experiment=args.experiment, device=args.device, threads=args.threads,
+        experiment=args.experiment, device=args.device, threads=args.threads, compile=args.compile,
     )
 
 

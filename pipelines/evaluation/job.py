@@ -45,6 +45,7 @@ class EvalSettings:
         batch_size: images per forward pass; seed: seed of the bound's noise and the samples.
         experiment: MLflow experiment (``None``: the training run's, else ``DEFAULT_EXPERIMENT``).
         device: torch device; threads: torch intra-op threads (``None``: torch's choice).
+        compile: run the UNet through ``torch.compile`` (inductor) for the bound and the samples.
     """
 
     model: str
@@ -58,6 +59,7 @@ class EvalSettings:
     experiment: str | None = None
     device: str = "cpu"
     threads: int | None = None
+    compile: bool = False
 
     @property
     def sample_steps(self) -> int:
@@ -100,6 +102,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     client = MlflowClient(tracking_uri)
     folder = fetch_checkpoint(args.model)
     loaded = load_checkpoint(folder, device=args.device)
+    network = torch.compile(loaded.model) if args.compile else loaded.model
     source = describe_model(args.model, loaded.metadata, client)
     shape = loaded.unet_config.image_shape
     sampling_params = sampler_params(args.sampling, loaded.diffusion.num_timesteps)
@@ -107,17 +110,17 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     images, manifest = load_validation(shards, shape, args.images)
     x = torch.from_numpy(images).to(args.device)
     if args.estimate:
-        result = estimate_bpd(loaded.diffusion, loaded.model, x, args.estimate, args.seed, args.batch_size)
+        result = estimate_bpd(loaded.diffusion, network, x, args.estimate, args.seed, args.batch_size)
         metrics = {"eval_bpd_estimate": result["bpd"], "eval_bpd_estimate_stderr": result["bpd_stderr"]}
         plot = None
     else:
-        result = exact_bpd(loaded.diffusion, loaded.model, x, args.seed, args.batch_size)
+        result = exact_bpd(loaded.diffusion, network, x, args.seed, args.batch_size)
         metrics = {"eval_bpd": result["bpd"], "eval_prior_bpd": result["prior_bpd"],
                    "eval_decoder_bpd": float(result["vb_per_t"][0])}
         plot = plot_bpd_terms(result["vb_per_t"], result["prior_bpd"], f"{args.model}: {result['bpd']:.3f} bits/dim")
     grid = None
     if args.samples:
-        grid = sample_grid(loaded.diffusion, loaded.model, shape, args.samples, args.sampling, args.seed)[1]
+        grid = sample_grid(loaded.diffusion, network, shape, args.samples, args.sampling, args.seed)[1]
 
     experiment = args.experiment
     if experiment is None and source.run_id:

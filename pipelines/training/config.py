@@ -202,6 +202,8 @@ class ScalingSection:
         channels_last: channels-last memory format on GPUs (ignored on CPUs).
         max_failures: worker-group restarts from the last checkpoint before the run fails
             (``FailureConfig``); -1 retries forever.
+        compile: run the UNet through ``torch.compile`` (inductor, CPU and CUDA), applied after the
+            DDP wrapping; the first step includes the compilation (the job log says so).
     """
 
     num_workers: int = 1
@@ -211,10 +213,11 @@ class ScalingSection:
     precision: Precision = "auto"
     channels_last: bool = True
     max_failures: int = 2
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_int_in_range("scaling.num_workers", self.num_workers, 1)
-        for name in ("use_gpu", "channels_last"):
+        for name in ("use_gpu", "channels_last", "compile"):
             check_bool(f"scaling.{name}", getattr(self, name))
         check_number_in("scaling.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
         if self.torch_threads is not None:

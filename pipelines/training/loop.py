@@ -136,7 +136,9 @@ def prepare_ddp(net: torch.nn.Module) -> torch.nn.Module:
 def build_trainee(config: TrainConfig, worker: Worker, state: TrainState | None,
                   prepare: Callable[[torch.nn.Module], torch.nn.Module] = prepare_ddp) -> Trainee:
     """UNet (same seed on every rank), restored weights, wrapping by ``prepare`` (DDP inside a Ray
-    Train worker; the identity for a single-process loop), EMA, optimizer, RNG."""
+    Train worker; the identity for a single-process loop), ``torch.compile`` when
+    ``scaling.compile``, EMA, optimizer, RNG. ``Trainee.net`` stays the plain UNet, so weights are
+    saved without wrapper prefixes."""
     torch.manual_seed(config.train.seed)
     net = UNet(config.model)
     if state is not None:
@@ -144,6 +146,8 @@ def build_trainee(config: TrainConfig, worker: Worker, state: TrainState | None,
     if worker.device.type == "cuda" and config.scaling.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = prepare(net)
+    if config.scaling.compile:  # after DDP, so DDP's bucketing sees the graph breaks it needs
+        model = torch.compile(model)
     net = net.to(worker.device)
     ema = EMA(net, config.train.ema_decay, warmup=config.train.ema_warmup)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
@@ -521,8 +525,16 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
     trainee.model.train()
     window = Window(diffusion.num_timesteps, worker.device)
     last_metrics: dict[str, float] = {}
+    first_step = True
     for x_start in iterate_epochs(config, worker):
+        if first_step and chief is not None and config.scaling.compile:
+            chief.progress.emit("compiling the UNet with torch.compile (inductor): the first step includes "
+                                "the compilation and takes longer than the others")
+        started = time.perf_counter()
         losses, t, grad_norm = train_step(trainee, diffusion, x_start, config, bf16)
+        if first_step and chief is not None and config.scaling.compile:
+            chief.progress.emit(f"first step done in {time.perf_counter() - started:.1f} s (compilation included)")
+        first_step = False
         window.add(losses, t, grad_norm)
         step, done = trainee.step, trainee.step >= train.total_steps
         if step % train.log_every == 0 or done:
