@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -100,7 +101,9 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} and {b.mu.shape[0]}")
     diff = a.mu - b.mu
-    covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)
+    with warnings.catch_warnings():  # a singular product is handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
         offset = np.eye(a.sigma.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
