@@ -4,6 +4,8 @@ estimated) and a sample grid, logged to MLflow as an evaluation of that model.
     python pipelines/evaluate.py --model models:/ddpm-tiny/1 --shards data/fashion-mnist-shards --images 64
     python pipelines/evaluate.py --model runs/<run>/checkpoint_00000200 --shards ... --estimate 16
     python pipelines/evaluate.py --model ... --shards ... --sampler dpm_solver --sample-steps 20 --order 2
+    python pipelines/evaluate.py --model ... --shards ... --fd 1000 --fd-features classifier \
+        --fd-classifier models:/fd-classifier-fashion-mnist/1 --sampler ddim --sample-steps 50
 
 ``--model`` takes anything ``pipelines.registry.model_store.fetch_checkpoint`` does (``models:/name/version``,
 ``models:/name@alias``, ``runs:/<id>/model``, ``s3://...``, a local checkpoint folder). The results
@@ -12,6 +14,12 @@ the model; the metrics are also linked to the logged model (MLflow 3 ``model_id`
 validation data (an MLflow dataset input), so they show on the model's page. The sample grid's
 sampler (``--sampler`` and its parameters, ``diffusion_core.generate.SamplerSettings``) is logged
 as ``sample_*`` params.
+
+``--fd N`` also draws N samples with that sampler, spread over the Ray cluster
+(``evaluation.distributed_sampling``), and logs the Fréchet distance of their features to the
+reference split's (``fd``, statistics cached on disk) and the floor (``fd_floor``: N real held-out
+images against the same reference); ``--fd-features`` is ``classifier`` (``--fd-classifier``, made by
+``pipelines/train_classifier.py``) or ``inception`` (``--inception-weights``, a local file).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Sequence, get_args
 
 from diffusion_core.generate import SamplerName, SamplerSettings
 from diffusion_core.timesteps import Spacing
+from pipelines.evaluation.fd_eval import FDSettings
 from pipelines.evaluation.job import DEFAULT_EXPERIMENT, EvalSettings, evaluate
 
 
@@ -57,7 +66,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run the UNet through torch.compile (inductor); the first call compiles")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default: torch's choice; 1 is fastest on a busy machine)")
+    fd = parser.add_argument_group("Fréchet distance (--fd N)")
+    fd.add_argument("--fd", type=int, default=0, metavar="N", help="FD of N samples (0: none; else >= 2)")
+    fd.add_argument("--fd-features", choices=("classifier", "inception"), default="classifier",
+                    help="feature network: the project's classifier, or Inception-v3 pool3 (2048-D)")
+    fd.add_argument("--fd-classifier", default=None, metavar="URI_OR_FOLDER",
+                    help="the classifier of pipelines/train_classifier.py (models:/..., runs:/..., a folder)")
+    fd.add_argument("--inception-weights", default=None, metavar="PATH",
+                    help="local inception-2015-12-05.pt (TorchScript) for --fd-features inception; never downloaded")
+    fd.add_argument("--fd-reference-split", choices=("train", "val"), default="train", help="reference split")
+    fd.add_argument("--fd-reference-images", type=int, default=None,
+                    help="first R images of the reference split (default: all)")
+    fd.add_argument("--fd-floor-split", choices=("train", "val"), default="val",
+                    help="split of the floor's N real images (the reference split: its last N, kept out of the reference)")
+    fd.add_argument("--fd-cache", default=None, help="folder of cached reference statistics (default: outputs/fd_cache)")
+    fd.add_argument("--fd-workers", type=int, default=2, help="Ray actors drawing the samples")
+    fd.add_argument("--fd-block", type=int, default=16, help="images per seeded block (changes the images)")
     args = parser.parse_args(argv)
+    if args.fd < 0:
+        parser.error(f"--fd={args.fd} must be >= 0")
+    if not args.fd and (args.fd_classifier or args.inception_weights):
+        parser.error("--fd-classifier / --inception-weights need --fd N")
+    try:
+        fd_settings_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     minimums = {"images": 1, "estimate": 0, "samples": 0, "sample_steps": 1, "batch_size": 1, "seed": 0, "threads": 1}
     for name, low in minimums.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -80,12 +113,27 @@ def sampler_settings_from_args(args: argparse.Namespace) -> SamplerSettings:
                            corrector_steps=args.corrector_steps, snr=args.snr, order=args.order)
 
 
+def fd_settings_from_args(args: argparse.Namespace) -> FDSettings | None:
+    """The ``FDSettings`` of ``--fd`` and its flags; ``None`` when ``--fd`` is 0.
+
+    Raises:
+        ValueError: naming the flag, on values ``FDSettings`` refuses.
+    """
+    if not args.fd:
+        return None
+    return FDSettings(images=args.fd, features=args.fd_features, classifier=args.fd_classifier,
+                      inception_weights=args.inception_weights, reference_split=args.fd_reference_split,
+                      reference_images=args.fd_reference_images, floor_split=args.fd_floor_split,
+                      cache=args.fd_cache, workers=args.fd_workers, block_size=args.fd_block)
+
+
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The ``EvalSettings`` of the parsed command line."""
     return EvalSettings(
         model=args.model, shards=args.shards, images=args.images, estimate=args.estimate, samples=args.samples,
         sampling=sampler_settings_from_args(args), batch_size=args.batch_size, seed=args.seed,
         experiment=args.experiment, device=args.device, threads=args.threads, compile=args.compile,
+        fd=fd_settings_from_args(args),
     )
 
 

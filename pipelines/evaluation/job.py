@@ -21,6 +21,8 @@ from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings
 from pipelines.data.shards import load_manifest, read_split_numpy
 from pipelines.data.storage import resolve
+from pipelines.evaluation.fd_eval import FDSettings, run_fd
+from pipelines.evaluation.features import build_feature_net
 from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, plot_bpd_terms, sample_grid, sampler_params
 from pipelines.registry.model_identity import describe_model
 from pipelines.registry.model_store import fetch_checkpoint
@@ -46,6 +48,8 @@ class EvalSettings:
         experiment: MLflow experiment (``None``: the training run's, else ``DEFAULT_EXPERIMENT``).
         device: torch device; threads: torch intra-op threads (``None``: torch's choice).
         compile: run the UNet through ``torch.compile`` (inductor) for the bound and the samples.
+        fd: the Fréchet distance of ``fd.images`` samples drawn with ``sampling`` over Ray, and its
+            floor (``fd_eval.FDSettings``); ``None``: no FD.
     """
 
     model: str
@@ -60,6 +64,7 @@ class EvalSettings:
     device: str = "cpu"
     threads: int | None = None
     compile: bool = False
+    fd: FDSettings | None = None
 
     @property
     def sample_steps(self) -> int:
@@ -108,6 +113,12 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     sampling_params = sampler_params(args.sampling, loaded.diffusion.num_timesteps)
     shards = resolve(args.shards).uri
     images, manifest = load_validation(shards, shape, args.images)
+    net = None
+    if args.fd is not None:  # bad FD flags (classifier, weights file) fail before the bound is computed
+        net = build_feature_net(args.fd.features, args.fd.classifier, args.fd.inception_weights, args.device)
+        expected = getattr(net, "image_shape", None)
+        if expected is not None and tuple(expected) != tuple(shape):
+            raise ValueError(f"--fd-classifier takes images of shape {list(expected)}, the model makes {list(shape)}")
     x = torch.from_numpy(images).to(args.device)
     if args.estimate:
         result = estimate_bpd(loaded.diffusion, network, x, args.estimate, args.seed, args.batch_size)
@@ -118,6 +129,17 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         metrics = {"eval_bpd": result["bpd"], "eval_prior_bpd": result["prior_bpd"],
                    "eval_decoder_bpd": float(result["vb_per_t"][0])}
         plot = plot_bpd_terms(result["vb_per_t"], result["prior_bpd"], f"{args.model}: {result['bpd']:.3f} bits/dim")
+    fd_params: dict[str, Any] = {}
+    fd_tags: dict[str, str] = {}
+    if args.fd is not None:
+        fd_out = run_fd(folder, shards, net, args.fd, args.sampling, args.seed, threads=args.threads or 1)
+        metrics.update(fd=fd_out["fd"], fd_floor=fd_out["fd_floor"])
+        fd_params = {"fd_images": args.fd.images, "fd_features": args.fd.features,
+                     "fd_reference_split": fd_out["reference"].split, "fd_reference_images": fd_out["reference"].count,
+                     "fd_floor_split": fd_out["floor"].split, "fd_floor_start": fd_out["floor"].start,
+                     "fd_block_size": args.fd.block_size}
+        fd_tags = {"fd.features_identity": net.identity, "fd.cache": fd_out["cache_folder"],
+                   "fd.reference_cache_hit": str(fd_out["reference_cache_hit"]).lower()}
     grid = None
     if args.samples:
         grid = sample_grid(loaded.diffusion, network, shape, args.samples, args.sampling, args.seed)[1]
@@ -131,7 +153,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     experiment_id = ensure_experiment(client, experiment or DEFAULT_EXPERIMENT, tracking_uri)
     tags = {"eval.model_uri": source.uri, "eval.shards": shards, "eval.images": str(len(images)),
             "eval.method": f"estimate K={args.estimate}" if args.estimate else "exact calc_bpd_loop",
-            "data.manifest_checksum": str(manifest.get("source_checksum", ""))}
+            "data.manifest_checksum": str(manifest.get("source_checksum", "")), **fd_tags}
     tags.update({k: v for k, v in (("eval.model_name", source.name), ("eval.model_version", source.version),
                                    ("eval.source_run_id", source.run_id)) if v})
     mlflow.set_tracking_uri(tracking_uri)
@@ -140,7 +162,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
                                          digest=str(manifest.get("source_checksum", ""))[:36] or None)
         mlflow.log_input(dataset, context="evaluation")
         mlflow.log_params({"images": len(images), "estimate_k": args.estimate, "seed": args.seed,
-                           "samples": args.samples, **sampling_params})
+                           "samples": args.samples, **sampling_params, **fd_params})
         mlflow.log_metrics(metrics, model_id=source.model_id, dataset=dataset)
         if plot is not None:
             log_png(client, run.info.run_id, plot, "eval/bpd_per_timestep.png")
