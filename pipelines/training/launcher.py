@@ -18,6 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.data import storage
 from pipelines.data.shards import load_manifest, read_split
+from pipelines.ray_auth import init_local_ray
 from pipelines.registry.runs import open_run, run_folder
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import TrainConfig, load_config
@@ -124,7 +125,10 @@ def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
         started_locally = address == "local"
-        ray.init(address=address, **({"num_cpus": num_cpus, "include_dashboard": False} if started_locally else {}))
+        if started_locally:
+            init_local_ray(num_cpus=num_cpus, include_dashboard=False)  # token authentication on
+        else:
+            ray.init(address=address)
     check_resources(config, fixed_size=started_locally)
     tracking_uri = resolve_tracking_uri()
     run_id, resumed = open_run(config, tracking_uri, manifest)
