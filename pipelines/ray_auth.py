@@ -3,7 +3,7 @@
 Ray 2.60 turns token authentication on for a new local cluster unless ``RAY_AUTH_MODE=disabled`` is
 set, and then generates ``~/.ray/auth_token`` if no token is configured, but with the umask's mode
 (0644: readable by every user of the machine). ``init_local_ray`` keeps token authentication on
-(``RAY_AUTH_MODE`` defaults to ``token``; an explicit ``disabled`` is respected) and, when no token is
+(``RAY_AUTH_MODE`` unset or ``token``; an explicit ``disabled`` is respected) and, when no token is
 configured (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), writes a new one to
 ``~/.ray/auth_token`` with mode 0600 first, where ``ray`` commands of the same user find it.
 """
@@ -47,7 +47,10 @@ def ensure_local_token() -> Path | None:
 
 
 def init_local_ray(**kwargs: Any) -> None:
-    """``ray.init(address="local", **kwargs)`` (a new cluster of this process) with token authentication on."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    """``ray.init(address="local", **kwargs)`` (a new cluster of this process) with token authentication on.
+
+    ``RAY_AUTH_MODE`` is left as it is: unset, ``ray.init`` itself turns token mode on for the new
+    cluster (setting the variable here would come too late: Ray reads it when it is imported).
+    """
     ensure_local_token()
     ray.init(address="local", **kwargs)
