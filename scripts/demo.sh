@@ -94,6 +94,13 @@ ensure_ray_token() {
     fi
     chmod 600 "$RAY_TOKEN"
     (umask 077 && printf 'Authorization: Bearer %s\n' "$(cat "$RAY_TOKEN")" >"$RAY_AUTH_HEADER")
+    # DDPM_API_KEY exported when the cluster started: the Serve app requires it (deploy/serve_config.yaml,
+    # api_key_env), so the demo's own requests send it (from a 0600 header file, not a command line).
+    API_AUTH=()
+    if [ -n "${DDPM_API_KEY:-}" ]; then
+        (umask 077 && printf 'Authorization: Bearer %s\n' "$DDPM_API_KEY" >"$OUT/api_key_header")
+        API_AUTH=(-H "@$OUT/api_key_header")
+    fi
 }
 
 group_alive() { [ -n "${1:-}" ] && kill -0 -- "-$1" 2>/dev/null; }
@@ -226,14 +233,14 @@ deploy() {
     # /healthz answers 503 until a model replica has loaded the model; curl retries until it is 200.
     curl -sf --retry 150 --retry-all-errors --retry-delay 2 --retry-max-time 300 "$SERVE/healthz" | jq -c . \
         || fail "the Serve app did not become healthy; see $RAY_TEMP/session_latest/logs/serve"
-    curl -sf "$SERVE/model" >"$OUT/model.json"
+    curl -sf "${API_AUTH[@]}" "$SERVE/model" >"$OUT/model.json"
     [ "$(jq -r .uri "$OUT/model.json")" = "$MODEL_URI" ] || fail "the served model is not $MODEL_URI (see $OUT/model.json)"
     jq -c '{name, version, run_id, uri, num_parameters, device}' "$OUT/model.json"
 }
 
 query() {
     step "Sampling over HTTP: POST $SERVE/sample -> $OUT/samples.png"
-    curl -sf -X POST "$SERVE/sample" -H 'content-type: application/json' \
+    curl -sf -X POST "${API_AUTH[@]}" "$SERVE/sample" -H 'content-type: application/json' \
         -d '{"num_images": 16, "sampler": "ddim", "num_steps": 50, "seed": 0, "format": "grid"}' \
         -D "$OUT/samples.headers" -o "$OUT/samples.png"
     python -c "from PIL import Image; im = Image.open('$OUT/samples.png'); im.verify(); print('samples.png:', im.format, im.size)"
@@ -251,7 +258,7 @@ for i, png in enumerate(images_to_pngs(images)):
 EOF
     local files=() png
     for png in "$OUT"/heldout/val_*.png; do files+=(-F "files=@$png;type=image/png"); done
-    curl -sf -X POST "$SERVE/likelihood" "${files[@]}" -F method=estimate -F num_samples=32 -F seed=0 \
+    curl -sf -X POST "${API_AUTH[@]}" "$SERVE/likelihood" "${files[@]}" -F method=estimate -F num_samples=32 -F seed=0 \
         >"$OUT/likelihood.json"
     jq . "$OUT/likelihood.json"
 }
