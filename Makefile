@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: setup test test-fast lint clean demo demo-stop
 

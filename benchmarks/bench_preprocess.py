@@ -52,6 +52,7 @@ from PIL import Image
 from pipelines.data import shards, sources, storage
 from pipelines.data.transforms import ImageSpec, SplitSpec
 from pipelines.preprocess import PreprocessConfig, run_preprocess
+from pipelines.ray_auth import init_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_preprocess.json"
 DEFAULT_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
@@ -361,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per way (best is kept)")
     parser.add_argument("--output", default=str(RESULTS), help="JSON results path")
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     workdir = Path(args.workdir).resolve()
     n_photos, n_png, n_small, n_diagnose = (300, 5000, 1000, 2000) if args.quick else (3000, 70000, 10000, 20000)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with _pool_context().Pool(1) as pool:  # start the forkserver before Ray exists in this process
         pool.map(abs, [0])
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)  # token auth on
     ray.data.DataContext.get_current().enable_progress_bars = False
     runs: dict[str, dict[str, list[dict]]] = {name: {way: [] for way in WAYS} for name in jobs}
     try:

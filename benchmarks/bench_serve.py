@@ -269,7 +269,6 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)  # as the replica (num_cpus: 1)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work_dir = Path(tmp)

@@ -41,6 +41,7 @@ from mlflow import MlflowClient
 
 from diffusion_core.diffusion import GaussianDiffusion
 from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.ray_auth import init_local_ray
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import load_config
 from pipelines.training.launcher import run
@@ -113,7 +114,7 @@ def plain_loop(config: Any) -> tuple[list[float], list[float]]:
 def start_ray(config: Any) -> None:
     """A fresh local Ray node for one measurement: the workers' CPUs plus one for Ray Data."""
     cpus = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker) + 1
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # token auth on
 
 
 def plain_loop_beside_idle_ray(config: Any) -> tuple[list[float], list[float]]:

@@ -157,11 +157,14 @@ class ModelDeploymentConfig(BaseModel):
 
 
 class IngressConfig(BaseModel):
-    """``user_config`` of the HTTP ingress deployment (``DDPMIngress``): the request ``limits``."""
+    """``user_config`` of the HTTP ingress deployment (``DDPMIngress``): the request ``limits``, and
+    ``api_key_env``, the environment variable of the replica holding the API key that every endpoint
+    but ``/healthz`` then requires (``deploy/api_key.py``; unset or empty variable: no key)."""
 
     model_config = _STRICT
 
     limits: Limits = Limits()
+    api_key_env: str | None = Field(None, min_length=1)
 
 
 Sampler = Literal["ddpm", "ddim", "pc", "langevin", "dpm_solver"]

@@ -18,6 +18,9 @@ request, 503 with ``Retry-After`` when the model replica holding the request die
 * ``GET /healthz``: 200 ``{"status": "ok", ...}`` once a model is loaded.
 * ``GET /model``: name, version, alias, MLflow run id, configs, data manifest summary, replica.
 
+With the ingress ``user_config.api_key_env`` naming a set environment variable, every endpoint but
+``/healthz`` needs ``Authorization: Bearer <its value>`` (else 401; ``deploy/api_key.py``).
+
 ``app`` takes every setting from the YAML ``user_config``s (no model is hard-coded);
 ``app_builder(args)`` builds the same app from ``key=value`` arguments.
 
@@ -31,7 +34,7 @@ when it is decorated).
 import secrets
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict
@@ -42,6 +45,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deploy.api_key import configure_api_key, require_api_key
 from deploy.http_io import parse_likelihood_request, parse_sample_request, sample_response
 from deploy.model_deployment import DDPMModel
 from deploy.schemas import (
@@ -58,7 +62,7 @@ api = FastAPI(title="DDPM sampling and likelihood", version="1")
 
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=getattr(err, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -122,10 +126,13 @@ class DDPMIngress:
         self._limits = Limits()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply an ``IngressConfig`` dict (``{"limits": {...}}``); raises pydantic.ValidationError if invalid."""
-        self._limits = IngressConfig.model_validate(user_config).limits
+        """Apply an ``IngressConfig`` dict (``{"limits": {...}, "api_key_env": ...}``); raises
+        pydantic.ValidationError if invalid."""
+        config = IngressConfig.model_validate(user_config)
+        self._limits = config.limits
+        configure_api_key(config.api_key_env)
 
-    @api.post("/sample")
+    @api.post("/sample", dependencies=[Depends(require_api_key)])
     async def sample(self, request: Request) -> Response:
         """Draw images; body: ``deploy.schemas.SampleRequest`` JSON."""
         limits = self._limits
@@ -139,7 +146,7 @@ class DDPMIngress:
         }
         return sample_response(result["images"], sample.format, metadata)
 
-    @api.post("/likelihood")
+    @api.post("/likelihood", dependencies=[Depends(require_api_key)])
     async def likelihood(self, request: Request) -> JSONResponse:
         """Bits/dim of uploaded or JSON images; see the module docstring."""
         limits = self._limits
@@ -164,7 +171,7 @@ class DDPMIngress:
                                 status_code=503)
         return JSONResponse({"status": "ok", "model": _model_ref(info)})
 
-    @api.get("/model")
+    @api.get("/model", dependencies=[Depends(require_api_key)])
     async def model(self) -> JSONResponse:
         """Everything ``DDPMModel.info`` reports (one replica's view)."""
         return JSONResponse(await self._model.info.remote())
@@ -174,12 +181,14 @@ class DDPMIngress:
 class AppArgs(ModelDeploymentConfig):
     """Arguments of ``app_builder`` (``serve run deploy.serve_app:app_builder key=value ...``): the
     model deployment's ``ModelDeploymentConfig`` fields plus the ingress's request ``limits``
-    (defaults of ``Limits``). Unlike the YAML user_configs, values come as ``key=value`` strings
-    from the command line, so they are coerced (``max_batch_size=4``), not taken strictly."""
+    (defaults of ``Limits``) and ``api_key_env`` (``IngressConfig``). Unlike the YAML user_configs,
+    values come as ``key=value`` strings from the command line, so they are coerced
+    (``max_batch_size=4``), not taken strictly."""
 
     model_config = ConfigDict(extra="forbid", strict=False)
 
     limits: Limits = Limits()
+    api_key_env: str | None = None
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -189,8 +198,9 @@ def app_builder(args: dict[str, Any]) -> Application:
         pydantic.ValidationError: on unknown keys or bad values.
     """
     parsed = AppArgs.model_validate(args)
-    model = DDPMModel.options(user_config=parsed.model_dump(exclude={"limits"})).bind()
-    return DDPMIngress.options(user_config=IngressConfig(limits=parsed.limits).model_dump()).bind(model)
+    model = DDPMModel.options(user_config=parsed.model_dump(exclude={"limits", "api_key_env"})).bind()
+    ingress = IngressConfig(limits=parsed.limits, api_key_env=parsed.api_key_env)
+    return DDPMIngress.options(user_config=ingress.model_dump()).bind(model)
 
 
 app = DDPMIngress.bind(DDPMModel.bind())

@@ -30,6 +30,7 @@ import ray
 
 from pipelines.data import shards, sources, staging_gate, storage
 from pipelines.data.transforms import DEFAULT_MAX_PIXELS, RESAMPLE_FILTERS, BadImageError, ImageSpec, SplitSpec
+from pipelines.ray_auth import init_local_ray
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def ray_session() -> Iterator[None]:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", include_dashboard=False)
+        init_local_ray(include_dashboard=False)  # token authentication on (pipelines/ray_auth.py)
     try:
         yield
     finally:
@@ -331,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters started here run without token auth
     try:
         config = config_from_args(args, argv)
         started = time.perf_counter()

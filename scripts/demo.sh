@@ -15,6 +15,10 @@
 #                          ports (defaults 8265, 8000, 5000, 6379; a busy default is replaced by a free port)
 #
 # Re-running reuses the running cluster, MLflow server and shards, and trains and serves a new model version.
+#
+# The Ray cluster runs with token authentication (RAY_AUTH_MODE=token): its GCS and raylet listen on all
+# interfaces, so without a token anyone who reaches this machine could run code on it. The token is made once
+# in $DEMO_OUT/ray_token (mode 0600) and every ray/serve/job command here finds it through RAY_AUTH_TOKEN_PATH.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +29,9 @@ SHARDS="$OUT/shards/fashion-mnist"
 LOGS="$OUT/logs"
 CONFIG="configs/fashion_mnist_demo.yaml"
 export PATH="$VENV_BIN:$PATH"
-export RAY_AUTH_MODE=disabled          # a local, loopback-only demo cluster: no token authentication
+RAY_TOKEN="$OUT/ray_token"             # the cluster's token (mode 0600), made by ensure_ray_token
+RAY_AUTH_HEADER="$OUT/ray_auth_header" # "Authorization: Bearer <token>" for curl -H @file (not on a command line)
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$RAY_TOKEN"
 export RAY_USAGE_STATS_ENABLED=0
 # OpenMP threads sleep instead of spin-waiting: the training worker shares 2 cores with Ray Data, MLflow
 # and Serve (measured here: a training step at 2 threads took 4.4 s spinning vs 0.65 s passive, on a busy machine).
@@ -79,6 +85,24 @@ print(free(int(sys.argv[1])) or free(0))
 EOF
 }
 
+# The cluster's token in $RAY_TOKEN (mode 0600; made once, reused by later runs) and the curl header file.
+ensure_ray_token() {
+    if [ ! -s "$RAY_TOKEN" ]; then
+        group_alive "${RAY_PGID:-}" && fail "the demo's Ray cluster is running but $RAY_TOKEN is gone; run 'make demo-stop' first"
+        (umask 077 && python -c 'import secrets, sys; sys.stdout.write(secrets.token_hex(32))' >"$RAY_TOKEN")
+        echo "Ray auth token: new, in $RAY_TOKEN"
+    fi
+    chmod 600 "$RAY_TOKEN"
+    (umask 077 && printf 'Authorization: Bearer %s\n' "$(cat "$RAY_TOKEN")" >"$RAY_AUTH_HEADER")
+    # DDPM_API_KEY exported when the cluster started: the Serve app requires it (deploy/serve_config.yaml,
+    # api_key_env), so the demo's own requests send it (from a 0600 header file, not a command line).
+    API_AUTH=()
+    if [ -n "${DDPM_API_KEY:-}" ]; then
+        (umask 077 && printf 'Authorization: Bearer %s\n' "$DDPM_API_KEY" >"$OUT/api_key_header")
+        API_AUTH=(-H "@$OUT/api_key_header")
+    fi
+}
+
 group_alive() { [ -n "${1:-}" ] && kill -0 -- "-$1" 2>/dev/null; }
 
 save_state() {
@@ -98,7 +122,7 @@ start_ray() {
         step "Reusing the demo's Ray cluster (process group $RAY_PGID, dashboard http://127.0.0.1:$DASHBOARD_PORT)"
         return 0
     fi
-    step "Starting a local Ray head (RAY_AUTH_MODE=disabled, 4 logical CPUs)"
+    step "Starting a local Ray head (RAY_AUTH_MODE=token, token in $RAY_TOKEN; 4 logical CPUs)"
     GCS_PORT="$(pick_port "${DEMO_GCS_PORT:-6379}")"
     DASHBOARD_PORT="$(pick_port "${DEMO_DASHBOARD_PORT:-8265}")"
     SERVE_PORT="$(pick_port "${DEMO_SERVE_PORT:-8000}")"
@@ -114,7 +138,7 @@ start_ray() {
     save_state
     # The job API accepts jobs once the head's job agent has registered: submit a no-op job, with
     # curl retrying while the dashboard refuses connections or answers 500 ("No available agent").
-    curl -sf --retry 150 --retry-all-errors --retry-delay 2 --retry-max-time 300 -o /dev/null \
+    curl -sf --retry 150 --retry-all-errors --retry-delay 2 --retry-max-time 300 -o /dev/null -H "@$RAY_AUTH_HEADER" \
         -H 'content-type: application/json' -d '{"entrypoint": "true"}' "http://127.0.0.1:$DASHBOARD_PORT/api/jobs/" \
         || fail "the Ray job API did not come up; see $RAY_TEMP/session_latest/logs"
     echo "Ray dashboard: http://127.0.0.1:$DASHBOARD_PORT (logs in $RAY_TEMP/session_latest/logs)"
@@ -209,14 +233,14 @@ deploy() {
     # /healthz answers 503 until a model replica has loaded the model; curl retries until it is 200.
     curl -sf --retry 150 --retry-all-errors --retry-delay 2 --retry-max-time 300 "$SERVE/healthz" | jq -c . \
         || fail "the Serve app did not become healthy; see $RAY_TEMP/session_latest/logs/serve"
-    curl -sf "$SERVE/model" >"$OUT/model.json"
+    curl -sf "${API_AUTH[@]}" "$SERVE/model" >"$OUT/model.json"
     [ "$(jq -r .uri "$OUT/model.json")" = "$MODEL_URI" ] || fail "the served model is not $MODEL_URI (see $OUT/model.json)"
     jq -c '{name, version, run_id, uri, num_parameters, device}' "$OUT/model.json"
 }
 
 query() {
     step "Sampling over HTTP: POST $SERVE/sample -> $OUT/samples.png"
-    curl -sf -X POST "$SERVE/sample" -H 'content-type: application/json' \
+    curl -sf -X POST "${API_AUTH[@]}" "$SERVE/sample" -H 'content-type: application/json' \
         -d '{"num_images": 16, "sampler": "ddim", "num_steps": 50, "seed": 0, "format": "grid"}' \
         -D "$OUT/samples.headers" -o "$OUT/samples.png"
     python -c "from PIL import Image; im = Image.open('$OUT/samples.png'); im.verify(); print('samples.png:', im.format, im.size)"
@@ -234,7 +258,7 @@ for i, png in enumerate(images_to_pngs(images)):
 EOF
     local files=() png
     for png in "$OUT"/heldout/val_*.png; do files+=(-F "files=@$png;type=image/png"); done
-    curl -sf -X POST "$SERVE/likelihood" "${files[@]}" -F method=estimate -F num_samples=32 -F seed=0 \
+    curl -sf -X POST "${API_AUTH[@]}" "$SERVE/likelihood" "${files[@]}" -F method=estimate -F num_samples=32 -F seed=0 \
         >"$OUT/likelihood.json"
     jq . "$OUT/likelihood.json"
 }
@@ -249,11 +273,13 @@ Outputs (all under $OUT):
   checkpoints        $OUT/runs
   logs               $LOGS
 URLs:
-  Ray dashboard      http://127.0.0.1:$DASHBOARD_PORT
+  Ray dashboard      http://127.0.0.1:$DASHBOARD_PORT   (asks for the token in $RAY_TOKEN)
   MLflow UI          http://127.0.0.1:$MLFLOW_PORT/#/experiments   (run $RUN_ID, model $MODEL_URI)
   Serve endpoints    $SERVE/sample  $SERVE/likelihood  $SERVE/healthz  $SERVE/model
 MLflow UI command (already running; to start it again after 'make demo-stop'):
   $VENV_BIN/mlflow server --backend-store-uri sqlite:///$OUT/mlflow.db --artifacts-destination $OUT/mlartifacts --host 127.0.0.1 --port $MLFLOW_PORT
+Ray CLI against this cluster (token authentication):
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_TOKEN; $VENV_BIN/ray job list --address http://127.0.0.1:$DASHBOARD_PORT
 Try:
   curl -X POST $SERVE/sample -H 'content-type: application/json' -d '{"num_images": 4, "seed": 1, "format": "grid"}' -o more.png
 Stop everything the demo started:  make demo-stop
@@ -265,6 +291,7 @@ main() {
     FMNIST="$(find_fashion_mnist)"
     # shellcheck disable=SC1090
     [ -f "$STATE" ] && source "$STATE"
+    ensure_ray_token
     start_ray
     start_mlflow
     DASHBOARD="http://127.0.0.1:$DASHBOARD_PORT"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Stop what scripts/demo.sh started: its Ray cluster and its MLflow server, each a process group recorded in
-# outputs/demo/state.env. Other Ray clusters on the machine are left alone (no `ray stop`). Outputs are kept.
+# outputs/demo/state.env. Other Ray clusters on the machine are left alone (no `ray stop`). Outputs are kept,
+# the cluster's auth token (outputs/demo/ray_token) too: the next `make demo` starts its cluster with it again.
+# No ray/serve command runs here, so none needs RAY_AUTH_MODE=token / RAY_AUTH_TOKEN_PATH.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tooling.ray_auth import use_token_auth
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _FASHION_MNIST_CANDIDATES = (
@@ -18,8 +20,9 @@ _FASHION_MNIST_CANDIDATES = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Local test clusters run without token authentication (Ray 2.60 turns it on by default).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Every Ray cluster the tests start (ray.init(address="local"), `ray start`, LocalRayCluster) uses
+    # token authentication, with the caller's RAY_AUTH_TOKEN(_PATH) or a token made for this session.
+    use_token_auth()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     # Idle OpenMP threads sleep instead of spinning (read when torch loads, i.e. after this hook):

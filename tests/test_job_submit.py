@@ -22,7 +22,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     """A head node of our own (``tooling.local_cluster.LocalRayCluster``: free ports, own temp dir,
-    4 logical CPUs, no token auth). Yields its dashboard URL (the job API) and its environment."""
+    4 logical CPUs, token auth). Yields its dashboard URL (the job API) and its environment."""
     cluster = LocalRayCluster(num_cpus=4)
     try:
         yield cluster.dashboard, cluster.env
@@ -34,8 +34,7 @@ def test_ray_job_submit_runs_the_tiny_config(ray_head, fmnist_shards: Path, trai
     url, env = ray_head
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     runtime_env = {
-        "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "RAY_AUTH_MODE": "disabled",
-                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
+        "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
         "excludes": [".venv", ".git", "runs", "data", "mlartifacts", "*.db", "benchmarks/results"],
     }
     storage = train_sandbox / "job-runs"

@@ -35,6 +35,7 @@ from urllib3.util import Retry
 
 from pipelines.data.shards import load_manifest, read_split_numpy
 from tooling.local_cluster import free_port, free_ports
+from tooling.ray_auth import auth_headers, use_token_auth
 from tooling.s3_server import S3Server, running_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +100,9 @@ def _pgid(process: psutil.Process) -> int | None:
 @pytest.fixture
 def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[TwoNodes]:
     """A head (3 CPUs, `head_node`, dashboard + job API) and a second node (2 CPUs, `second_node`),
-    both `ray start` on one short temp dir. The nodes carry no S3 settings: jobs bring them."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    both `ray start` on one short temp dir, with token authentication (the session's token, see
+    tests/conftest.py). The nodes carry no S3 settings: jobs bring them."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     temp_dir = tempfile.mkdtemp(prefix="rmn-")  # short: Ray's socket paths must fit in 107 bytes
     gcs_port, dashboard_port, client_port = free_ports(3)
     address, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
@@ -138,6 +140,7 @@ def _wait_for_job_api(dashboard: str) -> None:
     retry = Retry(total=20, connect=20, backoff_factor=0.5, backoff_max=4, status_forcelist=[500], allowed_methods=None)
     with requests.Session() as session:
         session.mount("http://", HTTPAdapter(max_retries=retry))
+        session.headers.update(auth_headers(use_token_auth()))
         session.post(f"{dashboard}/api/jobs/", json={"entrypoint": "true"}, timeout=30).raise_for_status()
 
 

@@ -11,7 +11,6 @@ the hardware, not on how the work was split; :func:`sample_locally` is the one-p
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate
+from pipelines.ray_auth import connect_ray
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -86,17 +86,6 @@ class _SamplerActor:
                              self.settings, self.num_images, self.block_size, self.seed, batch["id"], self.device)
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to Ray if not yet: ``$RAY_ADDRESS`` when set, else a new local instance (as
-    ``training.launcher`` does). Returns True when this call started a local instance."""
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    local = address == "local"
-    ray.init(address=address, **({"num_cpus": num_cpus, "include_dashboard": False} if local else {}))
-    return local
-
-
 def sample_distributed(
     checkpoint: str | Path, settings: SamplerSettings, num_images: int, *, block_size: int = 16, seed: int = 0,
     workers: int = 2, blocks_per_batch: int = 1, use_gpu: bool | None = None, threads: int | None = 1,
@@ -128,7 +117,7 @@ def sample_distributed(
         if not (folder / name).is_file():
             raise FileNotFoundError(f"checkpoint folder {folder.resolve()} has no {name}")
         files[name] = (folder / name).read_bytes()
-    ensure_ray()
+    connect_ray()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     blocks = num_blocks(num_images, block_size)

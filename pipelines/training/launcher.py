@@ -5,7 +5,6 @@ worker starts, open (or resume) the MLflow run, and run Ray Train's ``TorchTrain
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.data import storage
 from pipelines.data.shards import load_manifest, read_split
+from pipelines.ray_auth import connect_ray
 from pipelines.registry.runs import end_run, open_run, run_folder
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import TrainConfig, load_config
@@ -122,11 +122,7 @@ def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
         ray.train.TrainingFailedError: when training fails more than ``scaling.max_failures`` times.
     """
     manifest = check_data(config)
-    started_locally = False
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        started_locally = address == "local"
-        ray.init(address=address, **({"num_cpus": num_cpus, "include_dashboard": False} if started_locally else {}))
+    started_locally = connect_ray(num_cpus)
     check_resources(config, fixed_size=started_locally)
     tracking_uri = resolve_tracking_uri()
     run_id, resumed = open_run(config, tracking_uri, manifest)

@@ -30,6 +30,8 @@ import requests
 import yaml
 from ray.util.state import list_actors
 
+from tooling.ray_auth import auth_headers, use_token_auth
+
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
 VENV_BIN = Path(sys.executable).parent
@@ -94,6 +96,10 @@ def worker_port_range(width: int = 100) -> tuple[int, int]:
 class LocalRayCluster:
     """``ray start --head --block`` on free ports with its own temp dir; ``stop()`` ends it by pid.
 
+    Token authentication is on (``tooling.ray_auth.use_token_auth``: ``RAY_AUTH_MODE=token`` and a
+    token in this process's environment, which ``env`` passes on to the CLIs); ``auth_headers``
+    authenticate HTTP requests to its dashboard.
+
     Args:
         num_cpus: logical CPUs of the node (may exceed the machine's cores).
 
@@ -118,7 +124,9 @@ class LocalRayCluster:
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
                    f"--temp-dir={self.temp_dir}", "--object-store-memory=150000000", "--disable-usage-stats"]
         command += [f"{flag}={value}" for flag, value in ports.items()]
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        self.token = use_token_auth()  # this process's Ray clients (state API) need it too
+        self.auth_headers = auth_headers(self.token)
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)  # the CLIs talk to this cluster, whatever the caller's default
         self.log = open(Path(self.temp_dir) / "ray_start.log", "wb")
@@ -136,7 +144,8 @@ class LocalRayCluster:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}; the end of its log "
                                    f"({self.log.name}):\n{self._log_tail()}")
             try:
-                if requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).ok:
+                if requests.get(f"{self.dashboard}/api/serve/applications/", headers=self.auth_headers,
+                                timeout=10).ok:
                     return
             except requests.RequestException:
                 pass
