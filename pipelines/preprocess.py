@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 import time
@@ -30,7 +29,7 @@ import ray
 
 from pipelines.data import shards, sources, staging_gate, storage
 from pipelines.data.transforms import DEFAULT_MAX_PIXELS, RESAMPLE_FILTERS, BadImageError, ImageSpec, SplitSpec
-from pipelines.ray_auth import init_local_ray
+from pipelines.ray_auth import connect_ray
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +122,7 @@ def ray_session() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        init_local_ray(include_dashboard=False)  # token authentication on (pipelines/ray_auth.py)
+    connect_ray()  # a local cluster with token authentication on (pipelines/ray_auth.py)
     try:
         yield
     finally:
