@@ -3,6 +3,10 @@ estimated) and a sample grid, logged to MLflow as an evaluation of that model.
 
     python pipelines/evaluate.py --model models:/ddpm-tiny/1 --shards data/fashion-mnist-shards --images 64
     python pipelines/evaluate.py --model runs/<run>/checkpoint_00000200 --shards ... --estimate 16
+    python pipelines/evaluate.py --model models:/ddpm-tiny/1 --shards ... --split test
+
+``--split`` picks the scored split: ``val`` (default; the split training reports on) or ``test``
+(the source's own test split, e.g. Fashion-MNIST's t10k files; an error when the shards have none).
 
 ``--model`` takes anything ``pipelines.registry.model_store.fetch_checkpoint`` does (``models:/name/version``,
 ``models:/name@alias``, ``runs:/<id>/model``, ``s3://...``, a local checkpoint folder). The results
@@ -27,8 +31,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/id/model, "
                                                         "s3://... or a local checkpoint folder")
     parser.add_argument("--shards", required=True,
-                        help="preprocessed shard folder (local or s3://); its val split is used")
-    parser.add_argument("--images", type=int, default=64, help="validation images to evaluate (first N of the split)")
+                        help="preprocessed shard folder (local or s3://); --split says which split is scored")
+    parser.add_argument("--split", choices=["val", "test"], default="val",
+                        help="split to score: val (default) or the source's own test split")
+    parser.add_argument("--images", type=int, default=64, help="images to evaluate (first N of the split)")
     parser.add_argument("--estimate", type=int, default=0, metavar="K",
                         help="estimate the bound with K timesteps per image instead of computing it exactly")
     parser.add_argument("--samples", type=int, default=16, help="images in the sample grid (0: none)")
@@ -53,7 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(
         model=args.model, shards=args.shards, images=args.images, estimate=args.estimate, samples=args.samples,
         sample_steps=args.sample_steps, batch_size=args.batch_size, seed=args.seed, experiment=args.experiment,
-        device=args.device, threads=args.threads,
+        device=args.device, threads=args.threads, split=args.split,
     )
 
 
