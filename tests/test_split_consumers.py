@@ -43,10 +43,10 @@ def test_a_training_job_never_reads_test(split_shards: Path, tmp_path: Path, mon
         return real(root, split)
 
     monkeypatch.setattr(shards, "_validated_shards", recording)  # every reader of every split goes through it
-    config = tiny_config(split_shards, tmp_path / "runs", "splits", train__final_bpd_images=4)
+    config = tiny_config(split_shards, tmp_path / "runs", "splits")
     trainer = launcher.build_trainer(config, {})
     assert set(trainer.datasets) == {"train"}
-    assert len(loop.load_val_images(config)) == 4
+    assert len(loop.load_val_images(config)) == shards.load_manifest(str(split_shards)).counts["val"]  # all (< 8) of val
     assert read == ["train", "val"] and set(read) <= set(TRAINING_SPLITS)
     with pytest.raises(ValueError, match="never 'test'"):
         training_split("test")
@@ -54,12 +54,12 @@ def test_a_training_job_never_reads_test(split_shards: Path, tmp_path: Path, mon
 
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny untrained checkpoint (10 timesteps: the exact bound is 10 forward passes)."""
+    """A tiny untrained checkpoint (24 timesteps: the exact bound is 24 forward passes)."""
     torch.manual_seed(0)
     unet = UNetConfig(image_size=28, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
                       num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_groups=4)
     folder = tmp_path_factory.mktemp("untrained") / "checkpoint"
-    save_checkpoint(folder, UNet(unet).state_dict(), unet, DiffusionConfig(num_timesteps=10))
+    save_checkpoint(folder, UNet(unet).state_dict(), unet, DiffusionConfig(num_timesteps=24))
     return folder
 
 
@@ -76,8 +76,8 @@ def test_evaluate_scores_the_chosen_split(train_sandbox, split_shards: Path, unt
 
     common = ["--model", str(untrained), "--shards", str(split_shards), "--images", "3", "--samples", "0",
               "--threads", "1", "--seed", "3", "--experiment", EXPERIMENT]
-    assert main([*common, "--split", "test"]) == 0
-    assert main(common) == 0  # default: val, as before
+    assert main([*common, "--split", "test"]) == 0, capsys.readouterr().err
+    assert main(common) == 0, capsys.readouterr().err  # default: val, as before
     client = MlflowClient(resolve_tracking_uri())
     loaded = load_checkpoint(untrained)
     for split in ("test", "val"):
