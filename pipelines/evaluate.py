@@ -6,6 +6,10 @@ estimated) and a sample grid, logged to MLflow as an evaluation of that model.
     python pipelines/evaluate.py --model ... --shards ... --sampler dpm_solver --sample-steps 20 --order 2
     python pipelines/evaluate.py --model ... --shards ... --fd 1000 --fd-features classifier \
         --fd-classifier models:/fd-classifier-fashion-mnist/1 --sampler ddim --sample-steps 50
+    python pipelines/evaluate.py --model models:/ddpm-tiny/1 --shards ... --split test
+
+``--split`` picks the scored split: ``val`` (default; the split training reports on) or ``test``
+(the source's own test split, e.g. Fashion-MNIST's t10k files; an error when the shards have none).
 
 ``--model`` takes anything ``pipelines.registry.model_store.fetch_checkpoint`` does (``models:/name/version``,
 ``models:/name@alias``, ``runs:/<id>/model``, ``s3://...``, a local checkpoint folder). The results
@@ -41,8 +45,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/id/model, "
                                                         "s3://... or a local checkpoint folder")
     parser.add_argument("--shards", required=True,
-                        help="preprocessed shard folder (local or s3://); its val split is used")
-    parser.add_argument("--images", type=int, default=64, help="validation images to evaluate (first N of the split)")
+                        help="preprocessed shard folder (local or s3://); --split says which split is scored")
+    parser.add_argument("--split", choices=["val", "test"], default="val",
+                        help="split to score: val (default) or the source's own test split")
+    parser.add_argument("--images", type=int, default=64, help="images to evaluate (first N of the split)")
     parser.add_argument("--estimate", type=int, default=0, metavar="K",
                         help="estimate the bound with K timesteps per image instead of computing it exactly")
     parser.add_argument("--samples", type=int, default=16, help="images in the sample grid (0: none)")
@@ -133,7 +139,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         model=args.model, shards=args.shards, images=args.images, estimate=args.estimate, samples=args.samples,
         sampling=sampler_settings_from_args(args), batch_size=args.batch_size, seed=args.seed,
         experiment=args.experiment, device=args.device, threads=args.threads, compile=args.compile,
-        fd=fd_settings_from_args(args),
+        fd=fd_settings_from_args(args), split=args.split,
     )
 
 

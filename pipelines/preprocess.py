@@ -4,8 +4,11 @@
         [--val-fraction F] [--seed S] [--overwrite] [--on-error skip|fail] [--limit N]
     ray job submit --working-dir . -- python pipelines/preprocess.py --input ... --output ...
 
-SRC: a folder or ``s3://bucket/prefix`` of MNIST-family IDX files or of images (one level of
-class sub-folders), or one IDX images file. DST: a folder or ``s3://bucket/prefix``; the layout,
+SRC: a folder or ``s3://bucket/prefix`` of MNIST-family IDX files, of CIFAR-10 binary batches or
+of images (one level of class sub-folders, optionally below ``train/``, ``val/``, ``test/``), or one
+IDX images file or CIFAR-10 batch. The source's own splits are kept: ``t10k-*`` IDX files,
+``test_batch.bin`` and a ``test/`` folder become "test", and "val" is a ``val/`` folder or else
+carved from "train" (never from "test") by a seeded hash (``--val-fraction``, ``--seed``). DST: a folder or ``s3://bucket/prefix``; the layout,
 the manifest and the commit protocol are described in ``pipelines/data/shards.py``. The job runs on
 the Ray cluster named by ``RAY_ADDRESS`` (or the one already initialised), else starts a local
 one. S3 uses the standard AWS environment variables (``AWS_ENDPOINT_URL_S3`` for S3-compatible
@@ -41,13 +44,14 @@ class PreprocessConfig:
     Attributes:
         input: source location (see module docstring).
         output: destination root (local folder or ``s3://bucket/prefix``).
-        size: output (H, W) in pixels; None keeps the IDX files' own size (required for folders).
-        mode: "L" or "RGB"; None means "L" for IDX sources and "RGB" for folders.
-        val_fraction: expected share of items in "val", in [0, 1).
+        size: output (H, W) in pixels; None keeps the IDX / CIFAR-10 files' own size (required for folders).
+        mode: "L" or "RGB"; None means "L" for IDX sources and "RGB" for CIFAR-10 and folders.
+        val_fraction: expected share of the source's "train" items carved into "val", in [0, 1)
+            (unused when the source has its own ``val/``).
         seed: seed of the hash split (same seed -> same split).
         overwrite: replace an existing output (only after the new one is complete).
         on_error: "skip" records bad files in the manifest; "fail" stops at the first one.
-        limit: use only the first N items of the sorted listing (N >= 1), or all.
+        limit: use only the first N items of each split of the source (sorted listing; N >= 1), or all.
         max_pixels: reject images with more pixels than this (decompression bombs).
         resample: Pillow resize filter (see ``transforms.RESAMPLE_FILTERS``).
         target_block_mib: upper bound on the float32 image MiB handled by one task / one shard.
@@ -87,7 +91,7 @@ class PreprocessConfig:
 def _image_spec(config: PreprocessConfig, listing: sources.SourceListing) -> ImageSpec:
     if config.size is not None:
         height, width = (int(s) for s in config.size)
-    elif listing.kind == "idx":
+    elif listing.kind in ("idx", "cifar10"):
         sizes = {(p.rows, p.cols) for p in listing.idx_parts}
         if len(sizes) != 1:
             raise ValueError(f"IDX files have different image sizes {sorted(sizes)}; pass --size H W")
@@ -195,7 +199,9 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
     """List the source, convert every item with Ray Data, and commit shards + manifest at ``config.output``.
 
     Images become float32 [C, H, W] with values exactly k/127.5 - 1 (uint8 k), labels int64
-    (-1 where unknown); items go to "train"/"val" by a seeded hash of their identity.
+    (-1 where unknown). Items keep the split their source gives them ("train", "test", or "val"
+    for a ``val/`` folder); without a source val, "train" items go to "val" by a seeded hash of
+    their identity. The manifest's ``splits`` records where each split came from.
 
     Returns:
         the committed :class:`pipelines.data.shards.Manifest`.
@@ -211,7 +217,8 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
     listing = sources.list_source(config.input, limit=config.limit, fail_on_error=fail)
     spec = _image_spec(config, listing)
     final = _check_output(config, listing)
-    options = sources.ReadOptions(listing.root, spec, SplitSpec(config.val_fraction, config.seed), fail)
+    carved = 0.0 if listing.has_own_val else config.val_fraction  # a source's own val is used as is
+    options = sources.ReadOptions(listing.root, spec, SplitSpec(carved, config.seed), fail)
     tmp = final.temporary_sibling()
     logger.info("converting %d items from %s into %s (staging in %s)", listing.num_items, listing.root.uri, final.uri, tmp.uri)
     published = False
@@ -229,6 +236,20 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
     finally:
         if not published:
             storage.remove_tree(tmp)
+
+
+def split_origins(config: PreprocessConfig, listing: sources.SourceListing) -> dict[str, dict]:
+    """The manifest's ``splits``: where each split came from (``pipelines/data/shards.py``, "Splits")."""
+    def where(relpath: str) -> str:
+        return listing.root.join(relpath).uri if relpath else listing.root.uri
+
+    splits = {
+        split: {"rule": "source", "sources": [where(r) for r in listing.split_sources[split]]}
+        for split in shards.SPLITS if split in listing.split_sources
+    }
+    if "val" not in splits and "train" in splits:
+        splits["val"] = {"rule": "hash", "from": "train", "fraction": float(config.val_fraction), "seed": int(config.seed)}
+    return {split: splits[split] for split in shards.SPLITS if split in splits}
 
 
 def _manifest(
@@ -252,6 +273,7 @@ def _manifest(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         classes=listing.classes,
         shards=files,
+        splits=split_origins(config, listing),
         options={
             "source_kind": listing.kind,
             "size": [spec.height, spec.width],
@@ -260,7 +282,7 @@ def _manifest(
             "max_pixels": spec.max_pixels,
             "val_fraction": config.val_fraction,
             "seed": config.seed,
-            "split_rule": "val iff blake2b(f'{seed}:{identity}', 8 bytes) / 2**64 < val_fraction",
+            "split_rule": "val iff a train item's blake2b(f'{seed}:{identity}', 8 bytes) / 2**64 < val_fraction",
             "limit": config.limit,
             "on_error": config.on_error,
             "input_items": listing.num_items,
@@ -278,11 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="output size in pixels (default: IDX native)")
     parser.add_argument("--mode", choices=["L", "RGB"], help="output channels (default: L for IDX, RGB for folders)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of items in val, in [0, 1) (default 0.1)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the train items carved into val, in [0, 1) (default 0.1; unused with a val/ folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hash split (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output once the new one is complete")
     parser.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="bad files: list and skip, or stop")
-    parser.add_argument("--limit", type=int, help="use only the first N items of the sorted listing")
+    parser.add_argument("--limit", type=int, help="use only the first N items of each split of the source (sorted listing)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images (default 50e6)")
     parser.add_argument("--resample", choices=sorted(RESAMPLE_FILTERS), default="bicubic", help="Pillow resize filter")
     return parser
@@ -308,10 +331,10 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> PreprocessCon
 
 def format_summary(manifest: shards.Manifest, output: str, seconds: float) -> str:
     """Human-readable end-of-run report: counts, rejected files, throughput, absolute output path."""
-    total = manifest.counts["train"] + manifest.counts["val"] + len(manifest.rejected)
+    total = sum(manifest.counts[split] for split in shards.SPLITS) + len(manifest.rejected)
+    counts = "  ".join(f"{split}: {manifest.counts[split]}" for split in shards.SPLITS)
     lines = [
-        f"train: {manifest.counts['train']}  val: {manifest.counts['val']}  rejected: {len(manifest.rejected)}"
-        f"  image shape: {list(manifest.image_shape)}",
+        f"{counts}  rejected: {len(manifest.rejected)}  image shape: {list(manifest.image_shape)}",
         f"throughput: {total / max(seconds, 1e-9):.1f} images/s ({total} items in {seconds:.1f} s)",
     ]
     for item in manifest.rejected[:50]:

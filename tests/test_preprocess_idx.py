@@ -23,15 +23,14 @@ LIMIT, SEED, VAL = 1500, 7, 0.2
 
 
 def _expected(fashion_mnist_dir: Path, limit: int | None, seed: int, val_fraction: float) -> dict:
-    """Per split, the uint8 images and labels in listing order (t10k before train), from the oracle."""
-    images, labels, names = [], [], []
-    for stem in ("t10k", "train"):  # sorted file names
-        images.append(read_idx(fashion_mnist_dir / f"{stem}-images-idx3-ubyte.gz"))
-        labels.append(read_idx(fashion_mnist_dir / f"{stem}-labels-idx1-ubyte.gz"))
-        names += [f"{stem}-images-idx3-ubyte:{i}" for i in range(len(images[-1]))]
-    images, labels = np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
-    val = np.array([is_val(name, seed, val_fraction) for name in names[: len(images)]])
-    return {"train": (images[~val], labels[~val]), "val": (images[val], labels[val])}
+    """Per split, the uint8 images and labels in listing order, from the oracle: t10k is "test" (the
+    first ``limit``), the first ``limit`` train images are split into "train" and "val" by the hash."""
+    images = read_idx(fashion_mnist_dir / "train-images-idx3-ubyte.gz")[:limit]
+    labels = read_idx(fashion_mnist_dir / "train-labels-idx1-ubyte.gz")[:limit]
+    val = np.array([is_val(f"train-images-idx3-ubyte:{i}", seed, val_fraction) for i in range(len(images))])
+    test = (read_idx(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz")[:limit],
+            read_idx(fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz")[:limit])
+    return {"train": (images[~val], labels[~val]), "val": (images[val], labels[val]), "test": test}
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +43,10 @@ def subset(ray_local, fashion_mnist_dir: Path, tmp_path_factory: pytest.TempPath
 def test_subset_values_labels_and_split_match_the_idx_files(subset: Path, fashion_mnist_dir: Path):
     manifest = load_manifest(str(subset))
     expected = _expected(fashion_mnist_dir, LIMIT, SEED, VAL)
-    assert manifest.counts == {split: len(expected[split][0]) for split in ("train", "val")}
-    assert manifest.counts["train"] + manifest.counts["val"] == LIMIT and manifest.rejected == ()
+    assert manifest.counts == {split: len(expected[split][0]) for split in ("train", "val", "test")}
+    assert manifest.counts["train"] + manifest.counts["val"] == LIMIT == manifest.counts["test"] and manifest.rejected == ()
     assert manifest.has_labels and manifest.image_shape == (1, 28, 28)
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         images, labels = read_split_numpy(str(subset), split)
         assert_on_grid(images)
         np.testing.assert_array_equal(images, uint8_to_float(expected[split][0][:, None]))
@@ -92,7 +91,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(ray_local, fashion
 
     second = run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir), output=str(output), limit=100, val_fraction=0.5, overwrite=True))
     assert second.counts["train"] + second.counts["val"] == 100
-    listed = sorted(Path(s.path) for split in ("train", "val") for s in second.shards[split])
+    listed = sorted(Path(s.path) for split in ("train", "val", "test") for s in second.shards[split])
     assert sorted(p.relative_to(output) for p in output.rglob("*.parquet")) == listed  # no shard of the first run
     assert load_manifest(str(output)) == second
     assert leftovers(output) == []
@@ -119,7 +118,7 @@ def test_truncated_idx_file_is_rejected_with_its_reason(ray_local, fashion_mnist
     manifest = run_preprocess(PreprocessConfig(input=str(source), output=str(tmp_path / "out"), limit=64))
     assert [r["file"] for r in manifest.rejected] == ["extra-images-idx3-ubyte"]
     assert "truncated" in manifest.rejected[0]["reason"]
-    assert manifest.counts["train"] + manifest.counts["val"] == 64
+    assert manifest.counts == {"train": 0, "val": 0, "test": 64}  # "extra" would be train, but is rejected
     with pytest.raises(BadImageError, match="extra-images-idx3-ubyte.*truncated"):
         run_preprocess(PreprocessConfig(input=str(source), output=str(tmp_path / "out2"), on_error="fail"))
     assert not (tmp_path / "out2").exists() and leftovers(tmp_path / "out2") == []
@@ -146,7 +145,7 @@ def test_cli_script_starts_its_own_ray_and_reports(fashion_mnist_dir: Path, tmp_
     manifest = load_manifest(str(output))
     assert manifest.image_shape == (3, 32, 32)
     assert manifest.command.startswith("python pipelines/preprocess.py --input")
-    images, _ = read_split_numpy(str(output), "train", limit=20)
+    images, _ = read_split_numpy(str(output), "test", limit=20)  # the t10k file is the test split
     assert_on_grid(images)
     np.testing.assert_array_equal(images[:, 0], images[:, 1])  # gray source: R == G == B
     refused = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -158,8 +157,9 @@ def test_all_70000_images(ray_local, fashion_mnist_dir: Path, tmp_path: Path):
     output = tmp_path / "full"
     manifest = run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir), output=str(output), seed=SEED, val_fraction=VAL))
     expected = _expected(fashion_mnist_dir, None, SEED, VAL)
-    assert manifest.counts["train"] + manifest.counts["val"] == 70000 and manifest.rejected == ()
-    for split in ("train", "val"):
+    assert manifest.counts["train"] + manifest.counts["val"] == 60000 and manifest.counts["test"] == 10000
+    assert manifest.rejected == ()
+    for split in ("train", "val", "test"):
         images, labels = read_split_numpy(str(output), split)
         assert len(images) == len(expected[split][0]) == manifest.counts[split]
         assert_on_grid(images)

@@ -42,7 +42,7 @@ def sources(s3: S3Server, fashion_mnist_dir: Path, tmp_path_factory: pytest.Temp
 
 
 def _keys_are_exactly_the_committed_files(s3: S3Server, prefix: str, manifest) -> None:
-    listed = {f"{prefix}/{s.path}" for split in ("train", "val") for s in manifest.shards[split]}
+    listed = {f"{prefix}/{s.path}" for split in ("train", "val", "test") for s in manifest.shards[split]}
     assert set(s3.list_keys(BUCKET, prefix + "/")) == listed | {f"{prefix}/manifest.json"}
     assert [k for k in s3.list_keys(BUCKET) if ".tmp-" in k] == []
 
@@ -77,11 +77,11 @@ def test_idx_from_s3_to_local(ray_local, sources: dict, fashion_mnist_dir: Path,
     manifest = run_preprocess(PreprocessConfig(input=sources["idx"], output=str(output), limit=400, seed=SEED, val_fraction=VAL))
     expected = read_idx(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz")[:400]
     expected_labels = read_idx(fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz")[:400]
-    val = np.array([is_val(f"t10k-images-idx3-ubyte:{i}", SEED, VAL) for i in range(400)])
-    images, labels = read_split_numpy(str(output), "val")
-    assert manifest.counts["val"] == val.sum()
-    np.testing.assert_array_equal(images, uint8_to_float(expected[val][:, None]))
-    np.testing.assert_array_equal(labels, expected_labels[val])
+    images, labels = read_split_numpy(str(output), "test")  # t10k is the source's test split: no val carved from it
+    assert manifest.counts == {"train": 0, "val": 0, "test": 400}
+    assert manifest.splits == {"test": {"rule": "source", "sources": [f"{sources['idx']}/t10k-images-idx3-ubyte.gz"]}}
+    np.testing.assert_array_equal(images, uint8_to_float(expected[:, None]))
+    np.testing.assert_array_equal(labels, expected_labels)
 
 
 def test_existing_s3_output_is_refused_and_overwrite_replaces_it(ray_local, s3: S3Server, sources: dict):
@@ -91,10 +91,10 @@ def test_existing_s3_output_is_refused_and_overwrite_replaces_it(ray_local, s3: 
         run_preprocess(PreprocessConfig(input=sources["idx"], output=output, limit=60))
     assert load_manifest(output) == first
     second = run_preprocess(PreprocessConfig(input=sources["idx"], output=output, limit=60, val_fraction=0.1, overwrite=True))
-    assert second.counts["train"] + second.counts["val"] == 60
+    assert second.counts["test"] == 60
     assert load_manifest(output) == second
     _keys_are_exactly_the_committed_files(s3, "shards/rerun", second)
-    assert len(read_split_numpy(output, "train")[0]) == second.counts["train"]
+    assert len(read_split_numpy(output, "test")[0]) == second.counts["test"]
 
 
 def test_on_error_fail_on_s3_leaves_nothing(ray_local, s3: S3Server, sources: dict):

@@ -51,7 +51,7 @@ def test_numpy_reader_returns_manifest_counts_shapes_and_grid_values(output: Pat
         assert set(labels.tolist()) <= set(range(10))
         assert_on_grid(images)
         total += len(images)
-    assert total == LIMIT
+    assert total == LIMIT == manifest.counts["test"]  # --limit per split: 300 train (+ val) and 300 test
     assert 0.15 < manifest.counts["val"] / LIMIT < 0.35
 
 
@@ -120,7 +120,7 @@ def test_shape_mismatch_between_manifest_and_shards_is_refused(damaged: Path):
 
 def test_count_mismatch_and_missing_shard_are_refused(damaged: Path):
     manifest = load_manifest(str(damaged))
-    _edit_manifest(damaged, counts={"train": manifest.counts["train"] + 1, "val": manifest.counts["val"]})
+    _edit_manifest(damaged, counts={**manifest.counts, "train": manifest.counts["train"] + 1})
     with pytest.raises(ShardError, match="counts"):
         read_split_numpy(str(damaged), "train")
     _edit_manifest(damaged, counts=manifest.counts)
@@ -131,7 +131,7 @@ def test_count_mismatch_and_missing_shard_are_refused(damaged: Path):
 
 def test_unreadable_manifest_and_unknown_split(damaged: Path):
     with pytest.raises(ValueError, match="split must be one of"):
-        read_split_numpy(str(damaged), "test")
+        read_split_numpy(str(damaged), "holdout")
     (damaged / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="not valid JSON"):
         load_manifest(str(damaged))
@@ -156,7 +156,7 @@ def test_publish_replaces_old_output_and_drops_unlisted_files(output: Path, tmp_
 def test_empty_val_split_reads_as_empty(ray_local, fashion_mnist_dir: Path, tmp_path: Path):
     root = tmp_path / "no-val"
     manifest = run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir), output=str(root), limit=40, val_fraction=0.0))
-    assert manifest.counts == {"train": 40, "val": 0}
+    assert manifest.counts == {"train": 40, "val": 0, "test": 40}  # --limit per split of the source
     images, labels = read_split_numpy(str(root), "val")
     assert images.shape == (0, 1, 28, 28) and labels.shape == (0,)
     assert read_split(str(root), "val").count() == 0

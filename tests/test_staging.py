@@ -22,7 +22,7 @@ def _block(n: int = 4) -> pa.Table:
     return pa.table({
         "image": ArrowTensorArray.from_numpy(np.zeros((n, 1, 2, 2), np.float32)),
         "label": pa.array(range(n), pa.int64()),
-        "is_val": pa.array([i % 2 == 1 for i in range(n)]),
+        "split": pa.array(["val" if i % 2 == 1 else "train" for i in range(n)]),
         "error": pa.array([""] * (n - 1) + ["corrupt"]),
         "file": pa.array([f"f{i}.png" for i in range(n)]),
         "block": pa.array([3] * n, pa.int64()),

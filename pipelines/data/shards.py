@@ -5,6 +5,30 @@ Layout of an output root ``DST`` (a local folder or ``s3://bucket/prefix``)::
     DST/manifest.json           the commit marker: written LAST, lists every shard file
     DST/train/part-*.parquet    columns "image" (fixed-shape float32 tensor [C, H, W], values
     DST/val/part-*.parquet      exactly k/127.5 - 1) and "label" (int64, -1 where unknown)
+    DST/test/part-*.parquet     (only when the source has its own test split)
+
+**Splits.** ``train`` and ``test`` are the splits the source defines (IDX ``train-*`` / ``t10k-*``
+files, ``train/`` / ``test/`` folders, CIFAR-10's ``data_batch_*`` / ``test_batch``); a source
+without its own split is all ``train``. ``val`` is the source's own (a ``val/`` folder) or else
+carved from ``train`` only by the seeded hash rule of ``transforms.SplitSpec``; it is never taken
+from ``test``. Training reads ``train`` and ``val`` only; ``test`` is for ``pipelines/evaluate.py
+--split test``. The manifest's ``splits`` says where each split came from (schema version 2)::
+
+    "splits": {
+      "train": {"rule": "source", "sources": ["/data/fmnist/train-images-idx3-ubyte.gz"]},
+      "val":   {"rule": "hash", "from": "train", "fraction": 0.1, "seed": 0},
+      "test":  {"rule": "source", "sources": ["/data/fmnist/t10k-images-idx3-ubyte.gz"]}
+    }
+
+* ``rule: "source"``: the items of ``sources`` (absolute files or folders, local or ``s3://``),
+  less the ones a ``"hash"`` split took ``from`` this split.
+* ``rule: "hash"``: the items of split ``from`` whose ``blake2b(f"{seed}:{identity}")`` / 2**64 is
+  below ``fraction`` (``transforms.SplitSpec``); a fraction of 0 gives an empty split.
+* a split the source does not have (e.g. ``test`` of a plain folder) has no entry and counts 0.
+
+``counts`` and ``shards`` always have all three keys. Version 1 manifests (train/val only, val
+carved from everything) are still read: their ``test`` counts 0, and ``splits`` is filled in as
+train = ``{"rule": "source", "sources": [source]}``, val = hash from train.
 
 **The manifest is the commit marker.** A job writes everything into a temporary sibling
 (``DST.tmp-<uuid>``) and only then publishes: locally by renaming the folder into place, on S3
@@ -44,10 +68,13 @@ from pipelines.data import staging_gate, storage
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
-#: Version of this on-disk format; readers refuse anything else.
-SCHEMA_VERSION = 1
+#: Version of this on-disk format written by this code. 2: the source's own splits ("test", the
+#: manifest's ``splits``); the shard files themselves are unchanged since 1.
+SCHEMA_VERSION = 2
+#: Versions readers accept (manifests and shards); anything else is refused.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 #: Parquet schema metadata keys stamped on every shard.
 META_SCHEMA_VERSION = b"ray_ddpm.schema_version"
 META_IMAGE_SHAPE = b"ray_ddpm.image_shape"
@@ -61,7 +88,7 @@ NORMALIZATION = {
     "max": 1.0,
     "levels": 256,
 }
-Split = Literal["train", "val"]
+Split = Literal["train", "val", "test"]
 
 
 class ShardError(ValueError):
@@ -81,9 +108,9 @@ class Manifest:
     """Everything known about one preprocessing output (``DST/manifest.json``).
 
     Attributes:
-        schema_version: format version, ``SCHEMA_VERSION`` when written by this code.
+        schema_version: format version, ``SCHEMA_VERSION`` when written by this code (1 is read too).
         image_shape: (C, H, W) of every image.
-        counts: rows per split, {"train": n, "val": n}.
+        counts: rows per split, {"train": n, "val": n, "test": n}.
         has_labels: True when every row has a label >= 0.
         normalization: how pixel values were scaled (see ``NORMALIZATION``).
         source: the absolute source location (path or s3:// URI).
@@ -94,6 +121,7 @@ class Manifest:
         classes: class names, label i = classes[i]; empty when unlabelled or labels come from IDX.
         shards: per split, the shard files holding its rows.
         options: the job settings (size, mode, resample, val_fraction, seed, limit, ...).
+        splits: where each split came from (see the module docstring, "Splits").
     """
 
     schema_version: int
@@ -109,6 +137,7 @@ class Manifest:
     classes: tuple[str, ...] = ()
     shards: dict[str, tuple[ShardFile, ...]] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (lists instead of tuples)."""
@@ -129,16 +158,17 @@ class Manifest:
         if not isinstance(data, dict):
             raise ShardError(f"manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS or isinstance(version, bool):
             raise ShardError(
-                f"incompatible shard schema version {version!r}: this code reads version {SCHEMA_VERSION}; "
-                "re-run pipelines/preprocess.py to regenerate the shards"
+                f"incompatible shard schema version {version!r}: this code reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; re-run pipelines/preprocess.py to regenerate the shards"
             )
         try:
             shape = tuple(int(d) for d in data["image_shape"])
             if len(shape) != 3 or min(shape) < 1:
                 raise ValueError(f"image_shape must be 3 positive integers, got {data['image_shape']!r}")
-            counts = {split: int(data["counts"][split]) for split in SPLITS}
+            counts = {split: int(data["counts"][split]) for split in SPLITS if version >= 2 or split != "test"}
+            counts.setdefault("test", 0)
             shards = {
                 split: tuple(ShardFile(str(s["path"]), int(s["rows"])) for s in data.get("shards", {}).get(split, []))
                 for split in SPLITS
@@ -157,9 +187,33 @@ class Manifest:
                 classes=tuple(str(c) for c in data.get("classes", [])),
                 shards=shards,
                 options=dict(data.get("options", {})),
+                splits=_splits_of(data, int(version)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ShardError(f"malformed manifest: {type(error).__name__}: {error}") from None
+
+
+def _splits_of(data: dict[str, Any], version: int) -> dict[str, dict[str, Any]]:
+    """The ``splits`` entry, checked (version 2), or reconstructed for a version 1 manifest."""
+    if version == 1:
+        options = data.get("options", {})
+        return {
+            "train": {"rule": "source", "sources": [str(data["source"])]},
+            "val": {"rule": "hash", "from": "train", "fraction": float(options.get("val_fraction", 0.0)),
+                    "seed": int(options.get("seed", 0))},
+        }
+    splits = {str(name): dict(entry) for name, entry in data["splits"].items()}
+    for name, entry in splits.items():
+        if name not in SPLITS:
+            raise ValueError(f"splits has an unknown split {name!r} (known: {', '.join(SPLITS)})")
+        if entry.get("rule") == "source":
+            entry["sources"] = [str(s) for s in entry["sources"]]
+        elif entry.get("rule") == "hash":
+            if entry.get("from") not in SPLITS:
+                raise ValueError(f"splits.{name}.from must be one of {SPLITS}, got {entry.get('from')!r}")
+        else:
+            raise ValueError(f"splits.{name}.rule must be 'source' or 'hash', got {entry.get('rule')!r}")
+    return splits
 
 
 # ----------------------------------------------------------------------------- writing
@@ -195,10 +249,11 @@ def _shard_name(rows: pa.Table) -> str:
 
 
 def write_shards(block: pa.Table, target: ShardTarget) -> pa.Table:
-    """Ray task body: write one block's good rows as a train and a val shard; report the rest.
+    """Ray task body: write one block's good rows as one shard per split present; report the rest.
 
     Args:
-        block: columns "image" (Ray tensor [C, H, W] float32), "label" int64, "is_val" bool,
+        block: columns "image" (Ray tensor [C, H, W] float32), "label" int64, "split" str (one of
+            ``SPLITS``),
             "error" str ("" for good rows), "file" str, "block" int64 (see ``_shard_name``).
         target: where to write.
 
@@ -214,9 +269,8 @@ def write_shards(block: pa.Table, target: ShardTarget) -> pa.Table:
     bad = block.filter(pc.invert(good_mask))
     report: list[dict[str, Any]] = []
     with staging_gate.admitted(target.gate) as may_write:
-        splits = (("train", pc.invert(good.column("is_val"))), ("val", good.column("is_val"))) if may_write else ()
-        for split, mask in splits:
-            rows = good.filter(mask)
+        for split in SPLITS if may_write else ():
+            rows = good.filter(pc.equal(good.column("split"), split))
             if rows.num_rows == 0:
                 continue
             relpath = f"{split}/{_shard_name(rows)}"
@@ -317,8 +371,10 @@ def _check_shard_schema(schema: pa.Schema, manifest: Manifest, where: str) -> No
     """Validate one shard's Parquet schema against the manifest (version, shape, dtype, columns)."""
     metadata = schema.metadata or {}
     version = metadata.get(META_SCHEMA_VERSION, b"").decode() or None
-    if version != str(SCHEMA_VERSION):
-        raise ShardError(f"shard {where} has schema version {version!r}; expected {SCHEMA_VERSION}")
+    if version not in {str(v) for v in READABLE_SCHEMA_VERSIONS}:
+        raise ShardError(
+            f"shard {where} has schema version {version!r}; expected one of {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
+        )
     shape = json.loads(metadata.get(META_IMAGE_SHAPE, b"null"))
     if shape is None or tuple(shape) != manifest.image_shape:
         raise ShardError(f"shard {where} holds images of shape {shape}, manifest says {list(manifest.image_shape)}")
@@ -373,7 +429,7 @@ def read_split_numpy(root: str, split: Split, limit: int | None = None) -> tuple
 
     Args:
         root: output root (local path or ``s3://bucket/prefix``).
-        split: "train" or "val".
+        split: "train", "val" or "test".
         limit: return only the first ``limit`` rows (in manifest shard order), or all when None.
 
     Returns:

@@ -92,11 +92,14 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Deterministic train/val assignment from a hash of each item's identity.
+    """Deterministic carving of "val" out of "train" from a hash of each item's identity.
 
-    An item goes to "val" when ``blake2b(f"{seed}:{identity}")`` (first 8 bytes, big-endian,
-    divided by 2**64) is below ``val_fraction``; reruns with the same seed give the same split,
-    independent of ordering, parallelism or which other items are present.
+    Each item arrives with the split its source gives it ("train", "val" or "test"). A "train"
+    item goes to "val" when ``blake2b(f"{seed}:{identity}")`` (first 8 bytes, big-endian, divided
+    by 2**64) is below ``val_fraction``; "val" and "test" items keep their split, so val is never
+    carved from test. Reruns with the same seed give the same split, independent of ordering,
+    parallelism or which other items are present. A source with its own "val" is read with
+    ``val_fraction=0`` (nothing carved).
 
     Attributes:
         val_fraction: expected share of items in "val", in [0, 1).
@@ -120,6 +123,18 @@ class SplitSpec:
     def val_mask(self, identities) -> np.ndarray:
         """``is_val`` for each identity: bool array [N]."""
         return np.fromiter((self.is_val(str(i)) for i in identities), dtype=bool, count=len(identities))
+
+    def assign(self, identities, origins) -> np.ndarray:
+        """The output split of each item: its source split ``origins[i]``, except that a "train"
+        item whose hash falls below ``val_fraction`` becomes "val". Object array of str [N]."""
+        splits = np.asarray(origins, dtype=object).copy()
+        if self.val_fraction > 0:
+            carve = splits == "train"
+            if carve.any():
+                candidates = np.flatnonzero(carve)
+                hit = self.val_mask([identities[i] for i in candidates])
+                splits[candidates[hit]] = "val"
+        return splits
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -213,9 +228,31 @@ def gray_array_to_pixels(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
     return out
 
 
+def rgb_array_to_pixels(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Fit a batch of 8-bit RGB images (CIFAR-10 records, channels first) to ``spec``.
+
+    Args:
+        pixels: uint8 [N, 3, h, w].
+
+    Returns:
+        uint8 [N, C, H, W]; when (h, w) == (H, W) and mode is "RGB" the values are unchanged.
+    """
+    n, _, h, w = pixels.shape
+    if (h, w) == (spec.height, spec.width) and spec.mode == "RGB":
+        return pixels.copy()
+    out = np.empty((n, *spec.shape), dtype=np.uint8)
+    for i in range(n):
+        out[i] = fit_image(Image.fromarray(np.ascontiguousarray(pixels[i].transpose(1, 2, 0)), mode="RGB"), spec)
+    return out
+
 
 def output_batch(
-    pixels: np.ndarray, labels: np.ndarray, files: list[str], errors: list[str], split: SplitSpec
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    files: list[str],
+    errors: list[str],
+    split: SplitSpec,
+    origins: list[str] | str = "train",
 ) -> dict[str, np.ndarray]:
     """Assemble the columns the preprocessing job hands to the shard writer.
 
@@ -224,17 +261,21 @@ def output_batch(
         labels: integer [N]; -1 where unknown.
         files: identity of each item (relative path, or ``"<idx file>:<index>"``) [N].
         errors: rejection reason per item, ``""`` for good items [N].
-        split: decides ``is_val`` from each identity.
+        split: carves "val" out of "train" from each identity (:meth:`SplitSpec.assign`).
+        origins: the split the source gives each item ("train", "val" or "test") [N], or one
+            split for all of them.
 
     Returns:
         dict with "image" float32 [N, C, H, W] (exactly k/127.5 - 1, via
-        ``diffusion_core.images.uint8_to_float``), "label" int64 [N], "is_val" bool [N],
-        "error" str [N] and "file" str [N].
+        ``diffusion_core.images.uint8_to_float``), "label" int64 [N], "split" str [N] (the
+        output split), "error" str [N] and "file" str [N].
     """
+    if isinstance(origins, str):
+        origins = [origins] * len(files)
     return {
         "image": uint8_to_float(pixels),
         "label": np.asarray(labels, dtype=np.int64),
-        "is_val": split.val_mask(files),
+        "split": split.assign(files, origins),
         "error": np.asarray(errors, dtype=object),
         "file": np.asarray(files, dtype=object),
     }

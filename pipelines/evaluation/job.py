@@ -1,8 +1,9 @@
 """An evaluation of one model: held-out bits/dim (exact with its per-timestep breakdown, or
 estimated) and a sample grid, logged to MLflow as a run of its own tagged with the model it scored.
 
-The metrics are also linked to the logged model (MLflow 3 ``model_id``) and to the validation data
-(an MLflow dataset input), so they show on the model's page. ``pipelines/evaluate.py`` is the
+The scored split is ``val`` (default, the one training reports on) or the source's own ``test``
+(``EvalSettings.split``, tagged and logged as ``eval.split``). The metrics are also linked to the
+logged model (MLflow 3 ``model_id``) and to the scored data (an MLflow dataset input), so they show on the model's page. ``pipelines/evaluate.py`` is the
 command line around :func:`evaluate`.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import mlflow
 import numpy as np
@@ -19,6 +20,7 @@ from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings
+from diffusion_core.validation import check_choice
 from pipelines.data.shards import load_manifest, read_split_numpy
 from pipelines.data.storage import resolve
 from pipelines.evaluation.fd_eval import FDSettings, run_fd
@@ -30,6 +32,9 @@ from pipelines.registry.runs import log_png
 from pipelines.registry.tracking_uri import ensure_experiment, resolve_tracking_uri
 
 DEFAULT_EXPERIMENT = "ddpm-eval"
+#: Splits an evaluation may score ("train" is what the model was fitted on).
+EvalSplit = Literal["val", "test"]
+EVAL_SPLITS = get_args(EvalSplit)
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,8 @@ class EvalSettings:
 
     Attributes:
         model: a model URI or checkpoint folder (anything ``fetch_checkpoint`` takes).
-        shards: the shard folder (local or s3://) whose ``val`` split is scored.
-        images: the first N >= 1 validation images.
+        shards: the shard folder (local or s3://) whose ``split`` is scored.
+        images: the first N >= 1 images of the split.
         estimate: K timesteps per image for the estimated bound; 0 computes the exact bound.
         samples: images in the sample grid (0: none).
         sampling: the grid's sampler and its parameters (default: DDIM, 50 steps, eta = 0);
@@ -50,6 +55,7 @@ class EvalSettings:
         compile: run the UNet through ``torch.compile`` (inductor) for the bound and the samples.
         fd: the Fréchet distance of ``fd.images`` samples drawn with ``sampling`` over Ray, and its
             floor (``fd_eval.FDSettings``); ``None``: no FD.
+        split: "val" (default) or "test" (the source's own test split, when the shards have one).
     """
 
     model: str
@@ -65,6 +71,10 @@ class EvalSettings:
     threads: int | None = None
     compile: bool = False
     fd: FDSettings | None = None
+    split: EvalSplit = "val"
+
+    def __post_init__(self) -> None:
+        check_choice("split", self.split, EvalSplit)
 
     @property
     def sample_steps(self) -> int:
@@ -72,19 +82,26 @@ class EvalSettings:
         return self.sampling.num_steps
 
 
-def load_validation(shards: str, image_shape: tuple[int, int, int], limit: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """The first ``limit`` validation images ``[N, C, H, W]`` (float32, [-1, 1]) and the manifest.
+def load_validation(
+    shards: str, image_shape: tuple[int, int, int], limit: int, split: str = "val"
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The first ``limit`` images ``[N, C, H, W]`` (float32, [-1, 1]) of ``split`` and the manifest.
 
     Raises:
-        ValueError: (``ShardError``) on a bad shard folder, or images of another shape than the model's.
+        ValueError: (``ShardError``) on a bad shard folder, images of another shape than the
+            model's, or shards without that split (e.g. "test" of a source that has none).
     """
+    check_choice("split", split, EvalSplit)
     manifest = load_manifest(shards)
     if tuple(manifest.image_shape) != tuple(image_shape):
         raise ValueError(f"--shards {shards} holds images of shape {list(manifest.image_shape)}, "
                          f"the model expects {list(image_shape)}")
-    images, _ = read_split_numpy(shards, "val", limit=limit)
-    if len(images) == 0:
-        raise ValueError(f"--shards {shards} has no validation images")
+    if manifest.counts[split] == 0:
+        present = ", ".join(f"{name} {count}" for name, count in manifest.counts.items() if count) or "none"
+        hint = (" (its source had no test split of its own: preprocess one that has, e.g. the IDX t10k files, "
+                "a test/ folder or CIFAR-10's test_batch.bin)" if split == "test" else "")
+        raise ValueError(f"--shards {shards} has no {split} split: no {split} images (splits with images: {present}){hint}")
+    images, _ = read_split_numpy(shards, split, limit=limit)
     return images, manifest.to_dict()
 
 
@@ -112,7 +129,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     shape = loaded.unet_config.image_shape
     sampling_params = sampler_params(args.sampling, loaded.diffusion.num_timesteps)
     shards = resolve(args.shards).uri
-    images, manifest = load_validation(shards, shape, args.images)
+    images, manifest = load_validation(shards, shape, args.images, args.split)
     net = None
     if args.fd is not None:  # bad FD flags (classifier, weights file) fail before the bound is computed
         net = build_feature_net(args.fd.features, args.fd.classifier, args.fd.inception_weights, args.device)
@@ -151,17 +168,17 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         except mlflow.exceptions.MlflowException:
             experiment = None
     experiment_id = ensure_experiment(client, experiment or DEFAULT_EXPERIMENT, tracking_uri)
-    tags = {"eval.model_uri": source.uri, "eval.shards": shards, "eval.images": str(len(images)),
+    tags = {"eval.model_uri": source.uri, "eval.shards": shards, "eval.split": args.split, "eval.images": str(len(images)),
             "eval.method": f"estimate K={args.estimate}" if args.estimate else "exact calc_bpd_loop",
             "data.manifest_checksum": str(manifest.get("source_checksum", "")), **fd_tags}
     tags.update({k: v for k, v in (("eval.model_name", source.name), ("eval.model_version", source.version),
                                    ("eval.source_run_id", source.run_id)) if v})
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{Path(source.uri).name}", tags=tags) as run:
-        dataset = mlflow.data.from_numpy(images, source=shards, name=f"val[:{len(images)}]",
+        dataset = mlflow.data.from_numpy(images, source=shards, name=f"{args.split}[:{len(images)}]",
                                          digest=str(manifest.get("source_checksum", ""))[:36] or None)
         mlflow.log_input(dataset, context="evaluation")
-        mlflow.log_params({"images": len(images), "estimate_k": args.estimate, "seed": args.seed,
+        mlflow.log_params({"eval.split": args.split, "images": len(images), "estimate_k": args.estimate, "seed": args.seed,
                            "samples": args.samples, **sampling_params, **fd_params})
         mlflow.log_metrics(metrics, model_id=source.model_id, dataset=dataset)
         if plot is not None:

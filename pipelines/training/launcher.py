@@ -22,6 +22,7 @@ from pipelines.registry.runs import end_run, open_run, run_folder
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import TrainConfig, load_config
 from pipelines.training.loop import train_func
+from pipelines.training.splits import training_split
 
 
 def resolve_config(config_path: str, overrides: Sequence[str]) -> TrainConfig:
@@ -79,7 +80,7 @@ def build_trainer(config: TrainConfig, loop_config: dict[str, Any]) -> Any:
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         ),
-        datasets={"train": read_split(config.data.shards, "train").select_columns(["image"])},
+        datasets={"train": read_split(config.data.shards, training_split("train")).select_columns(["image"])},
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=ordered)
         ),

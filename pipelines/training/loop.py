@@ -43,6 +43,7 @@ from pipelines.training.config import OptimizerConfig, ScalingSection, TrainConf
 from pipelines.training.ema import EMA
 from pipelines.training.example_noise import example_timesteps_and_noise
 from pipelines.training.progress import ProgressLog
+from pipelines.training.splits import training_split
 from pipelines.training.state import (
     TrainState,
     capture_rng_state,
@@ -512,7 +513,7 @@ def load_val_images(config: TrainConfig) -> torch.Tensor:
     count = max(config.train.bpd_images if config.train.bpd_every else 0, config.train.final_bpd_images)
     if count == 0:
         return torch.empty(0)
-    images, _ = read_split_numpy(config.data.shards, "val", limit=count)
+    images, _ = read_split_numpy(config.data.shards, training_split("val"), limit=count)
     return torch.from_numpy(images)
 
 

@@ -1,0 +1,103 @@
+"""Who reads which split: a training job reads "train" and "val" only, never "test";
+``pipelines/evaluate.py --split val|test`` scores either, and refuses shards without that split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _train_helpers import tiny_config
+from mlflow import MlflowClient
+
+from diffusion_core.checkpoint import save_checkpoint
+from diffusion_core.config import DiffusionConfig, UNetConfig
+from diffusion_core.unet import UNet
+from pipelines.data import shards
+from pipelines.data.shards import read_split_numpy
+from pipelines.evaluate import main
+from pipelines.evaluation.job import EvalSettings
+from pipelines.preprocess import PreprocessConfig, run_preprocess
+from pipelines.registry.tracking_uri import resolve_tracking_uri
+from pipelines.training import launcher, loop
+from pipelines.training.splits import TRAINING_SPLITS, training_split
+
+EXPERIMENT = "ddpm-splits-test"
+
+
+@pytest.fixture(scope="module")
+def split_shards(ray_local, fashion_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 12 train images (train + val) and the first 12 t10k images (test)."""
+    output = tmp_path_factory.mktemp("split-shards") / "shards"
+    manifest = run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir), output=str(output), limit=12, val_fraction=0.3))
+    assert manifest.counts["test"] == 12 and manifest.counts["val"] >= 3
+    return output
+
+
+def test_a_training_job_never_reads_test(split_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    read: list[str] = []
+    real = shards._validated_shards
+
+    def recording(root: str, split: str):
+        read.append(split)
+        return real(root, split)
+
+    monkeypatch.setattr(shards, "_validated_shards", recording)  # every reader of every split goes through it
+    config = tiny_config(split_shards, tmp_path / "runs", "splits")
+    trainer = launcher.build_trainer(config, {})
+    assert set(trainer.datasets) == {"train"}
+    assert len(loop.load_val_images(config)) == shards.load_manifest(str(split_shards)).counts["val"]  # all (< 8) of val
+    assert read == ["train", "val"] and set(read) <= set(TRAINING_SPLITS)
+    with pytest.raises(ValueError, match="never 'test'"):
+        training_split("test")
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained checkpoint (24 timesteps: the exact bound is 24 forward passes)."""
+    torch.manual_seed(0)
+    unet = UNetConfig(image_size=28, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
+                      num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_groups=4)
+    folder = tmp_path_factory.mktemp("untrained") / "checkpoint"
+    save_checkpoint(folder, UNet(unet).state_dict(), unet, DiffusionConfig(num_timesteps=24))
+    return folder
+
+
+def _run_of(client: MlflowClient, split: str):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`eval.split` = '{split}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_chosen_split(train_sandbox, split_shards: Path, untrained: Path, capsys) -> None:
+    from diffusion_core.checkpoint import load_checkpoint
+
+    common = ["--model", str(untrained), "--shards", str(split_shards), "--images", "3", "--samples", "0",
+              "--threads", "1", "--seed", "3", "--experiment", EXPERIMENT]
+    assert main([*common, "--split", "test"]) == 0, capsys.readouterr().err
+    assert main(common) == 0, capsys.readouterr().err  # default: val, as before
+    client = MlflowClient(resolve_tracking_uri())
+    loaded = load_checkpoint(untrained)
+    for split in ("test", "val"):
+        run = _run_of(client, split)
+        assert run.data.params["eval.split"] == split
+        images = torch.from_numpy(read_split_numpy(str(split_shards), split, limit=3)[0])
+        with torch.no_grad():
+            expected = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=torch.Generator().manual_seed(3))
+        assert run.data.metrics["eval_bpd"] == pytest.approx(float(expected["total_bpd"].double().mean()), rel=1e-6)
+    assert _run_of(client, "test").data.metrics["eval_bpd"] != _run_of(client, "val").data.metrics["eval_bpd"]
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_shards_without_the_split(train_sandbox, ray_local, fashion_mnist_dir: Path, untrained: Path,
+                                                   tmp_path: Path, capsys) -> None:
+    no_test = tmp_path / "no-test"
+    run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir / "train-images-idx3-ubyte.gz"), output=str(no_test), limit=8))
+    assert main(["--model", str(untrained), "--shards", str(no_test), "--split", "test", "--samples", "0"]) == 2
+    assert "has no test split" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(untrained), "--shards", str(no_test), "--split", "train"])
+    with pytest.raises(ValueError, match="split='train' is not allowed"):
+        EvalSettings(model=str(untrained), shards=str(no_test), split="train")
