@@ -29,12 +29,22 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from pipelines.registry.tracking_uri import run_url
 
-pytestmark = pytest.mark.slow
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+# Checked at collection, so that a machine without them skips before the session trains its runs.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (BROWSER and DRIVER),
+        reason=f"chromium ({BROWSER or 'not found'}) and chromedriver ({DRIVER or 'not found'}) must be on PATH: "
+               "`make setup` installs Debian's chromium and chromium-driver when run as root with apt-get",
+    ),
+]
 
 #: Seconds to wait for one page state (the UI's bundle is large and the machine may be busy).
 WAIT_S = 120
 SAMPLE_GRID = "samples/step_00000004.png"
-#: Selectors found in MLflow 3.17.2's UI (see the README's "What you will see").
+#: Selectors found by inspecting the DOM of MLflow 3.17.2's UI.
 CHART_CARD = '[data-testid="experiment-view-compare-runs-card"]'
 CHART_TITLE = "h4[title]"
 CHART_LINE = ".js-plotly-plot path.js-line"
@@ -42,28 +52,20 @@ CHART_SEARCH = 'input[placeholder="Search metric charts"]'
 ASSISTANT_CLOSE = 'button[aria-label="Close"]'
 #: Raised while React redraws what a wait looks at: try again at the next poll.
 _REDRAWN = (NoSuchElementException, StaleElementReferenceException)
-
-
-def _browser_binaries() -> tuple[str, str]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not browser or not driver:
-        pytest.skip(f"chromium ({browser or 'not found'}) and chromedriver ({driver or 'not found'}) must be on "
-                    "PATH: `make setup` installs Debian's chromium and chromium-driver when run as root with apt-get")
-    return browser, driver
+#: Where a failed wait leaves its screenshot (``timeout.png``): the ``screenshots`` folders.
+_FAILURE_FOLDERS: list[Path] = []
 
 
 @pytest.fixture(scope="module")
 def browser():
-    binary, driver_path = _browser_binaries()
     options = webdriver.ChromeOptions()
-    options.binary_location = binary
+    options.binary_location = BROWSER
     for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,960",
                      "--hide-scrollbars"):
         options.add_argument(argument)
     if os.geteuid() == 0:
         options.add_argument("--no-sandbox")  # Chromium refuses to run as root inside its sandbox
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.set_page_load_timeout(WAIT_S)
     driver.set_script_timeout(30)
     yield driver
@@ -77,6 +79,7 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     if os.environ.get("UI_SCREENSHOT_DIR"):
         folders.append(Path(os.environ["UI_SCREENSHOT_DIR"]))
         folders[-1].mkdir(parents=True, exist_ok=True)
+    _FAILURE_FOLDERS[:] = folders
     return folders
 
 
@@ -90,8 +93,9 @@ def _wait(driver, condition, what: str):
     try:
         return WebDriverWait(driver, WAIT_S, poll_frequency=0.5, ignored_exceptions=_REDRAWN).until(condition)
     except TimeoutException:
-        _save(driver, [Path(os.environ.get("UI_SCREENSHOT_DIR") or "/tmp")], "timeout.png")
-        pytest.fail(f"MLflow UI at {driver.current_url}: no {what} within {WAIT_S} s")
+        _save(driver, _FAILURE_FOLDERS, "timeout.png")
+        pytest.fail(f"MLflow UI at {driver.current_url}: no {what} within {WAIT_S} s "
+                    f"(screenshot timeout.png in {[str(f) for f in _FAILURE_FOLDERS]})")
 
 
 def _close_assistant(driver) -> None:
