@@ -6,7 +6,7 @@ import pytest
 import requests
 from _train_helpers import EXPERIMENT, REGISTERED_MODEL
 
-from pipelines.registry.tracking_uri import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from pipelines.registry.tracking_uri import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, run_location, run_url
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,12 @@ def test_experiment_is_tagged_for_model_training(mlflow_server: str, tiny_runs) 
     experiment = _api(mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": EXPERIMENT})
     tags = {t["key"]: t["value"] for t in experiment["experiment"].get("tags", [])}
     assert tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND, tags
+
+
+def test_printed_run_link_is_the_runs_ui_page(mlflow_server: str, tiny_runs) -> None:
+    run = _runs_by_name(mlflow_server)["ddp-2"]["info"]
+    expected = f"{mlflow_server}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}?workflowType=machine_learning"
+    assert run_location(mlflow_server, run["run_id"]) == run_url(mlflow_server, run["experiment_id"], run["run_id"]) == expected
 
 
 def test_server_lists_run_with_params_metrics_and_samples(mlflow_server: str, tiny_runs) -> None:
