@@ -1,11 +1,13 @@
 # Set-up and entry points. `make setup` creates .venv with torch==2.13.0 installed first
-# (the CPU wheel on a machine without CUDA; set TORCH_SPEC to use your own build), then the project.
+# (the CPU wheel on a machine without CUDA; set TORCH_SPEC to use your own build), then the project,
+# and Debian's chromium + chromium-driver for the browser test (tests/test_mlflow_ui.py) when they are
+# missing and this runs as root with apt-get; otherwise it prints a note and that test skips.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast lint clean demo demo-stop
+.PHONY: setup browser test test-fast lint clean demo demo-stop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +18,16 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "note: chromium and chromedriver not found and not installable here (needs root and apt-get);" \
+			"tests/test_mlflow_ui.py will skip. Install Debian's chromium and chromium-driver to run it."; \
+	fi
 
 test: setup
 	$(VENV)/bin/ruff check .

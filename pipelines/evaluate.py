@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(outcome["metrics"], indent=2))
-    print(f"MLflow run {outcome['run_id']} (experiment {outcome['experiment_id']}) at {outcome['tracking_uri']}")
+    print(f"MLflow run {outcome['run_id']} (experiment {outcome['experiment_id']}) at {outcome['run_at']}")
     print(f"artifacts: {outcome['artifact_uri']}")
     return 0
 

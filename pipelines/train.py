@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{outcome['metrics'].get('step')}")
     print(f"checkpoints: {outcome['run_folder']}")
     print(f"last checkpoint: {outcome['checkpoint']}")
-    print(f"MLflow run {outcome['mlflow_run_id']} at {outcome['tracking_uri']}")
+    print(f"MLflow run {outcome['mlflow_run_id']} at {outcome['mlflow_run_at']}")
     print(f"resume or extend with: train.run_name={outcome['run_name']}")
     return 0
 

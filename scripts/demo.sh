@@ -194,6 +194,7 @@ check_run() {
     jq '{run_id: .run.info.run_id, run_name: .run.info.run_name, status: .run.info.status,
          metrics: ([.run.data.metrics[] | {(.key): .value}] | add)}' "$OUT/run.json"
     [ "$(jq -r .run.info.status "$OUT/run.json")" = FINISHED ] || fail "MLflow run $RUN_ID is not FINISHED"
+    EXPERIMENT_ID="$(jq -r .run.info.experiment_id "$OUT/run.json")"
     curl -sfG "$MLFLOW/api/2.0/mlflow/model-versions/search" --data-urlencode "filter=run_id='$RUN_ID'" \
         >"$OUT/model_version.json"
     MODEL_NAME="$(jq -r '.model_versions[0].name // empty' "$OUT/model_version.json")"
@@ -274,7 +275,7 @@ Outputs (all under $OUT):
   logs               $LOGS
 URLs:
   Ray dashboard      http://127.0.0.1:$DASHBOARD_PORT   (asks for the token in $RAY_TOKEN)
-  MLflow UI          http://127.0.0.1:$MLFLOW_PORT/#/experiments   (run $RUN_ID, model $MODEL_URI)
+  MLflow UI          $MLFLOW/#/experiments/$EXPERIMENT_ID/runs/$RUN_ID?workflowType=machine_learning   (run $RUN_ID, model $MODEL_URI)
   Serve endpoints    $SERVE/sample  $SERVE/likelihood  $SERVE/healthz  $SERVE/model
 MLflow UI command (already running; to start it again after 'make demo-stop'):
   $VENV_BIN/mlflow server --backend-store-uri sqlite:///$OUT/mlflow.db --artifacts-destination $OUT/mlartifacts --host 127.0.0.1 --port $MLFLOW_PORT

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
+from tooling.local_cluster import free_port
 from tooling.ray_auth import use_token_auth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +115,40 @@ def tiny_runs(ray_local, fmnist_shards: Path, train_sandbox: Path):
                              train__checkpoint_every=1, train__keep_checkpoints=FAST["train.total_steps"])
         runs[workers] = TinyRun(config=config, outcome=run(config))
     return runs
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tiny_runs, train_sandbox: Path):
+    """``mlflow server`` over the session's SQLite store (after ``tiny_runs``), on 127.0.0.1:<free port>,
+    without its job runner; shared by test_mlflow_server.py and test_mlflow_ui.py, stopped at the end."""
+    port = free_port()
+    log = open(train_sandbox / "mlflow-server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+         "--default-artifact-root", str(train_sandbox / "mlartifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(train_sandbox / 'mlflow-server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

@@ -2,52 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import requests
-from _train_helpers import EXPERIMENT, REGISTERED_MODEL, free_port
+from _train_helpers import EXPERIMENT, REGISTERED_MODEL
+
+from pipelines.registry.tracking_uri import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, run_location, run_url
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tiny_runs, train_sandbox: Path):
-    """``mlflow server`` over the session's SQLite store, on 127.0.0.1:<free port>; stopped after."""
-    port = free_port()
-    log = open(train_sandbox / "mlflow-server.log", "wb")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
-         "--default-artifact-root", str(train_sandbox / "mlartifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(train_sandbox / 'mlflow-server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 def _api(base: str, method: str, path: str, **kwargs) -> dict:
@@ -60,6 +21,18 @@ def _runs_by_name(base: str) -> dict[str, dict]:
     experiment = _api(base, "GET", "experiments/get-by-name", params={"experiment_name": EXPERIMENT})["experiment"]
     runs = _api(base, "POST", "runs/search", json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100})
     return {r["info"]["run_name"]: r for r in runs["runs"]}
+
+
+def test_experiment_is_tagged_for_model_training(mlflow_server: str, tiny_runs) -> None:
+    experiment = _api(mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": EXPERIMENT})
+    tags = {t["key"]: t["value"] for t in experiment["experiment"].get("tags", [])}
+    assert tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND, tags
+
+
+def test_printed_run_link_is_the_runs_ui_page(mlflow_server: str, tiny_runs) -> None:
+    run = _runs_by_name(mlflow_server)["ddp-2"]["info"]
+    expected = f"{mlflow_server}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}?workflowType=machine_learning"
+    assert run_location(mlflow_server, run["run_id"]) == run_url(mlflow_server, run["experiment_id"], run["run_id"]) == expected
 
 
 def test_server_lists_run_with_params_metrics_and_samples(mlflow_server: str, tiny_runs) -> None:

@@ -6,9 +6,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipelines.registry.runs import TIME_KEY, MetricBuffer, RunTracker
+from pipelines.registry.tracking_uri import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    ensure_experiment,
+    run_location,
+    run_url,
+)
 
 
 def test_buffered_metrics_keep_their_measurement_time(tmp_path: Path) -> None:
@@ -42,3 +50,29 @@ def test_pending_entries_carry_their_time_through_a_checkpoint_round_trip() -> N
     restored = MetricBuffer(buffer.pending())
     assert restored.pending()[5][TIME_KEY] == buffer.pending()[5][TIME_KEY]
     assert restored.take_through(5)[5]["loss"] == 0.1
+
+
+def test_experiments_are_tagged_for_model_training(tmp_path: Path) -> None:
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    created = ensure_experiment(client, "new", tracking)
+    assert client.get_experiment(created).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    untagged = client.create_experiment("old", artifact_location=str(tmp_path / "old"))
+    assert ensure_experiment(client, "old", tracking) == untagged
+    assert client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    other = client.create_experiment("genai", artifact_location=str(tmp_path / "g"),
+                                     tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    ensure_experiment(client, "genai", tracking)
+    assert client.get_experiment(other).tags[EXPERIMENT_KIND_TAG] == "genai_development"  # a user's choice stays
+
+
+def test_run_links_open_the_training_view() -> None:
+    assert run_url("http://127.0.0.1:5000/", "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert run_location("https://mlflow.example.com", "abc", "7") == (
+        "https://mlflow.example.com/#/experiments/7/runs/abc?workflowType=machine_learning")
+    assert run_location("sqlite:////tmp/mlflow.db", "abc", "7") == "sqlite:////tmp/mlflow.db"
+    with pytest.raises(ValueError, match="http"):
+        run_url("sqlite:////tmp/mlflow.db", "3", "abc")
+    with pytest.raises(ValueError, match="non-empty"):
+        run_url("http://127.0.0.1:5000", "", "abc")

@@ -29,7 +29,7 @@ from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, plot_bpd_terms
 from pipelines.registry.model_identity import describe_model
 from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.runs import log_png
-from pipelines.registry.tracking_uri import ensure_experiment, resolve_tracking_uri
+from pipelines.registry.tracking_uri import ensure_experiment, resolve_tracking_uri, run_location
 
 DEFAULT_EXPERIMENT = "ddpm-eval"
 #: Splits an evaluation may score ("train" is what the model was fitted on).
@@ -110,8 +110,9 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     ``metrics.sampler_params``).
 
     Returns:
-        ``{"metrics": {name: bits/dim}, "run_id", "experiment_id", "tracking_uri", "artifact_uri",
-        "model": ModelIdentity}``.
+        ``{"metrics": {name: bits/dim}, "run_id", "experiment_id", "tracking_uri", "run_at", "artifact_uri",
+        "model": ModelIdentity}`` (``run_at``: the run's UI page on a tracking server, else the
+        tracking URI; ``registry.tracking_uri.run_location``).
 
     Raises:
         ValueError / FileNotFoundError: on a bad model URI, a missing model or bad shards, or
@@ -188,4 +189,5 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         if grid is not None:
             log_png(client, run.info.run_id, grid, "eval/samples.png")
     return {"metrics": metrics, "run_id": run.info.run_id, "experiment_id": experiment_id,
-            "tracking_uri": tracking_uri, "artifact_uri": run.info.artifact_uri, "model": source}
+            "tracking_uri": tracking_uri, "run_at": run_location(tracking_uri, run.info.run_id, experiment_id),
+            "artifact_uri": run.info.artifact_uri, "model": source}

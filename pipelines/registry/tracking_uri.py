@@ -5,6 +5,10 @@ in the project folder (``<repo>/mlflow.db``) with artifacts in ``<repo>/mlartifa
 refuses a ``./mlruns`` file store, and a SQLite store would otherwise put artifacts in a
 ``./mlruns`` folder relative to whatever the current directory is, so experiments are created
 with an explicit artifact location next to the database.
+
+Experiments are tagged as MLflow 3's classical-training kind (``EXPERIMENT_KIND_TAG`` =
+``custom_model_development``), so the UI opens them on the training view (runs, metric charts,
+models) instead of the GenAI one (traces); ``run_url`` builds the UI link of a run on that view.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ from mlflow import MlflowClient
 from pipelines.paths import DEFAULT_TRACKING_DB
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: MLflow 3's experiment-kind tag and its value for classical model training (the UI reads it).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: The UI's query parameter that selects the training view (MLflow 3.17: ``workflowType``).
+UI_VIEW_QUERY = "workflowType=machine_learning"
 
 
 def resolve_tracking_uri() -> str:
@@ -45,8 +54,9 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """Return the id of experiment ``name``, creating it (with ``default_artifact_location``) if
-    it does not exist yet.
+    """Return the id of experiment ``name``, creating it (with ``default_artifact_location`` and
+    the tag ``EXPERIMENT_KIND_TAG`` = ``EXPERIMENT_KIND``) if it does not exist yet; an existing
+    experiment without that tag gets it (one with another kind is left as it is).
 
     Raises:
         ValueError: if ``name`` is empty, or the experiment exists but was deleted.
@@ -55,7 +65,49 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
         raise ValueError("experiment name must be a non-empty string")
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
+        return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if experiment.lifecycle_stage != "active":
         raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def ui_base_url(tracking_uri: str) -> str | None:
+    """The MLflow UI's base URL when ``tracking_uri`` is a tracking server (``http(s)://``, without a
+    trailing slash), else ``None`` (a ``sqlite:`` or other store has no UI until ``mlflow server``
+    serves it)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return tracking_uri.rstrip("/")
+
+
+def run_url(ui_base: str, experiment_id: str, run_id: str) -> str:
+    """The UI page of run ``run_id`` on the training view:
+    ``<ui_base>/#/experiments/<experiment_id>/runs/<run_id>?workflowType=machine_learning``.
+
+    Args:
+        ui_base: the UI's base URL (an ``http(s)://`` tracking URI, with or without a trailing slash).
+
+    Raises:
+        ValueError: if ``ui_base`` is not an ``http(s)://`` URL, or an id is empty.
+    """
+    base = ui_base_url(ui_base)
+    if base is None:
+        raise ValueError(f"MLflow UI base {ui_base!r} must be an http:// or https:// URL")
+    if not experiment_id or not run_id:
+        raise ValueError(f"experiment id {experiment_id!r} and run id {run_id!r} must be non-empty")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW_QUERY}"
+
+
+def run_location(tracking_uri: str, run_id: str, experiment_id: str | None = None) -> str:
+    """Where to look at a run, as the entry points print it after ``MLflow run <id> at``: its
+    ``run_url`` when ``tracking_uri`` is a tracking server (the experiment id looked up there when
+    not given), else ``tracking_uri`` itself."""
+    base = ui_base_url(tracking_uri)
+    if base is None:
+        return tracking_uri
+    if experiment_id is None:
+        experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return run_url(base, experiment_id, run_id)

@@ -19,7 +19,7 @@ from pipelines.data import storage
 from pipelines.data.shards import load_manifest, read_split
 from pipelines.ray_auth import connect_ray
 from pipelines.registry.runs import end_run, open_run, run_folder
-from pipelines.registry.tracking_uri import resolve_tracking_uri
+from pipelines.registry.tracking_uri import resolve_tracking_uri, run_location
 from pipelines.training.config import TrainConfig, load_config
 from pipelines.training.loop import train_func
 from pipelines.training.splits import training_split
@@ -113,10 +113,12 @@ def check_resources(config: TrainConfig, fixed_size: bool) -> None:
 
 def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
     """Check the inputs, open (or resume) the MLflow run, train, and return where things went:
-    ``{"run_name", "run_folder", "mlflow_run_id", "tracking_uri", "checkpoint", "metrics",
-    "resumed"}``. The MLflow run ends FINISHED when training returns, FAILED when it raises, and
-    KILLED when it is interrupted (``KeyboardInterrupt``; ``pipelines/train.py`` turns the SIGTERM
-    of ``ray job stop`` into one), also after a resume.
+    ``{"run_name", "run_folder", "mlflow_run_id", "tracking_uri", "mlflow_run_at", "checkpoint",
+    "metrics", "resumed"}`` (``mlflow_run_at``: the run's UI page on a tracking server, else the
+    tracking URI; ``registry.tracking_uri.run_location``). The MLflow run ends FINISHED when
+    training returns, FAILED when it raises, and KILLED when it is interrupted
+    (``KeyboardInterrupt``; ``pipelines/train.py`` turns the SIGTERM of ``ray job stop`` into one),
+    also after a resume.
 
     Raises:
         ValueError: bad shards or resources (before any worker starts).
@@ -143,6 +145,7 @@ def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
         "run_folder": run_folder(config).uri,
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri,
+        "mlflow_run_at": run_location(tracking_uri, run_id),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": dict(result.metrics or {}),
         "resumed": resumed,
