@@ -41,7 +41,6 @@ from pydantic import ConfigDict
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
-from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -83,16 +82,6 @@ async def _replica_lost(_: Request, err: RayActorError) -> JSONResponse:
     503 with ``Retry-After``, since sending the same request again (same seed) gives the same result."""
     return JSONResponse({"error": f"model: the replica serving this request was lost ({type(err).__name__}); "
                                   "retry the request", "field": "model"}, status_code=503, headers={"Retry-After": "5"})
-
-
-@api.exception_handler(DeploymentUnavailableError)
-async def _model_unavailable(_: Request, err: DeploymentUnavailableError) -> JSONResponse:
-    """No model replica can serve (the model deployment failed to deploy, e.g. a model URI that
-    does not exist): JSON 503 with ``Retry-After``. A handler for this class answers the client
-    itself; the catch-all ``Exception`` handler runs in Starlette's error middleware, which
-    re-raises after it, so Serve would send its own plain-text 503."""
-    return JSONResponse({"error": f"model: no model replica can serve ({type(err).__name__}); retry later",
-                         "field": "model"}, status_code=503, headers={"Retry-After": "10"})
 
 
 @api.exception_handler(Exception)
