@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from typing import Callable
 
 import torch
 import yaml
+from machine import machine_info
 
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.diffusion import GaussianDiffusion
@@ -132,22 +132,6 @@ def time_training(model: UNet, diffusion: GaussianDiffusion, batch: int, steps: 
     model.eval()
     median = statistics.median(times)
     return Result("train (fwd+bwd+Adam)", batch, 1, steps, median, batch / median, False, time.perf_counter() - start)
-
-
-def machine_info(device: torch.device) -> dict:
-    """CPU count, torch version and threads, platform, accelerator name, OMP_WAIT_POLICY."""
-    info = {
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "device": str(device),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -48,8 +48,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import re
 import time
 import traceback
@@ -57,6 +55,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from machine import machine_info
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_core.config import DiffusionConfig, UNetConfig
@@ -163,26 +162,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
     args.use_compile = not args.skip_compile and (not args.tiny or args.compile)
     return args
-
-
-def machine_info(device: torch.device) -> dict:
-    """CPU count, torch/CUDA/cuDNN versions, platform, GPU name, memory and SM count."""
-    info = {
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "device": str(device),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "gpu": None,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    gpu_sm_count=props.multi_processor_count, gpu_capability=f"{props.major}.{props.minor}")
-    return info
 
 
 def peak_tflops(args: argparse.Namespace, gpu_name: str | None) -> tuple[float | None, str]:

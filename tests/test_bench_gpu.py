@@ -24,6 +24,8 @@ SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 
 
 def _load_bench():
+    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/bench_gpu.py` has it: its sibling machine.py
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -126,6 +128,7 @@ _BLOCKED_RUN = (
     "for name in ('yaml', 'ray', 'mlflow', 'pipelines'):\n"
     "    sys.modules[name] = None\n"
     "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+    "sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0])\n"  # the script's folder, as `python script.py` has it
     "runpy.run_path(sys.argv[0], run_name='__main__')\n"
 )
 
