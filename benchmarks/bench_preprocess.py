@@ -10,7 +10,7 @@ Measured on this machine, in one run:
    its own listing inside ``map_batches``), bytes only, on 20,000 of the files.
 3. Peak memory (RSS) of the Ray path for 10k vs 70k of those PNGs.
 
-The Ray path is exactly the product's ``pipelines.preprocess.run_preprocess`` (on a Ray started
+The Ray path is exactly the product's ``pipelines.data.job.run_preprocess`` (on a Ray started
 here with ``num_cpus=2`` and warmed up by a small run, so the timed runs do not include starting
 worker processes). The two baselines do the same work with the same functions, block for block:
 ``sources.list_source``, then for each block ``sources.read_image_files`` (Pillow) and
@@ -50,8 +50,8 @@ import ray
 from PIL import Image
 
 from pipelines.data import shards, sources, storage
+from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.transforms import ImageSpec, SplitSpec
-from pipelines.preprocess import PreprocessConfig, run_preprocess
 from pipelines.ray_auth import init_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_preprocess.json"

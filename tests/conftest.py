@@ -75,7 +75,7 @@ def fmnist_shards(ray_local, fashion_mnist_dir: Path, tmp_path_factory: pytest.T
     (66 train / 14 val with the seeded hash split)."""
     from _train_helpers import SHARD_LIMIT, SHARD_VAL_FRACTION, TRAIN_IMAGES
 
-    from pipelines.preprocess import PreprocessConfig, run_preprocess
+    from pipelines.data.job import PreprocessConfig, run_preprocess
 
     output = tmp_path_factory.mktemp("fmnist") / "shards"
     manifest = run_preprocess(PreprocessConfig(

@@ -19,10 +19,10 @@ from _preprocess_helpers import (
 from PIL import Image, ImageOps
 
 from diffusion_core.images import uint8_to_float
-from pipelines import preprocess
+from pipelines.data import job as preprocess_job
+from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.shards import load_manifest, read_split_numpy
 from pipelines.data.transforms import BadImageError
-from pipelines.preprocess import PreprocessConfig, run_preprocess
 
 COUNT, SEED, VAL = 150, 11, 0.3
 
@@ -111,7 +111,7 @@ def test_on_error_fail_names_the_file_and_leaves_no_output(ray_local, fashion_mn
 
 
 def test_on_error_fail_stops_at_listing_for_a_non_image_extension(folder, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(preprocess, "ray_session", lambda: pytest.fail("Ray work started"))
+    monkeypatch.setattr(preprocess_job, "ray_session", lambda: pytest.fail("Ray work started"))
     with pytest.raises(BadImageError, match=r"notes\.txt.*unsupported file extension"):
         run_preprocess(PreprocessConfig(input=str(folder[0]), output=str(tmp_path / "out"), size=(28, 28), on_error="fail"))
     assert not (tmp_path / "out").exists()

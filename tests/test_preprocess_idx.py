@@ -12,11 +12,11 @@ import pytest
 from _preprocess_helpers import assert_on_grid, is_val, leftovers, read_idx
 
 from diffusion_core.images import uint8_to_float
-from pipelines import preprocess
+from pipelines.data import job as preprocess_job
+from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.shards import load_manifest, read_split_numpy
 from pipelines.data.sources import SourceError
 from pipelines.data.transforms import BadImageError
-from pipelines.preprocess import PreprocessConfig, run_preprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LIMIT, SEED, VAL = 1500, 7, 0.2
@@ -83,7 +83,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(ray_local, fashion
         raise AssertionError("Ray work started although the output exists")
 
     with monkeypatch.context() as patch:
-        patch.setattr(preprocess, "ray_session", no_ray)
+        patch.setattr(preprocess_job, "ray_session", no_ray)
         with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
             run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir), output=str(output), limit=100))
     assert load_manifest(str(output)) == first
@@ -98,7 +98,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(ray_local, fashion
 
 
 def test_missing_or_empty_source_fails_before_any_ray_work(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(preprocess, "ray_session", lambda: pytest.fail("Ray work started"))
+    monkeypatch.setattr(preprocess_job, "ray_session", lambda: pytest.fail("Ray work started"))
     with pytest.raises(SourceError, match="does not exist"):
         run_preprocess(PreprocessConfig(input=str(tmp_path / "nowhere"), output=str(tmp_path / "out")))
     (tmp_path / "empty").mkdir()

@@ -10,9 +10,9 @@ import pytest
 from _preprocess_helpers import assert_on_grid, is_val, plant_bad_files, read_idx, write_fashion_folder
 
 from diffusion_core.images import uint8_to_float
+from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.shards import load_manifest, read_split, read_split_numpy
 from pipelines.data.transforms import BadImageError
-from pipelines.preprocess import PreprocessConfig, run_preprocess
 from tooling.s3_server import S3Server, s3_server_fixture
 
 BUCKET, SEED, VAL = "ddpm-data", 5, 0.25

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from _preprocess_helpers import is_val, read_idx, write_fashion_folder
 
+from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.shards import SCHEMA_VERSION, Manifest, load_manifest, read_split, read_split_numpy
 from pipelines.data.sources import SourceError
 from pipelines.data.transforms import BadImageError
-from pipelines.preprocess import PreprocessConfig, format_summary, run_preprocess
+from pipelines.preprocess import format_summary
 
 SEED, VAL = 5, 0.3
 

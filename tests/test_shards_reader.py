@@ -13,8 +13,8 @@ import pytest
 from _preprocess_helpers import assert_on_grid
 
 from pipelines.data import shards, storage
+from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.shards import SCHEMA_VERSION, Manifest, ShardError, load_manifest, read_split, read_split_numpy
-from pipelines.preprocess import PreprocessConfig, run_preprocess
 
 LIMIT = 300
 

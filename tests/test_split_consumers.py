@@ -14,10 +14,10 @@ from diffusion_core.checkpoint import save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.unet import UNet
 from pipelines.data import shards
+from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.shards import read_split_numpy
 from pipelines.evaluate import main
 from pipelines.evaluation.job import EvalSettings
-from pipelines.preprocess import PreprocessConfig, run_preprocess
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training import launcher, loop
 from pipelines.training.splits import TRAINING_SPLITS, training_split

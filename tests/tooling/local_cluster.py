@@ -28,7 +28,6 @@ from typing import Any
 import psutil
 import requests
 import yaml
-from ray.util.state import list_actors
 
 from tooling.ray_auth import auth_headers, use_token_auth
 
@@ -186,6 +185,10 @@ class LocalRayCluster:
 
     def model_replicas(self) -> list[dict[str, Any]]:
         """Alive DDPMModel replica actors as dicts with actor_id, pid, name (Ray state API)."""
+        # Imported here on purpose: Ray reads RAY_AUTH_MODE when it is first imported, and conftest.py
+        # imports this module before pytest_configure sets the session's token authentication.
+        from ray.util.state import list_actors
+
         actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
         return [{"actor_id": a.actor_id, "pid": a.pid, "name": a.name} for a in actors
                 if a.class_name.endswith("DDPMModel") or "DDPMModel" in (a.name or "")]
