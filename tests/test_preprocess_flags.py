@@ -24,12 +24,12 @@ from PIL import Image
 
 from pipelines.data.shards import load_manifest, read_split_numpy
 
-T10K = "t10k-images-idx3-ubyte"
+TRAIN_IDX = "train-images-idx3-ubyte"  # a train file: all of it is train + carved val
 
 
 def _split_of(images: np.ndarray, seed: int, val_fraction: float) -> dict[str, np.ndarray]:
-    """The first len(images) t10k images per split, by the documented hash rule."""
-    val = np.array([is_val(f"{T10K}:{i}", seed, val_fraction) for i in range(len(images))])
+    """The first len(images) training images per split, by the documented hash rule."""
+    val = np.array([is_val(f"{TRAIN_IDX}:{i}", seed, val_fraction) for i in range(len(images))])
     return {"train": images[~val], "val": images[val]}
 
 
@@ -39,13 +39,13 @@ def _split_of(images: np.ndarray, seed: int, val_fraction: float) -> dict[str, n
 @pytest.mark.parametrize("val_fraction", [0.5, 0.1])
 def test_val_fraction_flag_splits_by_the_documented_hash_rule(ray_local, fashion_mnist_dir: Path, tmp_path: Path, capsys, val_fraction):
     limit, seed = 400, 5
-    source = fashion_mnist_dir / f"{T10K}.gz"
+    source = fashion_mnist_dir / f"{TRAIN_IDX}.gz"
     code, out, err = run_cli(capsys, "--input", source, "--output", tmp_path / "out", "--limit", limit,
                              "--seed", seed, "--val-fraction", val_fraction)
     assert code == 0, err
     expected = _split_of(read_idx(source)[:limit], seed, val_fraction)
     manifest = load_manifest(str(tmp_path / "out"))
-    assert manifest.counts == {"train": len(expected["train"]), "val": len(expected["val"])}
+    assert manifest.counts == {"train": len(expected["train"]), "val": len(expected["val"]), "test": 0}
     assert manifest.counts["train"] + manifest.counts["val"] == limit
     assert manifest.options["val_fraction"] == val_fraction and manifest.options["seed"] == seed
     # the share follows the flag (400 items: 0.1 -> ~40, 0.5 -> ~200), not the default 0.1 alone
@@ -58,7 +58,7 @@ def test_val_fraction_flag_splits_by_the_documented_hash_rule(ray_local, fashion
 
 def test_val_fraction_outside_its_range_is_refused_before_any_work(fashion_mnist_dir: Path, tmp_path: Path, capsys):
     for bad in ("1.0", "-0.1"):
-        code, _, err = run_cli(capsys, "--input", fashion_mnist_dir / f"{T10K}.gz", "--output", tmp_path / "out",
+        code, _, err = run_cli(capsys, "--input", fashion_mnist_dir / f"{TRAIN_IDX}.gz", "--output", tmp_path / "out",
                                "--val-fraction", bad)
         assert code == 1 and "val_fraction must be in [0, 1)" in err, err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
@@ -68,7 +68,7 @@ def test_val_fraction_outside_its_range_is_refused_before_any_work(fashion_mnist
 
 
 def test_overwrite_flag_refuses_without_and_replaces_with(ray_local, fashion_mnist_dir: Path, tmp_path: Path, capsys):
-    source, output = fashion_mnist_dir / f"{T10K}.gz", tmp_path / "out"
+    source, output = fashion_mnist_dir / f"{TRAIN_IDX}.gz", tmp_path / "out"
     code, _, err = run_cli(capsys, "--input", source, "--output", output, "--limit", 120, "--val-fraction", 0.25)
     assert code == 0, err
     before = tree_snapshot(output)
@@ -104,7 +104,7 @@ def folder_with_corrupt_file(fashion_mnist_dir: Path, tmp_path_factory: pytest.T
     """Six real Fashion-MNIST PNGs and, in the middle of the listing, one with scrambled pixel data."""
     root = tmp_path_factory.mktemp("on-error") / "src"
     root.mkdir()
-    images = read_idx(fashion_mnist_dir / f"{T10K}.gz")[:7]
+    images = read_idx(fashion_mnist_dir / f"{TRAIN_IDX}.gz")[:7]
     good = {}
     for i, pixels in enumerate(images):
         name = f"item{i}.png"
@@ -126,7 +126,7 @@ def test_on_error_skip_lists_the_corrupt_file_and_writes_the_good_ones(ray_local
     assert [r["file"] for r in manifest["rejected"]] == ["item3.png"]
     assert "corrupt" in manifest["rejected"][0]["reason"], manifest["rejected"]
     assert manifest["options"]["on_error"] == "skip"
-    assert manifest["counts"] == {"train": len(good), "val": 0}
+    assert manifest["counts"] == {"train": len(good), "val": 0, "test": 0}
     assert "rejected: 1" in out and "rejected item3.png: corrupt" in out
     images, labels = read_split_numpy(str(output), "train")
     np.testing.assert_array_equal(images, to_unit(np.stack([good[n] for n in sorted(good)])[:, None]))
@@ -163,7 +163,7 @@ def test_max_pixels_flag_rejects_only_the_images_over_the_limit(ray_local, tmp_p
     manifest = load_manifest(str(output))
     assert [r["file"] for r in manifest.rejected] == ["c_big.png"]
     assert "too many pixels: 11x10 = 110 > max_pixels 100" in manifest.rejected[0]["reason"]
-    assert manifest.options["max_pixels"] == 100 and manifest.counts == {"train": 2, "val": 0}
+    assert manifest.options["max_pixels"] == 100 and manifest.counts == {"train": 2, "val": 0, "test": 0}
     images, _ = read_split_numpy(str(output), "train")
     np.testing.assert_array_equal(images[0, 0], to_unit(small))  # already 8 x 8: exact
     resized = Image.fromarray(edge).resize((8, 8), Image.Resampling.BICUBIC)

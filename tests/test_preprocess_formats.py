@@ -73,7 +73,7 @@ def test_bmp_tiff_webp_png_round_trip_exactly_in_rgb_order(ray_local, folder, tm
     assert [r["file"] for r in manifest.rejected] == [sixteen]
     assert "unsupported pixel mode 'I;16'" in manifest.rejected[0]["reason"]
     good = sorted(p.name for p in root.iterdir() if p.name != sixteen)  # listing order
-    assert manifest.counts == {"train": len(good), "val": 0} and images.shape == (len(good), 3, H, W)
+    assert manifest.counts == {"train": len(good), "val": 0, "test": 0} and images.shape == (len(good), 3, H, W)
     rows = dict(zip(good, images))
     for name, pixels in sources.items():  # lossless RGB files: exact, channel 0 = R, 1 = G, 2 = B
         np.testing.assert_array_equal(rows[name], to_unit(pixels.transpose(2, 0, 1)), err_msg=name)
