@@ -116,8 +116,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
 
     Raises:
         ValueError / FileNotFoundError: on a bad model URI, a missing model or bad shards, or
-            sampler settings that do not fit the model (``num_steps`` > T), the latter checked
-            before the bound is computed.
+            sampler settings that do not fit the model (``num_steps`` > T; checked before the
+            bound is computed, when samples are drawn).
     """
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,7 +128,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     network = torch.compile(loaded.model) if args.compile else loaded.model
     source = describe_model(args.model, loaded.metadata, client)
     shape = loaded.unet_config.image_shape
-    sampling_params = sampler_params(args.sampling, loaded.diffusion.num_timesteps)
+    draws_samples = bool(args.samples) or args.fd is not None  # the sampler settings only matter then
+    sampling_params = sampler_params(args.sampling, loaded.diffusion.num_timesteps) if draws_samples else {}
     shards = resolve(args.shards).uri
     images, manifest = load_validation(shards, shape, args.images, args.split)
     net = None
