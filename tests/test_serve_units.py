@@ -296,7 +296,12 @@ def test_app_builder_takes_key_value_args() -> None:
     model = ingress.init_args[0]._bound_deployment
     assert (ingress.name, model.name) == ("DDPMIngress", "DDPMModel")
     assert ingress.user_config == IngressConfig().model_dump()
-    assert model.user_config == {"model_uri": "/some/checkpoint", "max_batch_size": 4, "batch_wait_timeout_s": 0.1}
+    assert model.user_config == {"model_uri": "/some/checkpoint", "max_batch_size": 4, "batch_wait_timeout_s": 0.1,
+                                 "network": "torchscript"}
+    compiled = app_builder({"model_uri": "x", "network": "compiled"})._bound_deployment.init_args[0]._bound_deployment
+    assert compiled.user_config["network"] == "compiled"
+    with pytest.raises(pydantic.ValidationError):
+        app_builder({"model_uri": "x", "network": "jit"})
     with pytest.raises(pydantic.ValidationError):
         app_builder({"model_uri": "x", "max_batch_sise": "4"})
 
