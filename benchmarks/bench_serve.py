@@ -13,7 +13,7 @@ What it does (loopback only):
    image per request. Requests/s = completed requests / wall time; p50/p99 of per-request latency.
 3. Direct baseline, measured right after each batched cell (same machine load): the replica's
    own compute (``deploy.model_runner.ModelRunner``: ``sample_many`` / ``likelihood_many``, i.e.
-   ``ddim_sample_loop`` / ``calc_bpd_estimate`` on the TorchScript network) on min(clients,
+   ``ddim_sample_loop`` / ``calc_bpd_estimate`` on the network of ``--network``, TorchScript by default) on min(clients,
    largest batch size) one-image requests at once, in this process, single-threaded like the replica.
 4. CPU time per request of the model replica, of all cluster processes, and of the direct
    calls: on a machine shared with other work, wall-clock throughput depends on how the
@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time bound of one cell")
     parser.add_argument("--ddim-steps", type=int, default=5, help="DDIM steps of each /sample request")
     parser.add_argument("--num-samples", type=int, default=8, help="K of each /likelihood estimate request")
+    parser.add_argument("--network", choices=["torchscript", "compiled", "eager"], default="torchscript",
+                        help="the model deployment's user_config.network, also used by the direct baseline")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "bench_serve.json")
     args = parser.parse_args(argv)
     for name in ("clients", "batch_sizes"):
@@ -124,11 +126,12 @@ def run_cell(send: Callable[[requests.Session, int], bool], clients: int, per_cl
 
 class DirectBaseline:
     """The replica's compute called in this process, single-threaded like the replica: the same
-    ``ModelRunner`` (``load_runner``: TorchScript network, one generator per request) running
-    ``sample_many`` / ``likelihood_many`` on ``batch`` one-image requests at once."""
+    ``ModelRunner`` (``load_runner``, one generator per request) running
+    ``sample_many`` / ``likelihood_many`` on ``batch`` one-image requests at once, with the
+    network of ``--network``."""
 
     def __init__(self, model_uri: str, args: argparse.Namespace, pixels: np.ndarray) -> None:
-        self.runner = load_runner(model_uri, device="cpu")
+        self.runner = load_runner(model_uri, device="cpu", network=args.network)
         self.args = args
         self.pixels = pixels
 
@@ -176,6 +179,7 @@ def serve_cells(cluster: Any, model_uri: str, args: argparse.Namespace, pixels: 
                                      {"max_num_steps": max(1000, args.ddim_steps)}, max_batch_size=max_batch_size)
         model = next(d for d in config["applications"][0]["deployments"] if d["name"] == "DDPMModel")
         model["max_ongoing_requests"] = max(32, 2 * max(args.clients))
+        model["user_config"]["network"] = args.network
         cluster.serve_deploy(config, work_dir / f"serve_config_b{max_batch_size}.yaml")
         _wait_for_batch_size(cluster.http, max_batch_size)
         run_cell(sample, 2, 2, args.max_seconds)  # warm-up

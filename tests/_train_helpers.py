@@ -38,6 +38,12 @@ FAST = {
 }
 
 
+def fd_overrides(classifier: Path) -> dict[str, Any]:
+    """``tiny_config`` keywords for the FD during training: 12 samples (the val split holds 14, for
+    the floor) at steps 2 and 4, scored by the classifier folder ``classifier``."""
+    return {"train__fd_every": 2, "train__fd_images": 12, "train__fd_classifier": str(classifier)}
+
+
 def tiny_config(shards: Path, storage: Path, run_name: str, **overrides: Any) -> TrainConfig:
     """configs/tiny_cpu.yaml with ``FAST`` and ``overrides`` (``section__key=value``) applied."""
     extra = {key.replace("__", "."): value for key, value in overrides.items()}

@@ -101,18 +101,31 @@ def train_sandbox(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(ray_local, fmnist_shards: Path, train_sandbox: Path):
+def fd_classifier_folder(fmnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The FD classifier of pipelines/train_classifier.py, one epoch on the session's shards, as a
+    folder (not logged to MLflow)."""
+    from pipelines.evaluation.classifier_job import ClassifierSettings, train_and_register
+
+    output = tmp_path_factory.mktemp("fd-classifier") / "classifier"
+    train_and_register(ClassifierSettings(shards=str(fmnist_shards), output=str(output), epochs=1, log=False))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(ray_local, fmnist_shards: Path, train_sandbox: Path, fd_classifier_folder: Path):
     """Two 4-step runs of configs/tiny_cpu.yaml on the same data, seed and global batch: with 2
     gloo workers and with 1, each checkpointing every step and keeping every checkpoint (each one
-    records every replica's weights digest and local loss). Returns ``{num_workers: TinyRun}``."""
-    from _train_helpers import FAST, TinyRun, tiny_config
+    records every replica's weights digest and local loss), with the FD of 12 samples at steps 2
+    and 4 (``fd_overrides``). Returns ``{num_workers: TinyRun}``."""
+    from _train_helpers import FAST, TinyRun, fd_overrides, tiny_config
 
     from pipelines.training.launcher import run
 
     runs = {}
     for workers in (2, 1):
         config = tiny_config(fmnist_shards, train_sandbox / "runs", f"ddp-{workers}", scaling__num_workers=workers,
-                             train__checkpoint_every=1, train__keep_checkpoints=FAST["train.total_steps"])
+                             train__checkpoint_every=1, train__keep_checkpoints=FAST["train.total_steps"],
+                             **fd_overrides(fd_classifier_folder))
         runs[workers] = TinyRun(config=config, outcome=run(config))
     return runs
 

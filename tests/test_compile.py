@@ -67,3 +67,30 @@ def test_compiled_serving_network_samples_like_the_eager_one() -> None:
         ours = generate(loaded.diffusion, compiled.network, (3, 1, 8, 8), settings, seeded_generator(2))
         theirs = generate(loaded.diffusion, eager.network, (3, 1, 8, 8), settings, seeded_generator(2))
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
+
+
+def test_evaluation_network_is_compiled_or_falls_back_to_eager(monkeypatch, capsys) -> None:
+    import torch._inductor.config as inductor_config
+
+    from pipelines.evaluation.job import compiled_network
+
+    torch.manual_seed(0)
+    model = UNet(UNET).eval()
+    with torch.no_grad():  # off the zero-initialised output layer, so the outputs are not all 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 49])
+    torch._dynamo.reset()
+    network = compiled_network(model, UNET.image_shape, "cpu")
+    assert type(network).__name__ == "OptimizedModule"
+    with torch.no_grad():
+        torch.testing.assert_close(network(x, t), model(x, t), atol=ATOL, rtol=RTOL)
+    assert "compiling the UNet with torch.compile" in capsys.readouterr().err
+    # a machine whose C++ compiler inductor cannot run: the evaluation goes on with the eager module
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    fallback_model = UNet(UNET).eval()
+    assert compiled_network(fallback_model, UNET.image_shape, "cpu") is fallback_model
+    assert "warning: torch.compile failed" in capsys.readouterr().err
+    torch._dynamo.reset()

@@ -18,7 +18,7 @@ from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
-FAST = ["--threads", "1", "--samples", "4", "--sample-steps", "3", "--seed", "3"]
+FAST = ["--threads", "1", "--samples", "4", "--sample-steps", "3", "--seed", "3", "--no-compile"]
 
 
 def _eval_run(client: MlflowClient, model_uri: str):

@@ -95,7 +95,7 @@ def test_evaluate_fd_logs_fd_and_floor_and_reuses_the_cache(
     argv = ["--model", str(ddpm_28), "--shards", str(fmnist_shards), "--images", "1", "--estimate", "2",
             "--samples", "0", "--sample-steps", "3", "--threads", "1", "--experiment", "fd-test",
             "--fd", "16", "--fd-classifier", str(classifier["folder"]), "--fd-floor-split", "train",
-            "--fd-cache", str(tmp_path / "cache"), "--fd-block", "8"]
+            "--fd-cache", str(tmp_path / "cache"), "--fd-block", "8", "--no-compile"]
     assert evaluate_main(argv) == 0
     printed = capsys.readouterr().out
     assert '"fd"' in printed and '"fd_floor"' in printed

@@ -91,6 +91,8 @@ def test_overrides_are_parsed_as_yaml() -> None:
         ("scaling.precision=fp16", "scaling.precision='fp16' is not allowed"),
         ("train.sample_sampler=euler", "train.sample_sampler='euler' is not allowed; choose one of ['ddpm', 'ddim'"),
         ("train.sample_steps=201", "train.sample_steps=201 must be at most diffusion.num_timesteps=200"),
+        ("train.fd_every=100", "train.fd_every=100 needs train.fd_classifier"),
+        ("train.fd_images=1", "train.fd_images=1 must be an integer >= 2"),
         ("total_steps=5", "must look like section.key=value"),
         ("train.total_steps", "must look like section.key=value"),
     ],
@@ -132,6 +134,13 @@ def test_bad_shard_folders_fail_before_any_worker(fmnist_shards: Path, isolated:
 
     assert main([*base, f"data.shards={fmnist_shards}", "train.global_batch_size=68"]) == 2
     assert "has 66 training images: 66 per worker, fewer than one per-worker batch of 68" in capsys.readouterr().err
+
+    fd = [f"data.shards={fmnist_shards}", "train.fd_every=2"]
+    assert main([*base, *fd, "train.fd_images=12", f"train.fd_classifier={isolated / 'no-classifier'}"]) == 2
+    assert "is not a loadable FD classifier" in capsys.readouterr().err
+    assert main([*base, *fd, "train.fd_images=20", f"train.fd_classifier={isolated / 'no-classifier'}"]) == 2
+    assert "train.fd_images=20 needs as many real val images for the FD floor, but split 'val'" in \
+        capsys.readouterr().err
 
     old = isolated / "old-shards"
     shutil.copytree(fmnist_shards, old)

@@ -119,3 +119,32 @@ def test_mlflow_run_has_config_metrics_samples_and_model(tiny_runs) -> None:
     version = client.get_model_version(REGISTERED_MODEL, model_uri.rsplit("/", 1)[1])
     assert version.run_id == data.info.run_id
     assert version.tags["data_manifest_checksum"] == manifest["source_checksum"]
+
+
+def test_fd_logged_during_training_matches_a_recomputation(tiny_runs, fd_classifier_folder: Path) -> None:
+    from diffusion_core.generate import SamplerSettings
+    from pipelines.evaluation.classifier import ClassifierFeatures, load_classifier
+    from pipelines.evaluation.distributed_sampling import num_blocks, sample_blocks
+    from pipelines.evaluation.fd import feature_stats, features_in_batches, frechet_distance
+    from pipelines.training.fd_monitor import fd_block_size
+
+    client = MlflowClient(resolve_tracking_uri())
+    net = ClassifierFeatures(load_classifier(fd_classifier_folder)[0])
+    train_images = read_split_numpy(tiny_runs[2].config.data.shards, "train")[0]
+    val_images = read_split_numpy(tiny_runs[2].config.data.shards, "val", limit=12)[0]
+    reference = feature_stats(features_in_batches(net, train_images))
+    floor = frechet_distance(feature_stats(features_in_batches(net, val_images)), reference)
+    for workers, run in tiny_runs.items():
+        run_id, train = run.outcome["mlflow_run_id"], run.config.train
+        fd = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "fd"))
+        floors = client.get_metric_history(run_id, "fd_floor")
+        assert [s for s, _ in fd] == [2, 4] and all(np.isfinite(v) and v > 0 for _, v in fd), fd
+        assert [m.step for m in floors] == [2] and floors[0].value == pytest.approx(floor, rel=1e-6)
+        # step 4's FD from the registered EMA model (the weights of step 4), sampled in this process
+        registered = load_checkpoint(fetch_checkpoint(client.get_run(run_id).data.tags["ddpm.model_uri"]))
+        samples = sample_blocks(registered.diffusion, registered.model, registered.unet_config.image_shape,
+                                SamplerSettings(train.sample_sampler, train.sample_steps), train.fd_images,
+                                fd_block_size(train.fd_images), train.seed,
+                                np.arange(num_blocks(train.fd_images, fd_block_size(train.fd_images))))["image"]
+        expected = frechet_distance(feature_stats(features_in_batches(net, samples)), reference)
+        assert fd[1][1] == pytest.approx(expected, rel=1e-4), (workers, fd, expected)

@@ -9,9 +9,10 @@ command line around :func:`evaluate`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Callable, Literal, get_args
 
 import mlflow
 import numpy as np
@@ -52,7 +53,8 @@ class EvalSettings:
         batch_size: images per forward pass; seed: seed of the bound's noise and the samples.
         experiment: MLflow experiment (``None``: the training run's, else ``DEFAULT_EXPERIMENT``).
         device: torch device; threads: torch intra-op threads (``None``: torch's choice).
-        compile: run the UNet through ``torch.compile`` (inductor) for the bound and the samples.
+        compile: run the UNet through ``torch.compile`` (inductor) for the bound and the samples
+            (``compiled_network``: falls back to the eager module, with a warning, when compiling fails).
         fd: the Fréchet distance of ``fd.images`` samples drawn with ``sampling`` over Ray, and its
             floor (``fd_eval.FDSettings``); ``None``: no FD.
         split: "val" (default) or "test" (the source's own test split, when the shards have one).
@@ -105,6 +107,29 @@ def load_validation(
     return images, manifest.to_dict()
 
 
+
+def compiled_network(model: torch.nn.Module, image_shape: tuple[int, int, int],
+                     device: str | torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``torch.compile(model)`` (inductor), compiled now on one image so that a failure shows here;
+    the eager ``model`` itself when compiling fails (e.g. no C++ compiler for inductor's CPU
+    code), with a warning on stderr saying why: both compute the same network (outputs within
+    float32 rounding, ``tests/test_compile.py``).
+
+    Args:
+        model: the UNet in eval mode on ``device``; image_shape: (C, H, W) of its images.
+    """
+    print("compiling the UNet with torch.compile (inductor); the first call of each new batch size "
+          "compiles again", file=sys.stderr, flush=True)
+    compiled = torch.compile(model)
+    try:
+        with torch.no_grad():
+            compiled(torch.zeros(1, *image_shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    except Exception as err:  # noqa: BLE001 - any compiler failure: the eager module computes the same outputs
+        print(f"warning: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); using the eager network",
+              file=sys.stderr, flush=True)
+        return model
+    return compiled
+
 def evaluate(args: EvalSettings) -> dict[str, Any]:
     """Run the evaluation and log it (the sampler settings as ``sample_*`` params, see
     ``metrics.sampler_params``).
@@ -125,7 +150,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     client = MlflowClient(tracking_uri)
     folder = fetch_checkpoint(args.model)
     loaded = load_checkpoint(folder, device=args.device)
-    network = torch.compile(loaded.model) if args.compile else loaded.model
+    network = compiled_network(loaded.model, loaded.unet_config.image_shape, args.device) if args.compile \
+        else loaded.model
     source = describe_model(args.model, loaded.metadata, client)
     shape = loaded.unet_config.image_shape
     draws_samples = bool(args.samples) or args.fd is not None  # the sampler settings only matter then

@@ -193,6 +193,10 @@ class RunTracker:
         """Whether metric ``key`` has a value at ``step`` in the run."""
         return any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
 
+    def has_metric_any(self, key: str) -> bool:
+        """Whether metric ``key`` has any value in the run."""
+        return bool(self.client.get_metric_history(self.run_id, key))
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags."""
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

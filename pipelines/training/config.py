@@ -127,6 +127,13 @@ class TrainSection:
         bpd_samples: K, timesteps sampled per image by ``calc_bpd_estimate``.
         final_bpd_images: validation images for the exact ``calc_bpd_loop`` bound at the end
             (0 disables).
+        fd_every: steps between Fréchet distances of EMA samples (0 disables; see
+            ``training.fd_monitor``): ``fd_images`` samples drawn with the grids' sampler, shared
+            among the workers, scored by the classifier ``fd_classifier`` against the train split;
+            ``fd_floor`` (``fd_images`` real val images against the same reference) is logged once.
+        fd_images: N, samples per FD (>= 2; also the floor's N).
+        fd_classifier: the feature network: a model URI (``models:/fd-classifier-fashion-mnist/1``)
+            or a folder of ``pipelines/train_classifier.py``; required when ``fd_every`` > 0.
         run_name: Ray Train run name (the folder under ``storage_path``) and MLflow run name;
             re-submitting with the same name and storage path resumes the run. ``null`` derives
             ``<config name>-<timestamp>`` on the driver.
@@ -156,6 +163,9 @@ class TrainSection:
     bpd_images: int = 64
     bpd_samples: int = 8
     final_bpd_images: int = 0
+    fd_every: int = 0
+    fd_images: int = 256
+    fd_classifier: str | None = None
     run_name: str | None = None
     storage_path: str = DEFAULT_STORAGE_PATH
     max_nonfinite_steps: int = 10
@@ -165,7 +175,8 @@ class TrainSection:
         for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                      "sample_images", "sample_steps", "bpd_images", "bpd_samples", "max_nonfinite_steps"):
             check_int_in_range(f"train.{name}", getattr(self, name), 1)
-        for name in ("seed", "sample_every", "bpd_every", "final_bpd_images"):
+        check_int_in_range("train.fd_images", self.fd_images, 2)
+        for name in ("seed", "sample_every", "bpd_every", "final_bpd_images", "fd_every"):
             check_int_in_range(f"train.{name}", getattr(self, name), 0)
         if self.checkpoint_every % self.log_every:
             raise ValueError(
@@ -175,6 +186,10 @@ class TrainSection:
         check_number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         check_bool("train.ema_warmup", self.ema_warmup)
         check_optional_str("train.run_name", self.run_name)
+        check_optional_str("train.fd_classifier", self.fd_classifier)
+        if self.fd_every and not self.fd_classifier:
+            raise ValueError(f"train.fd_every={self.fd_every} needs train.fd_classifier (a model URI or folder of "
+                             "pipelines/train_classifier.py)")
         check_choice("train.timestep_sampler", self.timestep_sampler, TimestepSamplerName)
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")

@@ -6,6 +6,7 @@ worker starts, open (or resume) the MLflow run, and run Ray Train's ``TorchTrain
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +18,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.data import storage
 from pipelines.data.shards import load_manifest, read_split
+from pipelines.evaluation.classifier import load_classifier
 from pipelines.ray_auth import connect_ray
+from pipelines.registry.feature_store import fetch_feature_net
 from pipelines.registry.runs import end_run, open_run, run_folder
 from pipelines.registry.tracking_uri import resolve_tracking_uri, run_location
 from pipelines.training.config import TrainConfig, load_config
@@ -59,6 +62,30 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
             f"scaling.num_workers={config.scaling.num_workers})"
         )
     return manifest.to_dict()
+
+
+def check_fd(config: TrainConfig) -> None:
+    """With ``train.fd_every`` > 0: the classifier of ``train.fd_classifier`` can be fetched and
+    loaded, and the train and val splits hold enough images for ``train.fd_images`` (checked on
+    the driver, before any worker starts).
+
+    Raises:
+        ValueError / FileNotFoundError: naming ``train.fd_classifier`` or the short split.
+    """
+    train = config.train
+    if not train.fd_every:
+        return
+    val = int(load_manifest(config.data.shards).counts.get("val", 0))
+    if val < train.fd_images:
+        raise ValueError(f"train.fd_images={train.fd_images} needs as many real val images for the FD floor, but "
+                         f"split 'val' of {config.data.shards} has {val}; lower train.fd_images")
+    with tempfile.TemporaryDirectory(prefix="fd-classifier-check-") as folder:
+        try:
+            load_classifier(fetch_feature_net(train.fd_classifier, folder))
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise FileNotFoundError(
+                f"train.fd_classifier={train.fd_classifier!r} is not a loadable FD classifier ({err}); train one "
+                "with pipelines/train_classifier.py, or set train.fd_every=0") from err
 
 
 def build_trainer(config: TrainConfig, loop_config: dict[str, Any]) -> Any:
@@ -121,10 +148,12 @@ def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
     also after a resume.
 
     Raises:
-        ValueError: bad shards or resources (before any worker starts).
+        ValueError: bad shards or resources (before any worker starts); FileNotFoundError: a missing
+            FD classifier (``check_fd``).
         ray.train.TrainingFailedError: when training fails more than ``scaling.max_failures`` times.
     """
     manifest = check_data(config)
+    check_fd(config)
     started_locally = connect_ray(num_cpus)
     check_resources(config, fixed_size=started_locally)
     tracking_uri = resolve_tracking_uri()

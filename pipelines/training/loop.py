@@ -42,6 +42,7 @@ from pipelines.registry.runs import MetricBuffer, RunTracker, run_folder
 from pipelines.training.config import OptimizerConfig, ScalingSection, TrainConfig
 from pipelines.training.ema import EMA
 from pipelines.training.example_noise import example_timesteps_and_noise
+from pipelines.training.fd_monitor import TrainingFD
 from pipelines.training.progress import ProgressLog
 from pipelines.training.splits import training_split
 from pipelines.training.state import (
@@ -420,6 +421,8 @@ class ChiefDuties:
         self.buffer = MetricBuffer()
         self.progress = ProgressLog(config.train.total_steps, start_step)
         tracker.resume_pending(pending)
+        self.floor_logged = bool(config.train.fd_every) and tracker.has_metric_any("fd_floor")
+        """Whether the run already holds ``fd_floor`` (logged once, also across restarts)."""
 
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the model."""
@@ -475,6 +478,21 @@ class ChiefDuties:
         self.progress.model(step, ref.model_uri)
 
 
+def measure_fd(fd: TrainingFD, trainee: Trainee, config: TrainConfig, diffusion: GaussianDiffusion,
+               device: torch.device, chief: ChiefDuties | None) -> None:
+    """The FD of the EMA model at ``trainee.step`` (a collective: every rank calls it); rank 0
+    buffers ``fd`` (and ``fd_floor`` the first time in the run) and prints a line."""
+    step = trainee.step
+    with_floor = chief is not None and not chief.floor_logged
+    result = fd.measure(ema_network(trainee, config, device), diffusion, device, with_floor)
+    if chief is None or result is None:
+        return
+    if with_floor:
+        chief.floor_logged = True
+    chief.buffer.add(step, result)
+    chief.progress.fd(step, result["fd"], result.get("fd_floor"), config.train.fd_images)
+
+
 def current_worker() -> Worker:
     """This worker's rank, world size and device, from the Ray Train context."""
     context = ray.train.get_context()
@@ -494,8 +512,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     state = restore_state(worker)
     trainee = build_trainee(config, worker, state)
     diffusion = GaussianDiffusion(config.diffusion)
+    fd = TrainingFD(config, worker.rank, worker.world_size) if config.train.fd_every else None
     if not worker.is_chief:
-        run_loop(config, worker, trainee, diffusion, bf16, None, loop_config["mlflow_run_id"])
+        run_loop(config, worker, trainee, diffusion, bf16, None, loop_config["mlflow_run_id"], fd)
         return
     tracker = RunTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], config.tracking.log_system_metrics)
     with tracker:
@@ -504,7 +523,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         val_images = load_val_images(config)
         chief = ChiefDuties(config, tracker, diffusion, val_images, state.pending_metrics if state else {},
                             start_step=state.step if state else 0)
-        run_loop(config, worker, trainee, diffusion, bf16, chief, tracker.run_id)
+        run_loop(config, worker, trainee, diffusion, bf16, chief, tracker.run_id, fd)
         chief.finalize(trainee, worker.device, loop_config["manifest"])
 
 
@@ -518,8 +537,9 @@ def load_val_images(config: TrainConfig) -> torch.Tensor:
 
 
 def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: GaussianDiffusion, bf16: bool,
-             chief: ChiefDuties | None, run_id: str) -> None:
-    """Train until ``train.total_steps``: step, log windows, periodic evaluation, checkpoints."""
+             chief: ChiefDuties | None, run_id: str, fd: TrainingFD | None = None) -> None:
+    """Train until ``train.total_steps``: step, log windows, periodic evaluation (rank 0; the FD on
+    every rank), checkpoints."""
     train = config.train
     if trainee.step >= train.total_steps:
         return
@@ -545,6 +565,8 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
                 chief.progress.step(step, last_metrics["loss"], last_metrics["images_per_s"])
         if chief is not None:
             chief.periodic(trainee, worker.device)
+        if fd is not None and fd.due(step):
+            measure_fd(fd, trainee, config, diffusion, worker.device, chief)
         if step % train.checkpoint_every == 0 or done:
             report_checkpoint(trainee, config, worker, chief.buffer if chief else None, run_id, last_metrics,
                               float(losses.mean()))

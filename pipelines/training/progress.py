@@ -56,6 +56,11 @@ class ProgressLog:
         self.emit(f"val_bpd at step {step}: {bpd:.4f} +- {stderr:.4f} bits/dim "
                   f"({num_images} validation images, K={num_samples}) -> MLflow metric val_bpd")
 
+    def fd(self, step: int, fd: float, floor: float | None, num_images: int) -> None:
+        """The Fréchet distance of ``step``'s EMA samples (and the floor, when measured then)."""
+        floor_text = f", floor {floor:.3f} (real val images)" if floor is not None else ""
+        self.emit(f"fd at step {step}: {fd:.3f} ({num_images} samples{floor_text}) -> MLflow metric fd")
+
     def exact_bpd(self, step: int, bpd: float, num_images: int) -> None:
         """The exact held-out bound at the end (bits/dim)."""
         self.emit(f"val_bpd_exact at step {step}: {bpd:.4f} bits/dim ({num_images} validation images) "
