@@ -36,8 +36,12 @@ class ProgressLog:
     last_val_bpd: float | None = None
 
     def emit(self, line: str) -> None:
-        """Print one line and flush it (a job log should show it at once)."""
-        print(line, file=self.stream, flush=True)
+        """Write one line and flush it (a job log should show it at once). Written to the stream
+        directly, not with ``print``: Ray Train V2 replaces ``print`` in its workers with one that
+        sends the text to its logger *and*, when ``sys.stdout`` is wrapped (it is in a Train
+        worker), to the stream as well, so every printed line reached the job log twice."""
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     def step(self, step: int, loss: float, images_per_s: float) -> None:
         """``step 120/3000  loss 0.0412  68.3 images/s  elapsed 0:05:12  eta 1:02:00  val_bpd 3.71``
