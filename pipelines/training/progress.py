@@ -38,8 +38,9 @@ class ProgressLog:
     def emit(self, line: str) -> None:
         """Write one line and flush it (a job log should show it at once). Written to the stream
         directly, not with ``print``: Ray Train V2 replaces ``print`` in its workers with one that
-        sends the text to its logger *and*, when ``sys.stdout`` is wrapped (it is in a Train
-        worker), to the stream as well, so every printed line reached the job log twice."""
+        sends the text to its logger and, when ``sys.stdout`` is not ``sys.__stdout__``, to the
+        stream as well; in this project's training workers every printed line reached the job log
+        twice."""
         self.stream.write(line + "\n")
         self.stream.flush()
 
