@@ -64,8 +64,10 @@ def test_ray_job_submit_runs_the_tiny_config(ray_head, fmnist_shards: Path, trai
     # what the user reads in the job log: a progress line per logged step and one per checkpoint and
     # model, and none of the warnings this project's code used to cause
     for step in range(1, 5):
-        assert f"step {step}/4  loss " in output, output[-4000:]
+        assert output.count(f"step {step}/4  loss ") == 1, output[-4000:]  # once: not echoed by Train's print patch
     assert f"checkpoint at step 2 -> {storage / 'job' / 'checkpoint_00000002'}" in output
     assert "model at step 4 -> models:/ddpm-job/1" in output
-    for ours in ("CloudPickle", "Add type hints to the `predict` method", "Grad strides do not match"):
+    for ours in ("CloudPickle", "Add type hints to the `predict` method", "Grad strides do not match",
+                 "Downloading artifacts:", "Uploading artifacts:",
+                 "PYTHON worker processes have been started"):  # Ray Data's 32 footer-reader actors
         assert ours not in output, ours

@@ -144,7 +144,7 @@ def train_classifier(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         losses.append(total / len(images))
     return model.eval(), losses
 

@@ -23,7 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from pipelines.registry.model_store import ModelRef, _pip_requirements, fetch_checkpoint
+from pipelines.registry.model_store import ModelRef, _pip_requirements, fetch_checkpoint, quiet_artifact_transfers
 from pipelines.registry.tracking_uri import ensure_experiment, resolve_tracking_uri
 
 FEATURE_MODEL_NAME = "fd_classifier"
@@ -46,6 +46,7 @@ def log_feature_net(
     Raises:
         RuntimeError: if no MLflow run is active; FileNotFoundError: if a file is missing.
     """
+    quiet_artifact_transfers()
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_feature_net must be called inside an active MLflow run (mlflow.start_run)")

@@ -16,6 +16,7 @@ Downloaded layout of ``models:/<name>/<version>`` (MLflow 3)::
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ class ModelRef:
 _MANIFEST_SUMMARY_KEYS = (
     "schema_version", "image_shape", "counts", "has_labels", "normalization", "source", "source_checksum", "created_at",
 )
+
+
+def quiet_artifact_transfers() -> None:
+    """Turn MLflow's artifact progress bars off for this process unless the user set
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``: in a Ray job log a tqdm bar is a block of
+    carriage-return lines (``Downloading artifacts: 57%|...``) per model logged or fetched. MLflow
+    reads the variable at each transfer, so setting it before one is enough."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def read_manifest_summary(checkpoint_dir: str | Path) -> dict[str, Any] | None:
@@ -125,6 +134,7 @@ def log_checkpoint_model(
         FileNotFoundError: if the checkpoint files are missing.
         ValueError: if ``config.json`` is not a valid core checkpoint config.
     """
+    quiet_artifact_transfers()
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_checkpoint_model must be called inside an active MLflow run (mlflow.start_run)")
@@ -201,6 +211,7 @@ def fetch_checkpoint(uri: str, dst: str | None = None) -> Path:
         target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="ddpm-fetch-"))
         target.mkdir(parents=True, exist_ok=True)
         tracking_uri = resolve_tracking_uri()
+        quiet_artifact_transfers()
         try:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri, registry_uri=tracking_uri
