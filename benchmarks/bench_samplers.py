@@ -51,9 +51,8 @@ from pipelines.evaluation.fd import (
     FeatureNet,
     FeatureStats,
     StatsCache,
-    feature_stats,
-    features_in_batches,
     frechet_distance,
+    images_fd,
     reference_and_floor_slices,
     slice_stats,
 )
@@ -118,8 +117,7 @@ def run_cell(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Name
     out = sample_blocks(loaded.diffusion, loaded.model, loaded.unet_config.image_shape, settings, args.images,
                         args.block, args.seed, blocks)
     seconds = time.perf_counter() - start
-    stats = feature_stats(features_in_batches(net, out["image"]))
-    return {"fd": frechet_distance(stats, reference), "seconds": seconds, "seconds_per_image": seconds / args.images,
+    return {"fd": images_fd(net, out["image"], reference), "seconds": seconds, "seconds_per_image": seconds / args.images,
             "images": args.images, "settings": settings.params(),
             "evals": settings.network_evaluations(loaded.diffusion.num_timesteps)}
 

@@ -3,7 +3,6 @@ without PyYAML and reports finite positive numbers with a FLOP count that matche
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _bench_helpers import load_bench
 
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.nn import AttentionBlock
@@ -23,16 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 
 
-def _load_bench():
-    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/bench_gpu.py` has it: its sibling machine.py
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("bench_gpu")
 
 
 def _yaml_configs(name: str) -> tuple[UNetConfig, DiffusionConfig]:

@@ -3,33 +3,19 @@ script runs end to end on a tiny model (FD finite, floor and rows in the JSON, a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _bench_helpers import load_bench
 
 from diffusion_core.checkpoint import save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.unet import UNet
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "bench_samplers.py"
-
-
-def _load_bench():
-    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/bench_samplers.py` has it: machine.py
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("bench_samplers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("bench_samplers")
 
 
 @pytest.mark.parametrize("sampler", bench.SAMPLERS)

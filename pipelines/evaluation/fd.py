@@ -120,6 +120,12 @@ def features_in_batches(net: FeatureNet, images: np.ndarray, batch_size: int = 2
     return np.concatenate(parts).astype(np.float64, copy=False) if parts else np.zeros((0, net.dim))
 
 
+def images_fd(net: FeatureNet, images: np.ndarray, reference: FeatureStats, batch_size: int = 256) -> float:
+    """The FD of ``images`` (float32 ``[N, C, H, W]`` in [-1, 1], N >= 2) under ``net`` against the
+    ``reference`` statistics: ``frechet_distance(feature_stats(features), reference)``."""
+    return frechet_distance(feature_stats(features_in_batches(net, images, batch_size)), reference)
+
+
 @dataclass(frozen=True)
 class RealSlice:
     """Which real images: ``split`` rows ``[start, start + count)`` (manifest order) of ``shards``."""

@@ -12,9 +12,8 @@ from pipelines.evaluation.distributed_sampling import sample_distributed
 from pipelines.evaluation.fd import (
     FeatureNet,
     StatsCache,
-    feature_stats,
-    features_in_batches,
     frechet_distance,
+    images_fd,
     reference_and_floor_slices,
     slice_stats,
 )
@@ -83,7 +82,6 @@ def run_fd(
     floor_stats, floor_hit = slice_stats(floor, net, cache)
     samples = sample_distributed(checkpoint, sampling, fd.images, block_size=fd.block_size, seed=seed,
                                  workers=fd.workers, threads=threads)
-    sample_stats = feature_stats(features_in_batches(net, samples))
-    return {"fd": frechet_distance(sample_stats, ref_stats), "fd_floor": frechet_distance(floor_stats, ref_stats),
+    return {"fd": images_fd(net, samples, ref_stats), "fd_floor": frechet_distance(floor_stats, ref_stats),
             "reference": reference, "floor": floor, "reference_cache_hit": ref_hit, "floor_cache_hit": floor_hit,
             "cache_folder": str(cache.folder), "samples": samples}

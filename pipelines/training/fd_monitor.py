@@ -28,9 +28,8 @@ from pipelines.evaluation.fd import (
     FeatureNet,
     FeatureStats,
     StatsCache,
-    feature_stats,
-    features_in_batches,
     frechet_distance,
+    images_fd,
     reference_and_floor_slices,
     slice_stats,
 )
@@ -94,8 +93,7 @@ class TrainingFD:
         index = np.concatenate([p["index"] for p in parts])
         images = np.concatenate([p["image"] for p in parts])[np.argsort(index, kind="stable")]
         assert self.feature_net is not None and self.reference is not None
-        stats = feature_stats(features_in_batches(self.feature_net, images))
-        result = {"fd": frechet_distance(stats, self.reference)}
+        result = {"fd": images_fd(self.feature_net, images, self.reference)}
         if with_floor:
             floor, _ = slice_stats(self.floor_slice, self.feature_net, StatsCache(None))
             result["fd_floor"] = frechet_distance(floor, self.reference)
