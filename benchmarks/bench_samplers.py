@@ -51,10 +51,8 @@ from pipelines.evaluation.fd import (
     FeatureNet,
     FeatureStats,
     StatsCache,
-    frechet_distance,
     images_fd,
-    reference_and_floor_slices,
-    slice_stats,
+    reference_and_floor,
 )
 from pipelines.evaluation.features import build_feature_net
 from pipelines.registry.model_store import fetch_checkpoint
@@ -164,10 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(fetch_checkpoint(args.model))
     net = build_feature_net("classifier", classifier=args.classifier)
-    reference_slice, floor_slice = reference_and_floor_slices(args.shards, args.images, "train", "val")
-    cache = StatsCache(args.cache)
-    reference, _ = slice_stats(reference_slice, net, cache)
-    floor = frechet_distance(slice_stats(floor_slice, net, cache)[0], reference)
+    reference, floor = reference_and_floor(args.shards, args.images, net, StatsCache(args.cache))
     print(f"floor (N={args.images} real val images): {floor:.3f}", flush=True)
     rows, load_before = [], os.getloadavg()
     output = Path(args.output)

@@ -244,3 +244,17 @@ def reference_and_floor_slices(
                          f"{reference_split!r} ({ref_total} there"
                          f"{f', {num_images} of them kept for the floor' if floor_split == reference_split else ''})")
     return RealSlice(shards, reference_split, 0, wanted), floor
+
+
+def reference_and_floor(shards: str, num_images: int, net: FeatureNet, cache: StatsCache) -> tuple[FeatureStats, float]:
+    """The statistics of the whole train split (the reference) and the floor: the FD of the first
+    ``num_images`` real val images against it (both slices' statistics from ``cache`` when there).
+
+    Raises:
+        ValueError: as :func:`reference_and_floor_slices`.
+    """
+    reference_slice, floor_slice = reference_and_floor_slices(shards, num_images, "train", "val")
+    reference, _ = slice_stats(reference_slice, net, cache)
+    floor, _ = slice_stats(floor_slice, net, cache)
+    return reference, frechet_distance(floor, reference)
+

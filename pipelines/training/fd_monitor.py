@@ -9,7 +9,7 @@ do not depend on the number of workers). The parts are gathered on rank 0
 (``torch.distributed.gather_object`` over the training process group), which computes their
 features with the classifier of ``train.fd_classifier`` and the FD against the statistics of the
 train split (computed once, cached with ``evaluation.fd.StatsCache``). The floor, the FD of
-``fd_images`` real val images against the same reference, is computed at the first measurement.
+``fd_images`` real val images against the same reference, is computed with it on rank 0.
 Every rank must call :meth:`TrainingFD.measure` at the same steps (it is a collective).
 """
 
@@ -28,10 +28,8 @@ from pipelines.evaluation.fd import (
     FeatureNet,
     FeatureStats,
     StatsCache,
-    frechet_distance,
     images_fd,
-    reference_and_floor_slices,
-    slice_stats,
+    reference_and_floor,
 )
 from pipelines.evaluation.features import build_feature_net
 from pipelines.training.config import TrainConfig
@@ -67,11 +65,11 @@ class TrainingFD:
         self.blocks = np.arange(num_blocks(train.fd_images, self.block_size))[rank::world_size]
         self.feature_net: FeatureNet | None = None
         self.reference: FeatureStats | None = None
-        self.floor_slice = None
+        self.floor: float | None = None
         if rank == 0:
             self.feature_net = build_feature_net("classifier", classifier=train.fd_classifier)
-            reference, self.floor_slice = reference_and_floor_slices(config.data.shards, train.fd_images, "train", "val")
-            self.reference, _ = slice_stats(reference, self.feature_net, StatsCache(None))
+            self.reference, self.floor = reference_and_floor(config.data.shards, train.fd_images, self.feature_net,
+                                                             StatsCache(None))
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (1-based optimizer steps) is an FD step."""
@@ -95,8 +93,7 @@ class TrainingFD:
         assert self.feature_net is not None and self.reference is not None
         result = {"fd": images_fd(self.feature_net, images, self.reference)}
         if with_floor:
-            floor, _ = slice_stats(self.floor_slice, self.feature_net, StatsCache(None))
-            result["fd_floor"] = frechet_distance(floor, self.reference)
+            result["fd_floor"] = self.floor
         return result
 
     def _gather(self, part: dict[str, np.ndarray]) -> list[dict[str, Any]] | None:
