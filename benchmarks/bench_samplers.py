@@ -37,7 +37,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from pipelines.evaluation.fd import (
     reference_and_floor,
 )
 from pipelines.evaluation.features import build_feature_net
+from pipelines.evaluation.job import compiled_network
 from pipelines.registry.model_store import fetch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--block", type=int, default=250, help="images per seeded block (one batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample through torch.compile (as evaluate.py; compiled and warmed up at the block "
+                             "size before the first cell, so no cell's time holds compiling); --no-compile: eager")
     parser.add_argument("--cache", default=None, help="FD statistics cache folder (default outputs/fd_cache)")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -107,12 +111,26 @@ def settings_for(sampler: str, evals: int, snr: float) -> SamplerSettings:
     raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
 
 
-def run_cell(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Namespace, net: FeatureNet,
-             reference: FeatureStats) -> dict[str, Any]:
-    """N samples with ``settings``: wall seconds per image and their FD to the reference."""
+def sampling_network(loaded: LoadedModel, args: argparse.Namespace) -> Callable[..., torch.Tensor]:
+    """The eager UNet, or (``--compile``) its compiled version already called at every block size of
+    the run, so that compiling (minutes on CPU) is timed in no cell."""
+    if not args.compile:
+        return loaded.model
+    network = compiled_network(loaded.model, loaded.unet_config.image_shape, "cpu")
+    sizes = {min(args.block, args.images - b * args.block) for b in range(num_blocks(args.images, args.block))}
+    with torch.no_grad():
+        for size in sorted(sizes):
+            network(torch.zeros(size, *loaded.unet_config.image_shape), torch.zeros(size, dtype=torch.long))
+    return network
+
+
+def run_cell(loaded: LoadedModel, network: Callable[..., torch.Tensor], settings: SamplerSettings,
+             args: argparse.Namespace, net: FeatureNet, reference: FeatureStats) -> dict[str, Any]:
+    """N samples with ``settings`` drawn through ``network`` (``loaded.model`` or its compiled
+    version): wall seconds per image and their FD to the reference."""
     blocks = np.arange(num_blocks(args.images, args.block))
     start = time.perf_counter()
-    out = sample_blocks(loaded.diffusion, loaded.model, loaded.unet_config.image_shape, settings, args.images,
+    out = sample_blocks(loaded.diffusion, network, loaded.unet_config.image_shape, settings, args.images,
                         args.block, args.seed, blocks)
     seconds = time.perf_counter() - start
     return {"fd": images_fd(net, out["image"], reference), "seconds": seconds, "seconds_per_image": seconds / args.images,
@@ -164,18 +182,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     net = build_feature_net("classifier", classifier=args.classifier)
     reference, floor = reference_and_floor(args.shards, args.images, net, StatsCache(args.cache))
     print(f"floor (N={args.images} real val images): {floor:.3f}", flush=True)
+    network = sampling_network(loaded, args)
     rows, load_before = [], os.getloadavg()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     for sampler, evals in grid(args):
         settings = settings_for(sampler, evals, args.snr)
-        row = {"sampler": sampler, **run_cell(loaded, settings, args, net, reference)}
+        row = {"sampler": sampler, **run_cell(loaded, network, settings, args, net, reference)}
         rows.append(row)
         print(f"[{time.strftime('%H:%M:%S')}] {sampler:>11} {row['evals']:>5} evals: FD {row['fd']:.3f} "
               f"({row['seconds_per_image']:.4f} s/image)", flush=True)
         result = {"machine": machine_info(torch.device("cpu")), "model": args.model, "classifier": args.classifier,
                   "shards": str(Path(args.shards).resolve()), "images": args.images, "threads": args.threads,
-                  "block": args.block, "seed": args.seed, "snr": args.snr, "floor": floor,
+                  "block": args.block, "compiled": network is not loaded.model, "seed": args.seed, "snr": args.snr, "floor": floor,
                   "features": net.identity, "load_average_before": load_before,
                   "load_average_after": os.getloadavg(), "rows": rows}
         output.write_text(json.dumps(result, indent=2))  # after every cell: a long run keeps what it measured

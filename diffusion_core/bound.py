@@ -219,8 +219,11 @@ def calc_bpd_estimate(
 
     Returns:
         dict: "total_bpd" [N] float32 (estimate of prior + sum of all T terms, bits/dim),
-        "stderr" [N] float32 (its standard error, bits/dim), "prior_bpd" [N] float32 (exact),
-        "num_samples" (int K).
+        "stderr" [N] float32 (its standard error, bits/dim), "prior_bpd" [N] float32 (exact, L_T),
+        "num_samples" (int K), "strata" (int64 numpy [H + 1], the boundaries of
+        :func:`strata_bounds`) and "stratum_bpd" [N, H] float32: the unbiased estimate
+        ``|S_h| * mean_j Y_{h,j}`` of each stratum's sum of terms L_t, t in S_h (the columns add up
+        to total - prior; with H >= 2 column 0 is the decoder term L_0, stratum {0}).
 
     Raises:
         ValueError: if K is not an integer in [2, 2T], or on bad x_start / model output shapes.
@@ -232,6 +235,7 @@ def calc_bpd_estimate(
     bounds = strata_bounds(num_t, num_samples // 2)
     estimate = torch.zeros(n, dtype=torch.float64, device=device)
     variance = torch.zeros_like(estimate)
+    per_stratum = []
     for h in range(len(bounds) - 1):
         start, size = int(bounds[h]), int(bounds[h + 1] - bounds[h])
         draws = 3 if (num_samples % 2 and h == len(bounds) - 2) else 2
@@ -241,8 +245,10 @@ def calc_bpd_estimate(
             t = (start + torch.floor(u * size)).long().clamp(max=start + size - 1)
             values.append(_term_with_mse(diffusion, model, x_start, t, clip_denoised, generator)[0].double())
         ys = torch.stack(values, dim=1)
-        estimate += size * ys.mean(dim=1)
+        per_stratum.append(size * ys.mean(dim=1))
+        estimate += per_stratum[-1]
         variance += size**2 * ys.var(dim=1, unbiased=True) / draws
     prior = prior_bpd(diffusion, x_start)
     return {"total_bpd": (estimate + prior.double()).float(), "stderr": variance.sqrt().float(),
-            "prior_bpd": prior.float(), "num_samples": int(num_samples)}
+            "prior_bpd": prior.float(), "num_samples": int(num_samples),
+            "strata": bounds, "stratum_bpd": torch.stack(per_stratum, dim=1).float()}

@@ -7,9 +7,16 @@ estimated) and a sample grid, logged to MLflow as an evaluation of that model.
     python pipelines/evaluate.py --model ... --shards ... --fd 1000 --fd-features classifier \
         --fd-classifier models:/fd-classifier-fashion-mnist/1 --sampler ddim --sample-steps 50
     python pipelines/evaluate.py --model models:/ddpm-tiny/1 --shards ... --split test
+    python pipelines/evaluate.py --model ... --shards ... --split test --images all --estimate 8 \
+        --exact-images 256 --workers 2
 
 ``--split`` picks the scored split: ``val`` (default; the split training reports on) or ``test``
 (the source's own test split, e.g. Fashion-MNIST's t10k files; an error when the shards have none).
+``--images all`` scores every image of it. ``--estimate K`` estimates the bound from K stratified
+timesteps per image (with its standard error), ``--exact-images M`` adds the exact bound on the
+first M, and ``--workers W`` spreads either over W Ray actors that hold the model
+(``evaluation.split_bound``; GPUs when the cluster has them). The bound is logged in bits/dim with
+its split into L_T (prior), the sum of L_t for t >= 1 and L_0 (decoder), and the per-timestep plot.
 
 ``--model`` takes anything ``pipelines.registry.model_store.fetch_checkpoint`` does (``models:/name/version``,
 ``models:/name@alias``, ``runs:/<id>/model``, ``s3://...``, a local checkpoint folder). The results
@@ -48,9 +55,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="preprocessed shard folder (local or s3://); --split says which split is scored")
     parser.add_argument("--split", choices=["val", "test"], default="val",
                         help="split to score: val (default) or the source's own test split")
-    parser.add_argument("--images", type=int, default=64, help="images to evaluate (first N of the split)")
+    parser.add_argument("--images", type=image_count, default=64, metavar="N|all",
+                        help="images to evaluate: the first N of the split, or all of it")
     parser.add_argument("--estimate", type=int, default=0, metavar="K",
                         help="estimate the bound with K timesteps per image instead of computing it exactly")
+    parser.add_argument("--exact-images", type=int, default=0, metavar="M",
+                        help="with --estimate: also the exact bound (all T terms) on the first M images")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="spread the bound over W Ray actors (Ray Data; 1 CPU or GPU each; "
+                             "the cluster of $RAY_ADDRESS, else a local one); 0: in this process")
     parser.add_argument("--samples", type=int, default=16, help="images in the sample grid (0: none)")
     parser.add_argument("--sampler", choices=get_args(SamplerName), default="ddim",
                         help="sampler of the sample grid (ddpm always runs all T steps)")
@@ -99,7 +112,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         fd_settings_from_args(args)
     except ValueError as err:
         parser.error(str(err))
-    minimums = {"images": 1, "estimate": 0, "samples": 0, "sample_steps": 1, "batch_size": 1, "seed": 0, "threads": 1}
+    if args.exact_images and not args.estimate:
+        parser.error("--exact-images M needs --estimate K (without it the exact bound covers all --images)")
+    if args.exact_images and args.images is not None and args.exact_images > args.images:
+        parser.error(f"--exact-images={args.exact_images} is more than --images={args.images}")
+    minimums = {"exact_images": 0, "workers": 0, "estimate": 0, "samples": 0, "sample_steps": 1, "batch_size": 1,
+                "seed": 0, "threads": 1}
     for name, low in minimums.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
@@ -108,6 +126,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     except ValueError as err:  # names the field: corrector_steps, snr, order
         parser.error(f"sampler settings: {err}")
     return args
+
+
+def image_count(text: str) -> int | None:
+    """``--images``: a count >= 1, or ``all`` (``None``: every image of the split).
+
+    Raises:
+        argparse.ArgumentTypeError: on anything else.
+    """
+    if text == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count >= 1 nor 'all'")
+    return count
+
+
+#: (label, total, s.e. from the timesteps, s.e. over images, L_T, sum of L_t for t >= 1, L_0): metric names.
+BOUND_METRICS = (
+    ("estimated", "eval_bpd_estimate", "eval_bpd_estimate_stderr", "eval_bpd_estimate_stderr_images",
+     "eval_bpd_estimate_prior", "eval_bpd_estimate_terms", "eval_bpd_estimate_decoder"),
+    ("exact", "eval_bpd", None, "eval_bpd_stderr_images", "eval_prior_bpd", "eval_terms_bpd", "eval_decoder_bpd"),
+)
+
+
+def describe_bound(metrics: dict[str, float]) -> list[str]:
+    """Human lines for the bound's metrics (bits/dim): the total with its standard errors and its
+    split into L_T (prior), the sum of L_t for t >= 1 and L_0 (decoder)."""
+    lines = []
+    for label, total, stderr, stderr_images, prior, terms, decoder in BOUND_METRICS:
+        if total not in metrics:
+            continue
+        line = f"{label} bound: {metrics[total]:.4f} bits/dim"
+        errors = [f"{metrics[name]:.4f} {what}" for name, what in ((stderr, "from the timesteps"),
+                                                                    (stderr_images, "over images")) if name in metrics]
+        if errors:
+            line += f" (s.e. {', '.join(errors)})"
+        if all(name in metrics for name in (prior, terms, decoder)):
+            line += (f" = L_T {metrics[prior]:.4f} + sum of L_t, t>=1, {metrics[terms]:.4f}"
+                     f" + L_0 {metrics[decoder]:.4f}")
+        lines.append(line)
+    return lines
 
 
 def sampler_settings_from_args(args: argparse.Namespace) -> SamplerSettings:
@@ -138,7 +200,8 @@ def fd_settings_from_args(args: argparse.Namespace) -> FDSettings | None:
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The ``EvalSettings`` of the parsed command line."""
     return EvalSettings(
-        model=args.model, shards=args.shards, images=args.images, estimate=args.estimate, samples=args.samples,
+        model=args.model, shards=args.shards, images=args.images, estimate=args.estimate,
+        exact_images=args.exact_images, workers=args.workers, samples=args.samples,
         sampling=sampler_settings_from_args(args), batch_size=args.batch_size, seed=args.seed,
         experiment=args.experiment, device=args.device, threads=args.threads, compile=args.compile,
         fd=fd_settings_from_args(args), split=args.split,
@@ -154,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(outcome["metrics"], indent=2))
+    for line in describe_bound(outcome["metrics"]):
+        print(line)
     print(f"MLflow run {outcome['run_id']} (experiment {outcome['experiment_id']}) at {outcome['run_at']}")
     print(f"artifacts: {outcome['artifact_uri']}")
     return 0

@@ -45,12 +45,12 @@ def test_runs_end_to_end_on_a_tiny_model(fmnist_shards: Path, fd_classifier_fold
     try:
         bench.main(["--model", str(model), "--classifier", str(fd_classifier_folder), "--shards", str(fmnist_shards),
                     "--images", "8", "--evals", "2", "4", "--block", "4", "--threads", "1",
-                    "--cells", "ancestral:50", "--cache", str(tmp_path / "cache"), "--output", str(output)])
+                    "--cells", "ancestral:50", "--no-compile", "--cache", str(tmp_path / "cache"), "--output", str(output)])
     finally:
         torch.set_num_threads(threads)
     result = json.loads(output.read_text())
     cells = [(r["sampler"], r["evals"]) for r in result["rows"]]
     assert cells == [(s, e) for e in (2, 4) for s in bench.SAMPLERS] + [("ancestral", 50)]
     assert all(math.isfinite(r["fd"]) and r["fd"] > 0 and r["seconds_per_image"] > 0 for r in result["rows"])
-    assert math.isfinite(result["floor"]) and result["images"] == 8
+    assert math.isfinite(result["floor"]) and result["images"] == 8 and result["compiled"] is False
     assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

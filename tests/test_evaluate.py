@@ -14,11 +14,17 @@ from mlflow import MlflowClient
 from diffusion_core.checkpoint import load_checkpoint
 from pipelines.data.shards import read_split_numpy
 from pipelines.evaluate import main
+from pipelines.evaluation.blocks import block_seed
 from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 FAST = ["--threads", "1", "--samples", "4", "--sample-steps", "3", "--seed", "3", "--no-compile"]
+
+
+def _block_generator() -> torch.Generator:
+    """The generator of the bound's first block (``metrics.bound_blocks``) with ``--seed 3``."""
+    return torch.Generator().manual_seed(block_seed(3, 0))
 
 
 def _eval_run(client: MlflowClient, model_uri: str):
@@ -41,7 +47,7 @@ def test_exact_evaluation_of_registered_model(tiny_runs, fmnist_shards: Path, ca
     loaded = load_checkpoint(fetch_checkpoint(model_uri))
     images = torch.from_numpy(read_split_numpy(str(fmnist_shards), "val", limit=2)[0])
     with torch.no_grad():
-        expected = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=torch.Generator().manual_seed(3))
+        expected = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=_block_generator())
     assert run.data.metrics["eval_bpd"] == pytest.approx(float(expected["total_bpd"].double().mean()), rel=1e-6)
     assert repr(run.data.metrics["eval_bpd"]) in printed
     terms = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/bpd_terms.json")).read_text())
@@ -76,7 +82,7 @@ def test_estimated_evaluation_of_checkpoint_folder(tiny_runs, fmnist_shards: Pat
     loaded = load_checkpoint(checkpoint)
     images = torch.from_numpy(read_split_numpy(str(fmnist_shards), "val", limit=4)[0])
     with torch.no_grad():
-        exact = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=torch.Generator().manual_seed(3))
+        exact = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=_block_generator())
     estimate, stderr = run.data.metrics["eval_bpd_estimate"], run.data.metrics["eval_bpd_estimate_stderr"]
     assert stderr > 0 and abs(estimate - float(exact["total_bpd"].mean())) <= 4 * stderr
     assert "eval_bpd" not in run.data.metrics
@@ -90,7 +96,7 @@ def test_bad_inputs_fail_with_a_message(tiny_runs, fmnist_shards: Path, tmp_path
     assert "manifest.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", checkpoint, "--shards", str(fmnist_shards), "--images", "0"])
-    assert "--images=0 must be >= 1" in capsys.readouterr().err
+    assert "'0' is neither a count >= 1 nor 'all'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", checkpoint, "--shards", str(fmnist_shards), "--sampler", "pc", "--snr", "0"])
     assert "snr=0.0 must be a number in (0.0, inf)" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 
@@ -41,3 +42,12 @@ def test_event_lines_say_where_things_went() -> None:
     assert lines[1:] == ["checkpoint at step 5 -> /runs/r/checkpoint_00000005",
                          "samples at step 5 -> MLflow run abc artifact samples/step_00000005.png",
                          "model at step 10 -> models:/ddpm/3"]
+
+
+def test_eta_never_passes_the_end_of_the_time_budget() -> None:
+    stream = io.StringIO()
+    log = ProgressLog(total_steps=1_000_000, stream=stream)
+    log.started -= 100.0  # 100 steps in 100 s: a million steps would take 11 days
+    log.budget_ends_at = time.monotonic() + 600.0  # but train.max_minutes ends the run in 10 minutes
+    log.step(100, loss=0.1, images_per_s=64.0)
+    assert "eta 0:09:5" in stream.getvalue() or "eta 0:10:00" in stream.getvalue()

@@ -10,14 +10,16 @@ import torch
 from _train_helpers import tiny_config
 from mlflow import MlflowClient
 
-from diffusion_core.checkpoint import save_checkpoint
+from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.unet import UNet
 from pipelines.data import shards
 from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.data.shards import read_split_numpy
 from pipelines.evaluate import main
+from pipelines.evaluation.blocks import block_seed
 from pipelines.evaluation.job import EvalSettings
+from pipelines.evaluation.metrics import bound_blocks, summarize_estimate
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training import launcher, loop
 from pipelines.training.splits import TRAINING_SPLITS, training_split
@@ -63,6 +65,11 @@ def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _block_generator() -> torch.Generator:
+    """The generator of the bound's first block (``metrics.bound_blocks``) with ``--seed 3``."""
+    return torch.Generator().manual_seed(block_seed(3, 0))
+
+
 def _run_of(client: MlflowClient, split: str):
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`eval.split` = '{split}'")
@@ -72,8 +79,6 @@ def _run_of(client: MlflowClient, split: str):
 
 @pytest.mark.slow
 def test_evaluate_scores_the_chosen_split(train_sandbox, split_shards: Path, untrained: Path, capsys) -> None:
-    from diffusion_core.checkpoint import load_checkpoint
-
     common = ["--model", str(untrained), "--shards", str(split_shards), "--images", "3", "--samples", "0",
               "--threads", "1", "--seed", "3", "--experiment", EXPERIMENT, "--no-compile"]
     assert main([*common, "--split", "test"]) == 0, capsys.readouterr().err
@@ -85,7 +90,7 @@ def test_evaluate_scores_the_chosen_split(train_sandbox, split_shards: Path, unt
         assert run.data.params["eval.split"] == split
         images = torch.from_numpy(read_split_numpy(str(split_shards), split, limit=3)[0])
         with torch.no_grad():
-            expected = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=torch.Generator().manual_seed(3))
+            expected = loaded.diffusion.calc_bpd_loop(loaded.model, images, generator=_block_generator())
         assert run.data.metrics["eval_bpd"] == pytest.approx(float(expected["total_bpd"].double().mean()), rel=1e-6)
     assert _run_of(client, "test").data.metrics["eval_bpd"] != _run_of(client, "val").data.metrics["eval_bpd"]
 
@@ -101,3 +106,52 @@ def test_evaluate_refuses_shards_without_the_split(train_sandbox, ray_local, fas
         main(["--model", str(untrained), "--shards", str(no_test), "--split", "train"])
     with pytest.raises(ValueError, match="split='train' is not allowed"):
         EvalSettings(model=str(untrained), shards=str(no_test), split="train")
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_whole_split_over_ray_actors(train_sandbox, ray_local, split_shards: Path, untrained: Path,
+                                                       capsys) -> None:
+    """--images all --estimate K --exact-images M --workers 2: every test image scored by Ray
+    actors, the same figures as one process, the bound split into L_T + sum L_t + L_0."""
+    argv = ["--model", str(untrained), "--shards", str(split_shards), "--split", "test", "--images", "all",
+            "--estimate", "4", "--exact-images", "3", "--workers", "2", "--batch-size", "5", "--samples", "0",
+            "--threads", "1", "--seed", "3", "--experiment", EXPERIMENT, "--no-compile"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    client = MlflowClient(resolve_tracking_uri())
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    run = client.search_runs([experiment.experiment_id], filter_string="params.bound_workers = '2'")[0]
+    assert (run.data.tags["eval.images"], run.data.params["exact_images"]) == ("12", "3")  # all 12 test images
+    assert run.data.tags["eval.method"] == "estimate K=4 + exact calc_bpd_loop on 3 over 2 Ray actors"
+    metrics = run.data.metrics
+
+    loaded = load_checkpoint(untrained)
+    images = torch.from_numpy(read_split_numpy(str(split_shards), "test")[0])
+    local = summarize_estimate(bound_blocks(loaded.diffusion, loaded.model, images, 4, 3, 5), 24, 4)
+    assert metrics["eval_bpd_estimate"] == pytest.approx(local["bpd"], rel=1e-5)
+    assert metrics["eval_bpd_estimate_stderr"] == pytest.approx(local["bpd_stderr"], rel=1e-4)
+    parts = [metrics[f"eval_bpd_estimate_{name}"] for name in ("prior", "terms", "decoder")]
+    assert sum(parts) == pytest.approx(metrics["eval_bpd_estimate"], rel=1e-5)
+    with torch.no_grad():
+        exact = loaded.diffusion.calc_bpd_loop(loaded.model, images[:3], generator=_block_generator())
+    assert metrics["eval_bpd"] == pytest.approx(float(exact["total_bpd"].double().mean()), rel=1e-5)
+    assert metrics["eval_decoder_bpd"] == pytest.approx(float(exact["vb"][:, 0].double().mean()), rel=1e-5)
+    assert metrics["eval_prior_bpd"] + metrics["eval_terms_bpd"] + metrics["eval_decoder_bpd"] == pytest.approx(
+        metrics["eval_bpd"], rel=1e-5)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/bpd_per_timestep.png", "eval/bpd_per_timestep_estimate.png", "eval/bpd_terms.json"} <= artifacts
+    assert f"estimated bound: {metrics['eval_bpd_estimate']:.4f} bits/dim" in printed
+    assert f"+ L_0 {metrics['eval_decoder_bpd']:.4f}" in printed
+
+
+def test_whole_split_flags_are_checked(capsys) -> None:
+    common = ["--model", "models:/m/1", "--shards", "data/shards"]
+    for extra, message in ((["--exact-images", "2"], "--exact-images M needs --estimate K"),
+                           (["--images", "3", "--estimate", "4", "--exact-images", "5"], "is more than --images=3"),
+                           (["--images", "some"], "'some' is neither a count >= 1 nor 'all'"),
+                           (["--workers", "-1"], "--workers=-1 must be >= 0")):
+        with pytest.raises(SystemExit):
+            main([*common, *extra])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exact_images needs estimate"):
+        EvalSettings(model="m", shards="s", exact_images=2)

@@ -1,38 +1,28 @@
 """Draw many samples of one model over the Ray cluster (Ray Data), for the FD.
 
 The N images are cut into blocks of ``block_size`` consecutive sample indices (the last one
-smaller); block b is drawn alone with a generator seeded from ``(seed, b)`` (``block_seed``). Ray
-Data maps ``ray.data.range(num_blocks)`` with ``map_batches`` onto a fixed pool of actors that each
-hold the model (``concurrency=workers``; one GPU each when the cluster has GPUs). Since every block
-is drawn by the same call with the same generator whichever actor gets it and however many blocks
-a Ray batch carries, the images depend only on (model, sampler settings, N, block_size, seed) and
-the hardware, not on how the work was split; :func:`sample_locally` is the one-process reference.
+smaller); block b is drawn alone with a generator seeded from ``(seed, b)`` (``block_seed``), by
+:func:`sample_blocks` on a pool of actors that each hold the model (``block_pool.map_blocks``).
+Since every block is drawn by the same call with the same generator whichever actor gets it and
+however many blocks a Ray batch carries, the images depend only on (model, sampler settings, N,
+block_size, seed) and the hardware, not on how the work was split; :func:`sample_locally` is the
+one-process reference.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
-from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
+from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate
-from pipelines.ray_auth import connect_ray
+from pipelines.evaluation.block_pool import ModelActor, checkpoint_files, map_blocks
+from pipelines.evaluation.blocks import block_range, block_seed, num_blocks
 
-
-def block_seed(seed: int, block: int) -> int:
-    """The seed of block ``block`` (a 63-bit int from ``numpy.random.SeedSequence([seed, block])``)."""
-    state = np.random.SeedSequence([int(seed), int(block)]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
-
-
-def num_blocks(num_images: int, block_size: int) -> int:
-    """Blocks of ``block_size`` covering ``num_images`` sample indices."""
-    return -(-num_images // block_size)
+__all__ = ["block_seed", "num_blocks", "sample_blocks", "sample_distributed", "sample_locally"]
 
 
 def sample_blocks(
@@ -47,8 +37,7 @@ def sample_blocks(
     """
     indices, images = [], []
     for block in np.asarray(blocks, dtype=np.int64).tolist():
-        start = block * block_size
-        count = min(block_size, num_images - start)
+        start, count = block_range(block, block_size, num_images)
         generator = torch.Generator(device=device).manual_seed(block_seed(seed, block))
         x = generate(diffusion, model, (count, *image_shape), settings, generator=generator, device=device)
         images.append(x.float().cpu().numpy())
@@ -67,18 +56,12 @@ def sample_locally(checkpoint: str | Path, settings: SamplerSettings, num_images
     return out["image"]
 
 
-class _SamplerActor:
-    """A Ray Data actor holding one model (rebuilt from the checkpoint's bytes, so no shared disk is needed)."""
+class _SamplerActor(ModelActor):
+    """A Ray Data actor holding one model; draws the blocks of each batch of block ids."""
 
     def __init__(self, files: dict[str, bytes], settings: SamplerSettings, num_images: int, block_size: int,
                  seed: int, use_gpu: bool, threads: int | None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self._tmp = tempfile.TemporaryDirectory(prefix="fd-sampler-")
-        for name, data in files.items():
-            Path(self._tmp.name, name).write_bytes(data)
-        self.loaded = load_checkpoint(self._tmp.name, device=self.device)
+        super().__init__(files, use_gpu, threads)
         self.settings, self.num_images, self.block_size, self.seed = settings, num_images, block_size, seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,33 +90,11 @@ def sample_distributed(
         ValueError: on N, block_size, workers or blocks_per_batch < 1; FileNotFoundError: on a
             missing checkpoint file.
     """
-    for name, value in (("num_images", num_images), ("block_size", block_size), ("workers", workers),
-                        ("blocks_per_batch", blocks_per_batch)):
+    for name, value in (("num_images", num_images), ("block_size", block_size)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    folder = Path(checkpoint)
-    files = {}
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"checkpoint folder {folder.resolve()} has no {name}")
-        files[name] = (folder / name).read_bytes()
-    connect_ray()
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    blocks = num_blocks(num_images, block_size)
-    dataset = ray.data.range(blocks, override_num_blocks=min(blocks, max(1, workers * 2)))
-    sampled = dataset.map_batches(
-        _SamplerActor, batch_size=blocks_per_batch, batch_format="numpy", concurrency=min(workers, blocks),
-        fn_constructor_kwargs={"files": files, "settings": settings, "num_images": num_images,
-                               "block_size": block_size, "seed": seed, "use_gpu": use_gpu, "threads": threads},
-        num_gpus=1 if use_gpu else 0, num_cpus=1,
-    )
-    indices, images = [], []
-    for batch in sampled.iter_batches(batch_size=None, batch_format="numpy"):
-        indices.append(batch["index"])
-        images.append(batch["image"])
-    index, image = np.concatenate(indices), np.concatenate(images)
-    order = np.argsort(index, kind="stable")
-    if not np.array_equal(index[order], np.arange(num_images)):
-        raise RuntimeError(f"Ray Data returned sample indices {index[order][:8]}..., expected 0..{num_images - 1}")
-    return image[order].astype(np.float32, copy=False)
+    kwargs = {"files": checkpoint_files(checkpoint), "settings": settings, "num_images": num_images,
+              "block_size": block_size, "seed": seed, "threads": threads}
+    out = map_blocks(_SamplerActor, kwargs, num_blocks(num_images, block_size), num_images, workers=workers,
+                     blocks_per_batch=blocks_per_batch, use_gpu=use_gpu)
+    return out["image"].astype(np.float32, copy=False)

@@ -19,14 +19,22 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 
-from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.generate import SamplerSettings
-from diffusion_core.validation import check_choice
+from diffusion_core.validation import check_choice, check_int_in_range, check_positive_int
 from pipelines.data.shards import load_manifest, read_split_numpy
 from pipelines.data.storage import resolve
 from pipelines.evaluation.fd_eval import FDSettings, run_fd
 from pipelines.evaluation.features import build_feature_net
-from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, plot_bpd_terms, sample_grid, sampler_params
+from pipelines.evaluation.metrics import (
+    bound_blocks,
+    plot_bpd_terms,
+    sample_grid,
+    sampler_params,
+    summarize_estimate,
+    summarize_exact,
+)
+from pipelines.evaluation.split_bound import bound_distributed
 from pipelines.registry.model_identity import describe_model
 from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.runs import log_png
@@ -45,8 +53,12 @@ class EvalSettings:
     Attributes:
         model: a model URI or checkpoint folder (anything ``fetch_checkpoint`` takes).
         shards: the shard folder (local or s3://) whose ``split`` is scored.
-        images: the first N >= 1 images of the split.
+        images: the first N >= 1 images of the split; ``None``: all of them.
         estimate: K timesteps per image for the estimated bound; 0 computes the exact bound.
+        exact_images: with ``estimate``, also the exact bound on the first M of those images
+            (0: none); without it the exact bound covers all ``images`` already.
+        workers: spread the bound over this many Ray actors (Ray Data, one CPU or GPU each,
+            ``split_bound``); 0: in this process.
         samples: images in the sample grid (0: none).
         sampling: the grid's sampler and its parameters (default: DDIM, 50 steps, eta = 0);
             ``sample_steps`` is its ``num_steps``.
@@ -54,7 +66,8 @@ class EvalSettings:
         experiment: MLflow experiment (``None``: the training run's, else ``DEFAULT_EXPERIMENT``).
         device: torch device; threads: torch intra-op threads (``None``: torch's choice).
         compile: run the UNet through ``torch.compile`` (inductor) for the bound and the samples
-            (``compiled_network``: falls back to the eager module, with a warning, when compiling fails).
+            computed in this process (``compiled_network``: falls back to the eager module, with a
+            warning, when compiling fails); the Ray actors of ``workers`` run it eagerly.
         fd: the Fréchet distance of ``fd.images`` samples drawn with ``sampling`` over Ray, and its
             floor (``fd_eval.FDSettings``); ``None``: no FD.
         split: "val" (default) or "test" (the source's own test split, when the shards have one).
@@ -62,8 +75,10 @@ class EvalSettings:
 
     model: str
     shards: str
-    images: int = 64
+    images: int | None = 64
     estimate: int = 0
+    exact_images: int = 0
+    workers: int = 0
     samples: int = 16
     sampling: SamplerSettings = field(default_factory=lambda: SamplerSettings("ddim", 50))
     batch_size: int = 64
@@ -77,6 +92,14 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, EvalSplit)
+        if self.images is not None:
+            check_positive_int("images", self.images)
+        check_int_in_range("exact_images", self.exact_images, 0)
+        check_int_in_range("workers", self.workers, 0)
+        if self.exact_images and not self.estimate:
+            raise ValueError("exact_images needs estimate K > 0 (without it the exact bound covers all images)")
+        if self.images is not None and self.exact_images > self.images:
+            raise ValueError(f"exact_images={self.exact_images} is more than images={self.images}")
 
     @property
     def sample_steps(self) -> int:
@@ -85,9 +108,10 @@ class EvalSettings:
 
 
 def load_validation(
-    shards: str, image_shape: tuple[int, int, int], limit: int, split: str = "val"
+    shards: str, image_shape: tuple[int, int, int], limit: int | None, split: str = "val"
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The first ``limit`` images ``[N, C, H, W]`` (float32, [-1, 1]) of ``split`` and the manifest.
+    """The first ``limit`` images ``[N, C, H, W]`` (float32, [-1, 1]) of ``split`` (``None``: all)
+    and the manifest.
 
     Raises:
         ValueError: (``ShardError``) on a bad shard folder, images of another shape than the
@@ -130,6 +154,59 @@ def compiled_network(model: torch.nn.Module, image_shape: tuple[int, int, int],
         return model
     return compiled
 
+def eval_method(args: EvalSettings) -> str:
+    """The ``eval.method`` tag: how the bound was computed."""
+    where = f" over {args.workers} Ray actors" if args.workers else ""
+    if not args.estimate:
+        return f"exact calc_bpd_loop{where}"
+    exact = f" + exact calc_bpd_loop on {args.exact_images}" if args.exact_images else ""
+    return f"estimate K={args.estimate}{exact}{where}"
+
+
+def bound_metrics(args: EvalSettings, folder: Path, loaded: LoadedModel, network: Callable[..., torch.Tensor],
+                  images: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
+    """The bound of ``images`` (estimated with K = ``args.estimate``, and/or exact), in this process
+    through ``network`` or over ``args.workers`` Ray actors (``split_bound``).
+
+    Returns:
+        ``(metrics, artifacts)``: metrics in bits/dim, "eval_bpd_estimate*" (total, its standard
+        errors from the timestep sampling and over images, L_T "_prior", L_0 "_decoder", sum of
+        L_t for t >= 1 "_terms") and "eval_bpd", "eval_prior_bpd", "eval_decoder_bpd",
+        "eval_terms_bpd" for the exact bound; artifacts: "plots" {artifact path: PNG bytes},
+        "terms" (the per-timestep JSON) and "exact_images" (how many had the exact bound).
+    """
+    def rows(num_samples: int, subset: np.ndarray) -> dict[str, np.ndarray]:
+        if args.workers:
+            return bound_distributed(folder, subset, num_samples, block_size=args.batch_size, seed=args.seed,
+                                     workers=args.workers, threads=args.threads or 1)
+        x = torch.from_numpy(subset).to(args.device)
+        return bound_blocks(loaded.diffusion, network, x, num_samples, args.seed, args.batch_size)
+
+    metrics: dict[str, float] = {}
+    plots: dict[str, bytes] = {}
+    terms: dict[str, Any] = {}
+    if args.estimate:
+        est = summarize_estimate(rows(args.estimate, images), loaded.diffusion.num_timesteps, args.estimate)
+        named = {"eval_bpd_estimate": "bpd", "eval_bpd_estimate_stderr": "bpd_stderr",
+                 "eval_bpd_estimate_stderr_images": "bpd_stderr_images", "eval_bpd_estimate_prior": "prior_bpd",
+                 "eval_bpd_estimate_decoder": "decoder_bpd", "eval_bpd_estimate_terms": "terms_bpd"}
+        metrics.update({name: est[key] for name, key in named.items() if est[key] is not None and np.isfinite(est[key])})
+        plots["eval/bpd_per_timestep_estimate.png"] = plot_bpd_terms(
+            est["per_t"], est["prior_bpd"], f"{args.model}: {est['bpd']:.3f} bits/dim (K={args.estimate}, per stratum)")
+        terms.update(estimate_per_t_bpd=est["per_t"].tolist(), prior_bpd=est["prior_bpd"])
+    exact_count = args.exact_images if args.estimate else len(images)
+    if exact_count:
+        exact = summarize_exact(rows(0, images[:exact_count]))
+        metrics.update(eval_bpd=exact["bpd"], eval_prior_bpd=exact["prior_bpd"], eval_decoder_bpd=exact["decoder_bpd"],
+                       eval_terms_bpd=exact["terms_bpd"])
+        if np.isfinite(exact["bpd_stderr_images"]):
+            metrics["eval_bpd_stderr_images"] = exact["bpd_stderr_images"]
+        plots["eval/bpd_per_timestep.png"] = plot_bpd_terms(exact["vb_per_t"], exact["prior_bpd"],
+                                                            f"{args.model}: {exact['bpd']:.3f} bits/dim")
+        terms.update(vb_per_t_bpd=exact["vb_per_t"].tolist(), prior_bpd=exact["prior_bpd"])
+    return metrics, {"plots": plots, "terms": terms, "exact_images": exact_count}
+
+
 def evaluate(args: EvalSettings) -> dict[str, Any]:
     """Run the evaluation and log it (the sampler settings as ``sample_*`` params, see
     ``metrics.sampler_params``).
@@ -150,8 +227,9 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     client = MlflowClient(tracking_uri)
     folder = fetch_checkpoint(args.model)
     loaded = load_checkpoint(folder, device=args.device)
-    network = compiled_network(loaded.model, loaded.unet_config.image_shape, args.device) if args.compile \
-        else loaded.model
+    in_process = bool(args.samples) or not args.workers  # with workers and no grid, the actors run the network
+    network = compiled_network(loaded.model, loaded.unet_config.image_shape, args.device) \
+        if args.compile and in_process else loaded.model
     source = describe_model(args.model, loaded.metadata, client)
     shape = loaded.unet_config.image_shape
     draws_samples = bool(args.samples) or args.fd is not None  # the sampler settings only matter then
@@ -164,16 +242,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         expected = getattr(net, "image_shape", None)
         if expected is not None and tuple(expected) != tuple(shape):
             raise ValueError(f"--fd-classifier takes images of shape {list(expected)}, the model makes {list(shape)}")
-    x = torch.from_numpy(images).to(args.device)
-    if args.estimate:
-        result = estimate_bpd(loaded.diffusion, network, x, args.estimate, args.seed, args.batch_size)
-        metrics = {"eval_bpd_estimate": result["bpd"], "eval_bpd_estimate_stderr": result["bpd_stderr"]}
-        plot = None
-    else:
-        result = exact_bpd(loaded.diffusion, network, x, args.seed, args.batch_size)
-        metrics = {"eval_bpd": result["bpd"], "eval_prior_bpd": result["prior_bpd"],
-                   "eval_decoder_bpd": float(result["vb_per_t"][0])}
-        plot = plot_bpd_terms(result["vb_per_t"], result["prior_bpd"], f"{args.model}: {result['bpd']:.3f} bits/dim")
+    metrics, artifacts = bound_metrics(args, folder, loaded, network, images)
     fd_params: dict[str, Any] = {}
     fd_tags: dict[str, str] = {}
     if args.fd is not None:
@@ -197,7 +266,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
             experiment = None
     experiment_id = ensure_experiment(client, experiment or DEFAULT_EXPERIMENT, tracking_uri)
     tags = {"eval.model_uri": source.uri, "eval.shards": shards, "eval.split": args.split, "eval.images": str(len(images)),
-            "eval.method": f"estimate K={args.estimate}" if args.estimate else "exact calc_bpd_loop",
+            "eval.method": eval_method(args),
             "data.manifest_checksum": str(manifest.get("source_checksum", "")), **fd_tags}
     tags.update({k: v for k, v in (("eval.model_name", source.name), ("eval.model_version", source.version),
                                    ("eval.source_run_id", source.run_id)) if v})
@@ -206,13 +275,14 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         dataset = mlflow.data.from_numpy(images, source=shards, name=f"{args.split}[:{len(images)}]",
                                          digest=str(manifest.get("source_checksum", ""))[:36] or None)
         mlflow.log_input(dataset, context="evaluation")
-        mlflow.log_params({"eval.split": args.split, "images": len(images), "estimate_k": args.estimate, "seed": args.seed,
+        mlflow.log_params({"eval.split": args.split, "images": len(images), "estimate_k": args.estimate,
+                           "exact_images": artifacts["exact_images"], "bound_workers": args.workers, "seed": args.seed,
                            "samples": args.samples, **sampling_params, **fd_params})
         mlflow.log_metrics(metrics, model_id=source.model_id, dataset=dataset)
-        if plot is not None:
-            log_png(client, run.info.run_id, plot, "eval/bpd_per_timestep.png")
-            mlflow.log_dict({"vb_per_t_bpd": result["vb_per_t"].tolist(), "prior_bpd": result["prior_bpd"]},
-                            "eval/bpd_terms.json")
+        for name, png in artifacts["plots"].items():
+            log_png(client, run.info.run_id, png, name)
+        if artifacts["terms"]:
+            mlflow.log_dict(artifacts["terms"], "eval/bpd_terms.json")
         if grid is not None:
             log_png(client, run.info.run_id, grid, "eval/samples.png")
     return {"metrics": metrics, "run_id": run.info.run_id, "experiment_id": experiment_id,

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from diffusion_core.bound import strata_bounds
 from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.images import encode_png, make_grid
+from pipelines.evaluation.blocks import block_range, block_seed, num_blocks
 
 
 def sample_grid(
@@ -60,59 +62,124 @@ def sampler_params(settings: SamplerSettings, num_timesteps: int, prefix: str = 
     return params
 
 
-def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
+def bound_blocks(
+    diffusion: Any, model: Any, images: torch.Tensor, num_samples: int, seed: int, block_size: int,
+    blocks: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The bound of each image of the given blocks of ``images``, one core call per block.
+
+    Block b holds images ``[b * block_size, ...)`` (``blocks.block_range``) and draws its
+    timesteps and noise from a generator seeded with ``block_seed(seed, b)``, so an image's
+    figures depend on (model, images, K, block_size, seed), not on which process computes the
+    block (``split_bound`` spreads the blocks over Ray actors).
+
+    Args:
+        diffusion: a ``GaussianDiffusion``; model: its network, on ``images``' device.
+        images: ``[M, C, H, W]`` float32 in [-1, 1] (pixels k/127.5 - 1), the whole scored set.
+        num_samples: K >= 2 for the stratified estimate (``calc_bpd_estimate``, Ho et al. 2020
+            eq. 5 with K of the T terms), 0 for the exact bound (``calc_bpd_loop``, all T terms).
+        blocks: block ids (default: all blocks of ``images``).
+
+    Returns:
+        numpy arrays, one row per image of the blocks, in block order: "index" int64 [n],
+        "total_bpd" and "prior_bpd" float64 [n] (bits/dim; prior = L_T); with K: "stderr" [n]
+        and "stratum_bpd" [n, H] (see ``calc_bpd_estimate``); exact: "vb" [n, T] (column 0 = L_0).
+
+    Raises:
+        ValueError: from the core on a bad K or image batch.
+    """
+    total = images.shape[0]
+    ids = np.arange(num_blocks(total, block_size)) if blocks is None else np.asarray(blocks, dtype=np.int64)
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for block in ids.tolist():
+            start, count = block_range(block, block_size, total)
+            x = images[start : start + count]
+            generator = torch.Generator(device=x.device).manual_seed(block_seed(seed, block))
+            if num_samples:
+                out = diffusion.calc_bpd_estimate(model, x, num_samples=num_samples, generator=generator)
+                keys = ("total_bpd", "prior_bpd", "stderr", "stratum_bpd")
+            else:
+                out = diffusion.calc_bpd_loop(model, x, generator=generator)
+                keys = ("total_bpd", "prior_bpd", "vb")
+            parts.setdefault("index", []).append(np.arange(start, start + count, dtype=np.int64))
+            for key in keys:
+                parts.setdefault(key, []).append(out[key].double().cpu().numpy())
+    return {key: np.concatenate(chunks) for key, chunks in parts.items()}
+
+
+def _images_stderr(total_bpd: np.ndarray) -> float:
+    """Standard error of the mean over images drawn from a larger set: sample std / sqrt(n)
+    (NaN for one image). It holds the spread between images and the timestep sampling."""
+    n = total_bpd.shape[0]
+    return float(total_bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+
+
+def summarize_estimate(rows: dict[str, np.ndarray], num_timesteps: int, num_samples: int) -> dict[str, Any]:
+    """The estimated bound of the images of ``bound_blocks(..., num_samples=K)`` rows, in bits/dim.
+
+    Returns:
+        "bpd": mean total; "bpd_stderr": its standard error from the timestep sampling on this
+        fixed set of images (sqrt(sum_i se_i^2) / n); "bpd_stderr_images": the standard error as
+        an estimate of the mean of a larger set these images are drawn from (``_images_stderr``);
+        "prior_bpd" (L_T, exact), "decoder_bpd" (L_0; ``None`` when K < 4, where t = 0 shares a
+        stratum), "terms_bpd" (sum of L_t, t = 1 .. T-1, 0-based); "per_t": float64 [T], each
+        stratum's mean sum spread evenly over its timesteps (the estimate's per-timestep
+        profile); "images": n.
+    """
+    total, stratum = rows["total_bpd"], rows["stratum_bpd"].mean(axis=0)
+    strata = strata_bounds(num_timesteps, num_samples // 2)
+    per_t = np.repeat(stratum / np.diff(strata), np.diff(strata))
+    alone = strata[1] == 1
+    return {"bpd": float(total.mean()), "bpd_stderr": float(np.sqrt((rows["stderr"] ** 2).sum()) / total.shape[0]),
+            "bpd_stderr_images": _images_stderr(total), "prior_bpd": float(rows["prior_bpd"].mean()),
+            "decoder_bpd": float(stratum[0]) if alone else None,
+            "terms_bpd": float(stratum[1:].sum()) if alone else None, "per_t": per_t, "images": int(total.shape[0])}
+
+
+def summarize_exact(rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The exact bound of the images of ``bound_blocks(..., num_samples=0)`` rows, in bits/dim.
+
+    Returns:
+        "bpd": mean total; "bpd_stderr_images" (as in :func:`summarize_estimate`); "prior_bpd"
+        (L_T); "decoder_bpd" (L_0); "terms_bpd" (sum of L_t, t = 1 .. T-1); "vb_per_t": float64
+        numpy [T], mean bits/dim of each term (index 0 = L_0); "images": n.
+    """
+    vb_per_t = rows["vb"].mean(axis=0)
+    return {"bpd": float(rows["total_bpd"].mean()), "bpd_stderr_images": _images_stderr(rows["total_bpd"]),
+            "prior_bpd": float(rows["prior_bpd"].mean()), "decoder_bpd": float(vb_per_t[0]),
+            "terms_bpd": float(vb_per_t[1:].sum()), "vb_per_t": vb_per_t, "images": int(rows["vb"].shape[0])}
 
 
 def estimate_bpd(
-    diffusion: Any, model: torch.nn.Module, images: torch.Tensor, num_samples: int, seed: int, batch_size: int = 64
-) -> dict[str, float]:
-    """Mean of ``calc_bpd_estimate`` (stratified K-sample estimate of the full bound, prior
-    included; Ho et al. 2020 eq. 5) over ``images``.
-
-    Args:
-        images: validation images ``[N, C, H, W]`` in [-1, 1], on the model's device.
-        num_samples: K timesteps per image.
+    diffusion: Any, model: Any, images: torch.Tensor, num_samples: int, seed: int, batch_size: int = 64
+) -> dict[str, Any]:
+    """The stratified K-sample estimate of the full bound (prior included; Ho et al. 2020 eq. 5)
+    over ``images`` ``[N, C, H, W]`` in [-1, 1] (on the model's device), in blocks of
+    ``batch_size`` (:func:`bound_blocks`).
 
     Returns:
-        ``{"bpd": mean total bits/dim, "bpd_stderr": standard error of that mean from the timestep
-        sampling on this fixed subset of images (bits/dim)}``.
+        :func:`summarize_estimate`'s dict: "bpd" (mean total bits/dim), "bpd_stderr" (from the
+        timestep sampling on this fixed subset of images), the L_T / L_0 / sum L_t split, ...
+
+    Raises:
+        ValueError: on K outside [2, 2T].
     """
-    generator = torch.Generator().manual_seed(seed)
-    totals, variances = [], []
-    with torch.no_grad():
-        for chunk in _batches(images, batch_size):
-            out = diffusion.calc_bpd_estimate(model, chunk, num_samples=num_samples, generator=generator)
-            totals.append(out["total_bpd"].double().cpu())
-            variances.append(out["stderr"].double().cpu() ** 2)
-    total, var = torch.cat(totals), torch.cat(variances)
-    # Images are a fixed subset, so only the timestep sampling is random: Var(mean) = sum var_i / n^2.
-    return {"bpd": float(total.mean()), "bpd_stderr": float(torch.sqrt(var.sum()) / total.numel())}
+    rows = bound_blocks(diffusion, model, images, num_samples, seed, batch_size)
+    return summarize_estimate(rows, diffusion.num_timesteps, num_samples)
 
 
 def exact_bpd(
-    diffusion: Any, model: torch.nn.Module, images: torch.Tensor, seed: int, batch_size: int = 64
+    diffusion: Any, model: Any, images: torch.Tensor, seed: int, batch_size: int = 64
 ) -> dict[str, Any]:
     """The exact bound by ``calc_bpd_loop`` (all T terms + the prior; Ho et al. 2020 eq. 5) over
-    ``images`` ``[N, C, H, W]`` (on the model's device).
+    ``images`` ``[N, C, H, W]`` (on the model's device), in blocks of ``batch_size``.
 
     Returns:
-        ``{"bpd": mean total bits/dim (float), "prior_bpd": mean prior term (float),
-        "vb_per_t": float64 numpy [T], mean bits/dim of each term L_t (index 0 = decoder L_0)}``.
+        :func:`summarize_exact`'s dict: "bpd" (mean total bits/dim), "prior_bpd",
+        "vb_per_t" (float64 numpy [T], index 0 = decoder L_0), the L_0 / sum L_t split, ...
     """
-    generator = torch.Generator().manual_seed(seed)
-    totals, priors, vbs = [], [], []
-    with torch.no_grad():
-        for chunk in _batches(images, batch_size):
-            out = diffusion.calc_bpd_loop(model, chunk, generator=generator)
-            totals.append(out["total_bpd"].double().cpu())
-            priors.append(out["prior_bpd"].double().cpu())
-            vbs.append(out["vb"].double().cpu())
-    return {
-        "bpd": float(torch.cat(totals).mean()),
-        "prior_bpd": float(torch.cat(priors).mean()),
-        "vb_per_t": torch.cat(vbs).mean(dim=0).numpy(),
-    }
+    return summarize_exact(bound_blocks(diffusion, model, images, 0, seed, batch_size))
 
 
 def plot_bpd_terms(vb_per_t: np.ndarray, prior_bpd: float, title: str) -> bytes:

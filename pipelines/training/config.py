@@ -142,6 +142,10 @@ class TrainSection:
         timestep_sampler: how a step draws its timesteps: "uniform", or "loss_second_moment"
             (importance sampling by sqrt(E[L_t^2]), Nichol & Dhariwal 2021 sec. 3.3; only with
             ``diffusion.loss`` "vlb" or "hybrid"; see ``training.timestep_sampler``).
+        max_minutes: training wall-time budget in minutes (0: none). Training stops at the first
+            log step (``log_every``) at which the run's training time, summed over resumes, has
+            reached it, and ends there as at ``total_steps``: last checkpoint, final grid and bound,
+            registered model (``training.time_budget``). Runs compared "at equal wall time" use it.
         max_nonfinite_steps: consecutive steps with a non-finite loss or gradient after which
             training stops with an error (>= 1). Each such step is skipped: no optimizer or EMA
             update, counted in the ``skipped_steps`` metric.
@@ -169,6 +173,7 @@ class TrainSection:
     run_name: str | None = None
     storage_path: str = DEFAULT_STORAGE_PATH
     max_nonfinite_steps: int = 10
+    max_minutes: float = 0.0
     timestep_sampler: TimestepSamplerName = "uniform"
 
     def __post_init__(self) -> None:
@@ -183,6 +188,7 @@ class TrainSection:
                 f"train.checkpoint_every={self.checkpoint_every} must be a multiple of train.log_every={self.log_every}"
             )
         check_choice("train.sample_sampler", self.sample_sampler, SamplerName)
+        check_number_in("train.max_minutes", self.max_minutes, 0.0, float("inf"), high_open=True)
         check_number_in("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         check_bool("train.ema_warmup", self.ema_warmup)
         check_optional_str("train.run_name", self.run_name)

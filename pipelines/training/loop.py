@@ -52,6 +52,7 @@ from pipelines.training.state import (
     restore_rng_state,
     save_train_state,
 )
+from pipelines.training.time_budget import TimeBudget
 from pipelines.training.timestep_sampler import LossSecondMomentSampler, build_timestep_sampler
 
 MODEL_URI_TAG = "ddpm.model_uri"  # the final model of the run (registered when a name is configured)
@@ -367,7 +368,7 @@ def gather_replicas(worker: Worker, trainee: Trainee, local_loss: float) -> list
 
 
 def report_checkpoint(trainee: Trainee, config: TrainConfig, worker: Worker, buffer: MetricBuffer | None,
-                      run_id: str, metrics: dict[str, float], local_loss: float) -> None:
+                      run_id: str, metrics: dict[str, float], local_loss: float, train_seconds: float = 0.0) -> None:
     """All ranks: report step ``trainee.step``; rank 0 attaches the checkpoint folder (written with
     ``save_train_state``, including its still-unlogged metrics and the replicas' summaries) to
     ``ray.train.report``.
@@ -387,6 +388,7 @@ def report_checkpoint(trainee: Trainee, config: TrainConfig, worker: Worker, buf
         pending_metrics=buffer.pending() if buffer else {},
         replicas=replicas,
         timestep_sampler=trainee.timestep_sampler.state_dict() if trainee.timestep_sampler else None,
+        train_seconds=train_seconds,
     )
     with tempfile.TemporaryDirectory(prefix="ddpm-ckpt-") as folder:
         save_train_state(folder, state, config)
@@ -513,8 +515,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     trainee = build_trainee(config, worker, state)
     diffusion = GaussianDiffusion(config.diffusion)
     fd = TrainingFD(config, worker.rank, worker.world_size) if config.train.fd_every else None
+    budget = TimeBudget(config.train.max_minutes, state.train_seconds if state else 0.0)
     if not worker.is_chief:
-        run_loop(config, worker, trainee, diffusion, bf16, None, loop_config["mlflow_run_id"], fd)
+        run_loop(config, worker, trainee, diffusion, bf16, None, loop_config["mlflow_run_id"], fd, budget)
         return
     tracker = RunTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], config.tracking.log_system_metrics)
     with tracker:
@@ -523,7 +526,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         val_images = load_val_images(config)
         chief = ChiefDuties(config, tracker, diffusion, val_images, state.pending_metrics if state else {},
                             start_step=state.step if state else 0)
-        run_loop(config, worker, trainee, diffusion, bf16, chief, tracker.run_id, fd)
+        run_loop(config, worker, trainee, diffusion, bf16, chief, tracker.run_id, fd, budget)
         chief.finalize(trainee, worker.device, loop_config["manifest"])
 
 
@@ -537,12 +540,18 @@ def load_val_images(config: TrainConfig) -> torch.Tensor:
 
 
 def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: GaussianDiffusion, bf16: bool,
-             chief: ChiefDuties | None, run_id: str, fd: TrainingFD | None = None) -> None:
-    """Train until ``train.total_steps``: step, log windows, periodic evaluation (rank 0; the FD on
-    every rank), checkpoints."""
+             chief: ChiefDuties | None, run_id: str, fd: TrainingFD | None = None,
+             budget: TimeBudget | None = None) -> None:
+    """Train until ``train.total_steps``, or until the wall-time ``budget`` (``train.max_minutes``)
+    is spent at a log step: step, log windows, periodic evaluation (rank 0; the FD on every rank),
+    checkpoints."""
     train = config.train
-    if trainee.step >= train.total_steps:
+    budget = budget or TimeBudget(0.0)
+    budget.start()
+    if trainee.step >= train.total_steps or budget.spent(worker.world_size):
         return
+    if chief is not None:
+        chief.progress.budget_ends_at = budget.ends_at()
     trainee.model.train()
     window = Window(diffusion.num_timesteps, worker.device)
     last_metrics: dict[str, float] = {}
@@ -557,7 +566,12 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
             chief.progress.emit(f"first step done in {time.perf_counter() - started:.1f} s (compilation included)")
         first_step = False
         window.add(losses, t, grad_norm)
-        step, done = trainee.step, trainee.step >= train.total_steps
+        step = trainee.step
+        out_of_time = step < train.total_steps and step % train.log_every == 0 and budget.spent(worker.world_size)
+        done = step >= train.total_steps or out_of_time
+        if out_of_time and chief is not None:
+            chief.progress.emit(f"time budget train.max_minutes={train.max_minutes:g} reached at step {step} "
+                                f"({budget.seconds() / 60:.1f} min of training): ending the run here")
         if step % train.log_every == 0 or done:
             last_metrics = {**window.reduce(worker.world_size), "lr": learning_rate(config.optimizer, step)}
             if chief is not None:
@@ -569,7 +583,7 @@ def run_loop(config: TrainConfig, worker: Worker, trainee: Trainee, diffusion: G
             measure_fd(fd, trainee, config, diffusion, worker.device, chief)
         if step % train.checkpoint_every == 0 or done:
             report_checkpoint(trainee, config, worker, chief.buffer if chief else None, run_id, last_metrics,
-                              float(losses.mean()))
+                              float(losses.mean()), budget.seconds())
             if chief is not None:
                 chief.progress.checkpoint(step, checkpoint_path(config, step))
             if chief is not None:

@@ -27,6 +27,8 @@ class ProgressLog:
         start_step: the step this start resumed from (0 for a fresh run); the ETA extrapolates the
             steps per second since then.
         stream: where lines go (stdout by default; Ray captures it into the job log).
+        budget_ends_at: ``time.monotonic()`` at which ``train.max_minutes`` runs out (``None``:
+            no budget); the ETA is never later than that.
     """
 
     total_steps: int
@@ -34,6 +36,7 @@ class ProgressLog:
     stream: TextIO = field(default_factory=lambda: sys.stdout)
     started: float = field(default_factory=time.monotonic)
     last_val_bpd: float | None = None
+    budget_ends_at: float | None = None
 
     def emit(self, line: str) -> None:
         """Write one line and flush it (a job log should show it at once). Written to the stream
@@ -50,6 +53,8 @@ class ProgressLog:
         elapsed = time.monotonic() - self.started
         done = step - self.start_step
         eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        if self.budget_ends_at is not None:
+            eta = min(eta, max(0.0, self.budget_ends_at - time.monotonic())) if eta == eta else eta
         val = f"{self.last_val_bpd:.3f}" if self.last_val_bpd is not None else "-"
         eta_text = format_duration(eta) if eta == eta else "-"
         self.emit(f"step {step}/{self.total_steps}  loss {loss:.4f}  {images_per_s:.1f} images/s  "

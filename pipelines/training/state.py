@@ -47,6 +47,10 @@ class TrainState:
         mlflow_run_id: the run that tracks this training.
         pending_metrics: ``{step: {name: value}}`` logged to MLflow only once this checkpoint is
             reported (keys are ints; each entry's ``tracking.TIME_KEY`` is its measurement time).
+        replicas: every rank's summary at this step (``loop.gather_replicas``).
+        timestep_sampler: the importance sampler's state (``None``: uniform timesteps).
+        train_seconds: training wall-clock seconds up to this step, over all attempts of the run
+            (``training.time_budget``; rank 0's clock).
     """
 
     step: int
@@ -58,6 +62,7 @@ class TrainState:
     pending_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     replicas: list[dict[str, Any]] = field(default_factory=list)
     timestep_sampler: dict[str, Any] | None = None
+    train_seconds: float = 0.0
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -98,6 +103,7 @@ def save_train_state(directory: str | Path, state: TrainState, config: TrainConf
         "mlflow_run_id": state.mlflow_run_id,
         "world_size": len(state.rng_states),
         "replicas": state.replicas,
+        "train_seconds": state.train_seconds,
         "pending_metrics": {str(step): values for step, values in sorted(state.pending_metrics.items())},
     }
     (folder / STATE_FILE).write_text(json.dumps(summary, indent=2))
@@ -127,4 +133,5 @@ def load_train_state(directory: str | Path, device: str | torch.device = "cpu") 
         pending_metrics={int(step): values for step, values in summary.get("pending_metrics", {}).items()},
         replicas=list(summary.get("replicas", [])),
         timestep_sampler=extra.get("timestep_sampler"),
+        train_seconds=float(summary.get("train_seconds", 0.0)),
     )

@@ -1,0 +1,164 @@
+"""Which training config gives the best test-set bits/dim at equal training wall time.
+
+Each row trains ``--config`` (default ``configs/fashion_mnist.yaml``) with the row's overrides for
+``--minutes`` of training wall time (``train.max_minutes``; ``train.total_steps`` is raised so that
+the budget ends the run), on the local Ray cluster (or ``$RAY_ADDRESS``), then scores its
+registered EMA model on the first ``--test-images`` images of the shards' ``test`` split with the
+estimated bound (``--estimate`` K stratified timesteps per image, over ``--workers`` Ray actors;
+``evaluation.job.evaluate``, logged as an evaluation run). The rows:
+
+* ``simple``: the config as it is (simple loss, fixed_small variance: the bound's variances are
+  not learned);
+* ``hybrid``: L_simple + 0.001 L_vlb with ``learned_range`` variances (Nichol & Dhariwal 2021, sec. 3.1);
+* ``vlb_is``: L_vlb alone with ``learned_range`` and importance-sampled timesteps
+  (``train.timestep_sampler: loss_second_moment``, Nichol & Dhariwal 2021, sec. 3.3);
+* ``other_schedule``: the better of ``hybrid`` and ``vlb_is`` (lower test bits/dim; both must be in
+  the JSON already) with the other noise schedule (cosine for a linear config, and back).
+
+A row's figures: steps reached, training minutes, the bound (total, its standard error over
+images, L_T / sum of L_t / L_0), the last ``fd`` and ``fd_floor`` the run logged, and the model's URI.
+The JSON (default ``benchmarks/results/bench_bpd_configs.json``) is rewritten after each row, and rows
+already in it are skipped, so the rows may be run one invocation (or one session) at a time::
+
+    python benchmarks/bench_bpd_configs.py --shards data/fashion-mnist-shards --minutes 30 \\
+        --rows simple hybrid vlb_is other_schedule
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from machine import machine_info
+from mlflow import MlflowClient
+
+from pipelines.evaluation.job import EvalSettings, evaluate
+from pipelines.registry.tracking_uri import resolve_tracking_uri
+from pipelines.training.config import TrainConfig, load_config
+from pipelines.training.launcher import run
+from pipelines.training.loop import MODEL_URI_TAG
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "bench_bpd_configs.json"
+LEARNED = {"diffusion.variance": "learned_range", "model.out_channels": 2}
+ROWS: dict[str, dict[str, Any]] = {
+    "simple": {},
+    "hybrid": {"diffusion.loss": "hybrid", **LEARNED},
+    "vlb_is": {"diffusion.loss": "vlb", **LEARNED, "train.timestep_sampler": "loss_second_moment"},
+}
+ROW_NAMES = (*ROWS, "other_schedule")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command line; see ``--help``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_mnist.yaml"))
+    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"))
+    parser.add_argument("--storage", default=str(ROOT / "outputs" / "bench_bpd_runs"), help="train.storage_path")
+    parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES))
+    parser.add_argument("--minutes", type=float, default=30.0, help="training wall time per row")
+    parser.add_argument("--max-steps", type=int, default=1_000_000, help="train.total_steps (the budget ends first)")
+    parser.add_argument("--test-images", type=int, default=1000, help="first N test images for the bound")
+    parser.add_argument("--estimate", type=int, default=16, help="K, timesteps per image of the estimated bound")
+    parser.add_argument("--workers", type=int, default=2, help="Ray actors of the evaluation")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every row (e.g. train.fd_every=0 for a quick try)")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or args.test_images < 1 or args.estimate < 2 or args.workers < 0:
+        parser.error("--minutes > 0, --test-images >= 1, --estimate >= 2 and --workers >= 0")
+    return args
+
+
+def row_overrides(name: str, done: dict[str, dict[str, Any]], base: TrainConfig) -> dict[str, Any]:
+    """The row's ``{"section.key": value}`` overrides (``other_schedule``: from the rows in ``done``).
+
+    Raises:
+        ValueError: for ``other_schedule`` before both ``hybrid`` and ``vlb_is`` are measured.
+    """
+    if name in ROWS:
+        return dict(ROWS[name])
+    if not {"hybrid", "vlb_is"} <= set(done):
+        raise ValueError("other_schedule needs the hybrid and vlb_is rows first (run them, or list them before it)")
+    better = min(("hybrid", "vlb_is"), key=lambda row: done[row]["test_bpd"])
+    other = "cosine" if base.diffusion.schedule == "linear" else "linear"
+    return {**ROWS[better], "diffusion.schedule": other}
+
+
+def last_metric(client: MlflowClient, run_id: str, key: str) -> float | None:
+    """The run's latest value of ``key`` (``None`` when it never logged it)."""
+    value = client.get_run(run_id).data.metrics.get(key)
+    return None if value is None else float(value)
+
+
+def run_row(name: str, overrides: dict[str, Any], base: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one row for ``--minutes`` and score its registered model on the test split."""
+    config = base.replace({**overrides, "data.shards": args.shards, "train.storage_path": args.storage,
+                           "train.total_steps": args.max_steps, "train.max_minutes": args.minutes,
+                           "train.run_name": f"bpd-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                           "tracking.registered_model_name": f"{base.tracking.registered_model_name}-bpd-{name}"})
+    started = time.monotonic()
+    outcome = run(config)
+    wall = time.monotonic() - started
+    client = MlflowClient(resolve_tracking_uri())
+    model_uri = client.get_run(outcome["mlflow_run_id"]).data.tags[MODEL_URI_TAG]
+    scored = evaluate(EvalSettings(model=model_uri, shards=args.shards, split="test", images=args.test_images,
+                                   estimate=args.estimate, workers=args.workers, samples=0, threads=1))
+    metrics = scored["metrics"]
+    return {
+        "row": name, "overrides": overrides, "steps": int(outcome["metrics"]["step"]), "job_minutes": wall / 60,
+        "loss": config.diffusion.loss, "variance": config.diffusion.variance, "schedule": config.diffusion.schedule,
+        "timestep_sampler": config.train.timestep_sampler, "test_images": args.test_images, "estimate_k": args.estimate,
+        "test_bpd": metrics["eval_bpd_estimate"], "test_bpd_stderr_images": metrics["eval_bpd_estimate_stderr_images"],
+        "test_bpd_stderr_timesteps": metrics["eval_bpd_estimate_stderr"],
+        "prior_bpd": metrics.get("eval_bpd_estimate_prior"), "terms_bpd": metrics.get("eval_bpd_estimate_terms"),
+        "decoder_bpd": metrics.get("eval_bpd_estimate_decoder"),
+        "fd": last_metric(client, outcome["mlflow_run_id"], "fd"),
+        "fd_floor": last_metric(client, outcome["mlflow_run_id"], "fd_floor"),
+        "val_bpd": last_metric(client, outcome["mlflow_run_id"], "val_bpd"),
+        "model_uri": model_uri, "train_run_id": outcome["mlflow_run_id"], "eval_run_id": scored["run_id"],
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Text table of the rows."""
+    lines = [f"{'row':>15} {'loss':>7} {'variance':>13} {'schedule':>8} {'sampler':>18} {'steps':>6} "
+             f"{'test bpd':>9} {'s.e.':>6} {'L_0':>6} {'FD':>7}"]
+    for r in rows:
+        fd = f"{r['fd']:.2f}" if r["fd"] is not None else "-"
+        decoder = f"{r['decoder_bpd']:.3f}" if r["decoder_bpd"] is not None else "-"
+        lines.append(f"{r['row']:>15} {r['loss']:>7} {r['variance']:>13} {r['schedule']:>8} "
+                     f"{r['timestep_sampler']:>18} {r['steps']:>6} {r['test_bpd']:>9.4f} "
+                     f"{r['test_bpd_stderr_images']:>6.3f} {decoder:>6} {fd:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    base = load_config(args.config, args.set)
+    output = Path(args.output)
+    result = json.loads(output.read_text()) if output.is_file() else {"rows": []}
+    done = {r["row"]: r for r in result["rows"]}
+    for name in args.rows:
+        if name in done:
+            print(f"{name}: already in {output}, skipped", flush=True)
+            continue
+        row = {**run_row(name, row_overrides(name, done, base), base, args), "machine": machine_info(torch.device("cpu")),
+               "load_average_after": os.getloadavg(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        done[name] = row
+        result = {"config": args.config, "minutes": args.minutes, "shards": str(Path(args.shards).resolve()),
+                  "rows": list(done.values())}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2))  # after every row: a long run keeps what it measured
+        print(table([row]), flush=True)
+    print(table(list(done.values())))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
