@@ -111,18 +111,20 @@ def test_evaluate_refuses_shards_without_the_split(train_sandbox, ray_local, fas
 @pytest.mark.slow
 def test_evaluate_scores_a_whole_split_over_ray_actors(train_sandbox, ray_local, split_shards: Path, untrained: Path,
                                                        capsys) -> None:
-    """--images all --estimate K --exact-images M --workers 2: every test image scored by Ray
-    actors, the same figures as one process, the bound split into L_T + sum L_t + L_0."""
+    """--images all --estimate K --exact-images M --workers 4: every test image scored by Ray
+    actors, the same figures as one process, the bound split into L_T + sum L_t + L_0. Four actors
+    hold every CPU of the session's Ray instance, as 2 do on a 2-CPU node: the work must not need
+    a CPU of its own besides them (a read task did, and the job hung)."""
     argv = ["--model", str(untrained), "--shards", str(split_shards), "--split", "test", "--images", "all",
-            "--estimate", "4", "--exact-images", "3", "--workers", "2", "--batch-size", "5", "--samples", "0",
+            "--estimate", "4", "--exact-images", "3", "--workers", "4", "--batch-size", "5", "--samples", "0",
             "--threads", "1", "--seed", "3", "--experiment", EXPERIMENT, "--no-compile"]
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     client = MlflowClient(resolve_tracking_uri())
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    run = client.search_runs([experiment.experiment_id], filter_string="params.bound_workers = '2'")[0]
+    run = client.search_runs([experiment.experiment_id], filter_string="params.bound_workers = '4'")[0]
     assert (run.data.tags["eval.images"], run.data.params["exact_images"]) == ("12", "3")  # all 12 test images
-    assert run.data.tags["eval.method"] == "estimate K=4 + exact calc_bpd_loop on 3 over 2 Ray actors"
+    assert run.data.tags["eval.method"] == "estimate K=4 + exact calc_bpd_loop on 3 over 4 Ray actors"
     metrics = run.data.metrics
 
     loaded = load_checkpoint(untrained)

@@ -3,14 +3,15 @@
 The FD's samples (``distributed_sampling``) and the bound over a split (``split_bound``) are both
 cut into blocks 0 .. B-1 of consecutive indices; block b is computed alone, by the same Ray-free
 function whichever actor gets it, with a generator seeded from ``(seed, b)`` (``blocks.block_seed``).
-:func:`map_blocks` maps ``ray.data.range(B)`` with ``map_batches`` onto a fixed pool of actors
-(``concurrency=workers``; one GPU each when the cluster has GPUs) and puts the rows they return
+:func:`map_blocks` maps the block ids 0 .. B-1 (``ray.data.from_items``) with ``map_batches`` onto a fixed pool of actors
+(``ActorPoolStrategy(size=workers)``; one GPU each when the cluster has GPUs) and puts the rows they return
 back in index order, so the result depends on (model, work, block size, seed) and the hardware,
 never on how many actors shared it.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def map_blocks(
         actor: a :class:`ModelActor` whose ``__call__({"id": int64 [b]})`` returns a dict of
             arrays with an int64 ``"index"`` column (one row per item of those blocks).
         expected_rows: the items of all blocks; the returned indices must be exactly 0 .. that - 1.
-        workers: actors in the pool (>= 1), each with 1 CPU (or 1 GPU); blocks_per_batch: blocks per
+        workers: actors in the pool (>= 1), each with 1 CPU (or 1 GPU; at most the cluster's, with a
+            note on stderr when fewer are there); blocks_per_batch: blocks per
             Ray Data batch (changes the split, not the results); use_gpu: ``None``: when the
             cluster has GPUs.
 
@@ -78,11 +80,22 @@ def map_blocks(
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     connect_ray()
+    resources = ray.cluster_resources()
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    dataset = ray.data.range(blocks, override_num_blocks=min(blocks, max(1, workers * 2)))
+        use_gpu = resources.get("GPU", 0) > 0
+    slots = int(resources.get("GPU" if use_gpu else "CPU", 0))
+    if 1 <= slots < workers:  # a fixed pool larger than the cluster would wait for actors that never start
+        print(f"note: {workers} workers asked, the cluster has {slots} {'GPU' if use_gpu else 'CPU'}s: "
+              f"using {slots}", file=sys.stderr, flush=True)
+        workers = slots
+    # The block ids are made on the driver (``from_items``), not by a read task: a read task needs a
+    # CPU of its own, and with every CPU held by the pool's actors (2 workers on a 2-CPU node) it
+    # would never run, and nothing would.
+    dataset = ray.data.from_items([{"id": block} for block in range(blocks)],
+                                  override_num_blocks=min(blocks, max(1, workers * 2)))
     mapped = dataset.map_batches(
-        actor, batch_size=blocks_per_batch, batch_format="numpy", concurrency=min(workers, blocks),
+        actor, batch_size=blocks_per_batch, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
         fn_constructor_kwargs={**constructor_kwargs, "use_gpu": use_gpu}, num_gpus=1 if use_gpu else 0, num_cpus=1,
     )
     parts: dict[str, list[np.ndarray]] = {}

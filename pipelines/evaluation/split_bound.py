@@ -30,7 +30,8 @@ class _BoundActor(ModelActor):
                  use_gpu: bool, threads: int | None) -> None:
         super().__init__(files, use_gpu, threads)
         # ``images`` is [ObjectRef]: wrapped in a list so that Ray hands the actor the reference, not a copy.
-        self.images = torch.from_numpy(np.asarray(ray.get(images[0]))).to(self.device)
+        # The object store's array is read-only; torch wants a writable one, so it is copied once here.
+        self.images = torch.from_numpy(np.array(ray.get(images[0]), dtype=np.float32)).to(self.device)
         self.num_samples, self.block_size, self.seed = num_samples, block_size, seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
