@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from diffusion_core.checkpoint import load_checkpoint
 from pipelines.data.shards import read_split_numpy
-from pipelines.evaluation.metrics import exact_bpd
+from pipelines.evaluation.metrics import estimate_bpd, exact_bpd
 from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import TrainConfig
@@ -97,16 +97,20 @@ def test_mlflow_run_has_config_metrics_samples_and_model(tiny_runs) -> None:
         assert key in data.data.metrics, key
     assert any(k.startswith("system/") for k in data.data.metrics), "system metrics missing"
     assert [m.step for m in client.get_metric_history(data.info.run_id, "val_bpd")] == [2, 4]
-    # the bounds rank 0 logged, recomputed from the registered EMA model on the same validation images:
-    # the exact bound equals it (same seed), and the step-4 estimate lies within 4 of its standard errors
+    # the bounds rank 0 logged, recomputed from the registered EMA model on the same validation images
+    # with the same seed: the exact bound and the step-4 estimate (and its standard error) equal them.
+    # (Whether the estimate is unbiased is tested at K = 8 in test_bound_blocks.py; here K = 2, one
+    # stratum, where one image's L_0 outweighs the rest and 8 images say little.)
     registered = load_checkpoint(fetch_checkpoint(data.data.tags["ddpm.model_uri"]))
     val = torch.from_numpy(read_split_numpy(run.config.data.shards, "val", limit=run.config.train.bpd_images)[0])
     exact = exact_bpd(registered.diffusion, registered.model, val[: run.config.train.final_bpd_images],
                       seed=run.config.train.seed)
     assert data.data.metrics["val_bpd_exact"] == pytest.approx(exact["bpd"], rel=1e-5)
-    exact_all = exact_bpd(registered.diffusion, registered.model, val, seed=run.config.train.seed)["bpd"]
-    estimate, stderr = data.data.metrics["val_bpd"], data.data.metrics["val_bpd_stderr"]
-    assert stderr > 0 and abs(estimate - exact_all) <= 4 * stderr, (estimate, stderr, exact_all)
+    estimate = estimate_bpd(registered.diffusion, registered.model, val, run.config.train.bpd_samples,
+                            seed=run.config.train.seed)
+    assert data.data.metrics["val_bpd"] == pytest.approx(estimate["bpd"], rel=1e-5)
+    assert data.data.metrics["val_bpd_stderr"] == pytest.approx(estimate["bpd_stderr"], rel=1e-4)
+    assert estimate["bpd_stderr"] > 0
     lrs = sorted((m.step, m.value) for m in client.get_metric_history(data.info.run_id, "lr"))
     assert [v for _, v in lrs] == pytest.approx([1e-3 * s / 20 for s in range(1, STEPS + 1)])  # warm-up
     samples = [a.path for a in client.list_artifacts(data.info.run_id, "samples")]
