@@ -90,12 +90,6 @@ def row_overrides(name: str, done: dict[str, dict[str, Any]], base: TrainConfig)
     return {**ROWS[better], "diffusion.schedule": other}
 
 
-def last_metric(client: MlflowClient, run_id: str, key: str) -> float | None:
-    """The run's latest value of ``key`` (``None`` when it never logged it)."""
-    value = client.get_run(run_id).data.metrics.get(key)
-    return None if value is None else float(value)
-
-
 def run_row(name: str, overrides: dict[str, Any], base: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Train one row for ``--minutes`` and score its registered model on the test split."""
     config = base.replace({**overrides, "data.shards": args.shards, "train.storage_path": args.storage,
@@ -105,8 +99,8 @@ def run_row(name: str, overrides: dict[str, Any], base: TrainConfig, args: argpa
     started = time.monotonic()
     outcome = run(config)
     wall = time.monotonic() - started
-    client = MlflowClient(resolve_tracking_uri())
-    model_uri = client.get_run(outcome["mlflow_run_id"]).data.tags[MODEL_URI_TAG]
+    trained = MlflowClient(resolve_tracking_uri()).get_run(outcome["mlflow_run_id"]).data  # read once
+    model_uri = trained.tags[MODEL_URI_TAG]
     scored = evaluate(EvalSettings(model=model_uri, shards=args.shards, split="test", images=args.test_images,
                                    estimate=args.estimate, workers=args.workers, samples=0, threads=1))
     metrics = scored["metrics"]
@@ -118,9 +112,9 @@ def run_row(name: str, overrides: dict[str, Any], base: TrainConfig, args: argpa
         "test_bpd_stderr_timesteps": metrics["eval_bpd_estimate_stderr"],
         "prior_bpd": metrics.get("eval_bpd_estimate_prior"), "terms_bpd": metrics.get("eval_bpd_estimate_terms"),
         "decoder_bpd": metrics.get("eval_bpd_estimate_decoder"),
-        "fd": last_metric(client, outcome["mlflow_run_id"], "fd"),
-        "fd_floor": last_metric(client, outcome["mlflow_run_id"], "fd_floor"),
-        "val_bpd": last_metric(client, outcome["mlflow_run_id"], "val_bpd"),
+        # the run's latest value of each (None when it never logged it)
+        "fd": trained.metrics.get("fd"), "fd_floor": trained.metrics.get("fd_floor"),
+        "val_bpd": trained.metrics.get("val_bpd"),
         "model_uri": model_uri, "train_run_id": outcome["mlflow_run_id"], "eval_run_id": scored["run_id"],
     }
 
