@@ -37,6 +37,7 @@ import torch
 from machine import machine_info
 from mlflow import MlflowClient
 
+from pipelines.data import storage
 from pipelines.evaluation.job import EvalSettings, evaluate
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import TrainConfig, load_config
@@ -92,7 +93,8 @@ def row_overrides(name: str, done: dict[str, dict[str, Any]], base: TrainConfig)
 
 def run_row(name: str, overrides: dict[str, Any], base: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Train one row for ``--minutes`` and score its registered model on the test split."""
-    config = base.replace({**overrides, "data.shards": args.shards, "train.storage_path": args.storage,
+    shards = storage.resolve(args.shards).uri  # absolute: Ray Train workers run in another directory
+    config = base.replace({**overrides, "data.shards": shards, "train.storage_path": storage.resolve(args.storage).uri,
                            "train.total_steps": args.max_steps, "train.max_minutes": args.minutes,
                            "train.run_name": f"bpd-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                            "tracking.registered_model_name": f"{base.tracking.registered_model_name}-bpd-{name}"})
@@ -101,7 +103,7 @@ def run_row(name: str, overrides: dict[str, Any], base: TrainConfig, args: argpa
     wall = time.monotonic() - started
     trained = MlflowClient(resolve_tracking_uri()).get_run(outcome["mlflow_run_id"]).data  # read once
     model_uri = trained.tags[MODEL_URI_TAG]
-    scored = evaluate(EvalSettings(model=model_uri, shards=args.shards, split="test", images=args.test_images,
+    scored = evaluate(EvalSettings(model=model_uri, shards=shards, split="test", images=args.test_images,
                                    estimate=args.estimate, workers=args.workers, samples=0, threads=1))
     metrics = scored["metrics"]
     return {

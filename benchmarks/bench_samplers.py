@@ -9,6 +9,8 @@ sampler of ``--samplers`` is run at each budget E of ``--evals`` network evaluat
   (``pc`` with 0 corrector steps; at E = T it is the full ``p_sample_loop``);
 * ``ddim``: DDIM, eta = 0, E uniform timesteps (Song et al. 2021, eq. 12);
 * ``dpm_solver``: DPM-Solver++(2M), E logSNR-uniform steps (Lu et al. 2022);
+* ``dpm_solver_sde``: SDE-DPM-Solver++(2M), its stochastic form (``algorithm="sde-dpmsolver++"``),
+  E logSNR-uniform steps;
 * ``pc``: predictor-corrector (Song et al. 2021, SDEs, Alg. 2 for the VP SDE): E / 2 ancestral
   predictor steps, each followed by one Langevin corrector step with ``--snr``;
 * ``langevin``: annealed Langevin dynamics (Song & Ermon 2019), E - 1 noise levels, one step each
@@ -24,7 +26,7 @@ is the FD of N real val images against the same reference. Prints a table, write
     python benchmarks/bench_samplers.py --model models:/ddpm-fashion-mnist/1 \\
         --classifier models:/fd-classifier-fashion-mnist/1 --shards data/fashion-mnist-shards
 
-The defaults (N = 2,000; E = 10, 20, 50, 100, 1000; all five samplers) are the issue's full grid;
+The defaults (N = 2,000; E = 10, 20, 50, 100, 1000; all six samplers) are the issue's full grid;
 on a 2-core CPU a 1,000-evaluation cell of 2,000 images alone takes hours, so ``--images`` and
 ``--evals`` choose a smaller one (each cell says its N).
 """
@@ -60,7 +62,7 @@ from pipelines.registry.model_store import fetch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_samplers.json"
-SAMPLERS = ("ancestral", "ddim", "dpm_solver", "pc", "langevin")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver", "dpm_solver_sde", "pc", "langevin")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -102,6 +104,8 @@ def settings_for(sampler: str, evals: int, snr: float) -> SamplerSettings:
         return SamplerSettings("ddim", evals, eta=0.0, spacing="uniform")
     if sampler == "dpm_solver":
         return SamplerSettings("dpm_solver", evals, order=2, spacing="logsnr")
+    if sampler == "dpm_solver_sde":
+        return SamplerSettings("dpm_solver", evals, order=2, spacing="logsnr", algorithm="sde-dpmsolver++")
     if sampler == "pc":
         if evals % 2:
             raise ValueError(f"pc with one corrector step needs an even number of evaluations, got {evals}")

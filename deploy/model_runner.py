@@ -63,7 +63,7 @@ class SampleJob:
         eta: DDIM stochasticity (unused by the other samplers).
         seed: seed of the job's torch.Generator (initial and per-step noise).
         clip_denoised: clamp the predicted x_0 to [-1, 1] at every step.
-        spacing, corrector_steps, snr, order: as in ``SamplerSettings`` (same defaults; ``spacing``
+        spacing, corrector_steps, snr, order, algorithm: as in ``SamplerSettings`` (same defaults; ``spacing``
             None is the sampler's default).
 
     Raises:
@@ -80,6 +80,7 @@ class SampleJob:
     corrector_steps: int = SamplerSettings.corrector_steps
     snr: float = SamplerSettings.snr
     order: int = SamplerSettings.order
+    algorithm: str = SamplerSettings.algorithm
 
     def __post_init__(self) -> None:
         self.sampler_settings  # noqa: B018 - validates the fields (ValueError naming the bad one)
@@ -94,7 +95,7 @@ class SampleJob:
     def sampler_settings(self) -> SamplerSettings:
         """The core's ``SamplerSettings`` of this job."""
         return SamplerSettings(self.sampler, self.num_steps, self.eta, self.clip_denoised, self.spacing,
-                               self.corrector_steps, self.snr, self.order)
+                               self.corrector_steps, self.snr, self.order, self.algorithm)
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,7 @@ class IngressConfig(BaseModel):
 
 Sampler = Literal["ddpm", "ddim", "pc", "langevin", "dpm_solver"]
 Spacing = Literal["uniform", "quadratic", "logsnr"]
+DPMAlgorithm = Literal["dpmsolver++", "sde-dpmsolver++"]
 SampleFormat = Literal["png", "grid", "npy"]
 LikelihoodMethod = Literal["estimate", "exact"]
 
@@ -177,10 +178,13 @@ SAMPLER_PARAMETERS: dict[str, tuple[str, ...]] = {
     "ddim": ("eta", "spacing"),
     "pc": ("spacing", "corrector_steps", "snr"),
     "langevin": ("spacing", "corrector_steps", "snr"),
-    "dpm_solver": ("spacing", "order"),
+    "dpm_solver": ("spacing", "order", "algorithm"),
 }
 """The request fields each sampler takes besides ``num_steps`` (the fields of
 ``diffusion_core.generate.SamplerSettings.uses()``; this module stays free of torch)."""
+
+OPTIONAL_PARAMETERS = ("spacing", "corrector_steps", "snr", "order", "algorithm")
+"""The request fields that are ``None`` unless given (each taken by some samplers only)."""
 
 DEFAULT_NUM_STEPS: dict[str, int] = {"ddim": 50, "pc": 50, "langevin": 50, "dpm_solver": 20}
 """``num_steps`` of a request that omits it (capped at the model's T); 20 for "dpm_solver" is
@@ -206,6 +210,8 @@ class SampleRequest(BaseModel):
             "langevin" (only those); omitted: 1.
         snr: the Langevin step's signal-to-noise ratio, > 0 ("pc", "langevin" only); omitted: 0.16.
         order: DPM-Solver++ order, 1 or 2 ("dpm_solver" only); omitted: 2.
+        algorithm: "dpmsolver++" (the ODE) or "sde-dpmsolver++" (the reverse SDE, stochastic)
+            ("dpm_solver" only); omitted: "dpmsolver++".
         seed: 0 <= seed <= 2**63-1; the same seed gives the same images. Omitted: a random
             seed is drawn and returned.
         clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
@@ -225,6 +231,7 @@ class SampleRequest(BaseModel):
     corrector_steps: int | None = Field(None, ge=0)
     snr: float | None = Field(None, gt=0.0)
     order: int | None = Field(None, ge=1, le=2)
+    algorithm: DPMAlgorithm | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     clip_denoised: bool = True
     format: SampleFormat = "png"
@@ -234,7 +241,7 @@ class SampleRequest(BaseModel):
         used = SAMPLER_PARAMETERS[self.sampler]
         if self.eta != 0.0 and "eta" not in used:
             raise field_error("eta", f"eta applies to sampler 'ddim' only; omit it for {self.sampler!r}")
-        for name in ("spacing", "corrector_steps", "snr", "order"):
+        for name in OPTIONAL_PARAMETERS:
             if getattr(self, name) is not None and name not in used:
                 takers = [sampler for sampler, names in SAMPLER_PARAMETERS.items() if name in names]
                 raise field_error(name, f"{name} applies to sampler {' / '.join(map(repr, takers))} only; "
@@ -246,9 +253,9 @@ class SampleRequest(BaseModel):
 
     def sampler_parameters(self) -> dict[str, Any]:
         """The sampler parameters this request sets (``eta`` for "ddim", and each of ``spacing``,
-        ``corrector_steps``, ``snr``, ``order`` that is given), as keyword arguments of
+        ``corrector_steps``, ``snr``, ``order``, ``algorithm`` that is given), as keyword arguments of
         ``SamplerSettings``; what is left out takes the core's defaults."""
-        given = {name: getattr(self, name) for name in ("spacing", "corrector_steps", "snr", "order")}
+        given = {name: getattr(self, name) for name in OPTIONAL_PARAMETERS}
         eta = {"eta": float(self.eta)} if self.sampler == "ddim" else {}
         return {**eta, **{name: value for name, value in given.items() if value is not None}}
 

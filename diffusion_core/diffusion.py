@@ -424,11 +424,14 @@ class GaussianDiffusion(ParameterizationMixin):
 
     def dpm_solver_sample_loop(self, model: Model, shape, num_steps: int = 20, order: int = 2,
                                spacing: str = "logsnr", generator=None, noise=None, clip_denoised: bool = True,
-                               progress: Progress = None, device=None) -> torch.Tensor:
-        """DPM-Solver++ multistep sampling; see :func:`diffusion_core.sampling.dpm_solver_sample_loop`."""
+                               progress: Progress = None, device=None,
+                               algorithm: str = "dpmsolver++") -> torch.Tensor:
+        """DPM-Solver++ multistep sampling (the ODE, or ``algorithm="sde-dpmsolver++"``);
+        see :func:`diffusion_core.sampling.dpm_solver_sample_loop`."""
         return sampling.dpm_solver_sample_loop(self, model=model, shape=shape, num_steps=num_steps, order=order,
                                                spacing=spacing, generator=generator, noise=noise,
-                                               clip_denoised=clip_denoised, progress=progress, device=device)
+                                               clip_denoised=clip_denoised, progress=progress, device=device,
+                                               algorithm=algorithm)
 
     def network_evaluations(self, sampler: str, num_steps: Optional[int] = None, corrector_steps: int = 0) -> int:
         """Model calls of one ``*_sample_loop`` call (each on the whole batch);

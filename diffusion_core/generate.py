@@ -11,7 +11,8 @@ Samplers (``diffusion_core.sampling``; cost in network evaluations per image fro
 * ``"ddim"``: Song et al. 2021 eq. 12 (``ddim_sample_loop``) with ``eta`` and ``spacing``; S.
 * ``"pc"``: predictor-corrector, Song et al. 2021 (SDEs) Alg. 1/5 (``pc_sample_loop``); S (1 + M).
 * ``"langevin"``: annealed Langevin dynamics, Song & Ermon 2019 (``langevin_sample_loop``); S M + 1.
-* ``"dpm_solver"``: DPM-Solver++ 1/2M, Lu et al. 2022 (``dpm_solver_sample_loop``) with ``order``; S.
+* ``"dpm_solver"``: DPM-Solver++ 1/2M, Lu et al. 2022 (``dpm_solver_sample_loop``) with ``order``
+  and ``algorithm`` (the ODE "dpmsolver++" or the SDE "sde-dpmsolver++"); S.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from diffusion_core import sampling
 from diffusion_core.diffusion import Model
 from diffusion_core.rng import Generator
+from diffusion_core.sampling import DPMAlgorithm
 from diffusion_core.timesteps import Spacing
 from diffusion_core.validation import (
     check_bool,
@@ -45,7 +47,7 @@ _USES: dict[str, tuple[str, ...]] = {
     "ddim": ("num_steps", "eta", "spacing"),
     "pc": ("num_steps", "spacing", "corrector_steps", "snr"),
     "langevin": ("num_steps", "spacing", "corrector_steps", "snr"),
-    "dpm_solver": ("num_steps", "spacing", "order"),
+    "dpm_solver": ("num_steps", "spacing", "order", "algorithm"),
 }
 
 
@@ -69,11 +71,13 @@ class SamplerSettings:
         snr: the Langevin step's signal-to-noise ratio r > 0 ("pc", "langevin"; 0.16 in Song et al.
             2021 for CIFAR-10).
         order: 1 or 2, DPM-Solver++'s order ("dpm_solver"; 1 is DDIM with eta = 0).
+        algorithm: "dpmsolver++" (the probability-flow ODE) or "sde-dpmsolver++" (the reverse SDE,
+            stochastic: order 1 is DDIM with eta = 1) ("dpm_solver").
 
     Raises:
         ValueError: naming the field, on an unknown sampler or spacing, ``num_steps < 1``,
             ``eta < 0``, a ``corrector_steps`` below the sampler's minimum, ``snr <= 0`` (or not
-            finite), ``order`` not in {1, 2}, or a non-bool ``clip_denoised``.
+            finite), ``order`` not in {1, 2}, an unknown ``algorithm``, or a non-bool ``clip_denoised``.
     """
 
     sampler: SamplerName = "ddim"
@@ -84,6 +88,7 @@ class SamplerSettings:
     corrector_steps: int = 1
     snr: float = 0.16
     order: int = 2
+    algorithm: DPMAlgorithm = "dpmsolver++"
 
     def __post_init__(self) -> None:
         check_choice("sampler", self.sampler, SamplerName)
@@ -97,6 +102,7 @@ class SamplerSettings:
                            why=" for sampler 'langevin'" if self.sampler == "langevin" else "")
         check_number_in("snr", self.snr, 0.0, float("inf"), low_open=True, high_open=True)
         check_int_in_range("order", self.order, 1, 2)
+        check_choice("algorithm", self.algorithm, DPMAlgorithm)
 
     def uses(self) -> tuple[str, ...]:
         """The names of the parameters (besides ``sampler`` and ``clip_denoised``) this sampler uses."""
@@ -162,7 +168,7 @@ def generate(
             return loop(model, shape, num_steps=settings.num_steps, corrector_steps=settings.corrector_steps,
                         snr=settings.snr, spacing=settings.spacing, **common)
         return diffusion.dpm_solver_sample_loop(model, shape, num_steps=settings.num_steps, order=settings.order,
-                                                spacing=settings.spacing, **common)
+                                                spacing=settings.spacing, algorithm=settings.algorithm, **common)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

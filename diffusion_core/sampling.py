@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from diffusion_core.diffusion import GaussianDiffusion
 
 Sampler = Literal["ddpm", "ddim", "pc", "langevin", "dpm_solver"]
+DPMAlgorithm = Literal["dpmsolver++", "sde-dpmsolver++"]
+"""DPM-Solver++'s two forms (diffusers' ``algorithm_type`` names): the ODE, and the reverse SDE."""
 
 
 def network_evaluations(sampler: str, num_steps: int, corrector_steps: int = 0) -> int:
@@ -530,9 +532,11 @@ def dpm_solver_sample_loop(
     clip_denoised: bool = True,
     progress: Progress = None,
     device=None,
+    algorithm: str = "dpmsolver++",
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): the multistep solver of the
-    diffusion ODE in its data-prediction form, with ``num_steps`` network evaluations.
+    diffusion ODE in its data-prediction form, with ``num_steps`` network evaluations; or, with
+    ``algorithm="sde-dpmsolver++"``, its stochastic counterpart for the reverse SDE.
 
     With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t),
     the exact solution of the ODE from t_{i-1} to t_i is
@@ -544,7 +548,19 @@ def dpm_solver_sample_loop(
                                   r_i = h_{i-1} / h_i,
 
     where x0_{i-1} = pred_xstart at t_{i-1} (from eps, x_start, v or score models alike, clamped
-    to [-1, 1] when ``clip_denoised``). The first step is first order (no earlier x0 yet) and so is
+    to [-1, 1] when ``clip_denoised``).
+
+    ``algorithm="sde-dpmsolver++"`` (SDE-DPM-Solver++(2M): the same exponential-integrator
+    derivation for the reverse diffusion SDE in data-prediction form, by the DPM-Solver authors in
+    diffusers' ``DPMSolverMultistepScheduler``, ``algorithm_type="sde-dpmsolver++"``, midpoint form)
+    takes, with the same D_i and a fresh z ~ N(0, I) per step,
+
+        x_{t_i} = (sigma_{t_i}/sigma_{t_{i-1}}) e^{-h_i} x + alpha_{t_i} (1 - e^{-2 h_i}) D_i
+                  + sigma_{t_i} sqrt(1 - e^{-2 h_i}) z.
+
+    Its first-order step is the posterior q(x_{t_i} | x_{t_{i-1}}, x0_hat) (variance
+    sigma_{t_i}^2 (1 - e^{-2 h_i})), i.e. DDIM with eta = 1 on the same timesteps, the ancestral
+    step of the respaced chain; order 2 adds the multistep correction of D_i. The first step is first order (no earlier x0 yet) and so is
     the last, "lower order final" as in diffusers: it goes to sigma = 0 (lambda = +inf, r = 0), where
     the first-order step returns x0_hat itself.
 
@@ -563,19 +579,22 @@ def dpm_solver_sample_loop(
         num_steps: S, network evaluations, 1 <= S <= T.
         order: 1 or 2.
         spacing: "logsnr" (default), "uniform" or "quadratic".
-        generator: torch.Generator on ``device`` or ``rng.RowGenerators``; only x_T is drawn.
+        generator: torch.Generator on ``device`` or ``rng.RowGenerators``; draws x_T (unless
+            ``noise`` is given), then, for "sde-dpmsolver++", z of each step but the last, in order.
         noise: optional starting x_T [N, C, H, W].
         clip_denoised: clamp each x0_hat to [-1, 1].
         progress: optional ``progress(step_index, S)`` after each step (0-based index).
         device: defaults to the device of the model's first parameter (cpu for plain callables).
+        algorithm: "dpmsolver++" (the ODE, deterministic given x_T) or "sde-dpmsolver++".
 
     Returns:
         float32 [N, C, H, W] samples.
 
     Raises:
-        ValueError: on a bad num_steps, order, spacing, shape/noise or model output shape.
+        ValueError: on a bad num_steps, order, spacing, algorithm, shape/noise or model output shape.
     """
     check_int_in_range("order", order, 1, 2)
+    check_choice("algorithm", algorithm, DPMAlgorithm)
     steps = sampling_timesteps(diffusion.alphas_cumprod, num_steps, spacing)
     device = _resolve_device(model, device)
     x = _initial_noise(shape, noise, generator, device)
@@ -594,7 +613,13 @@ def dpm_solver_sample_loop(
             else:
                 half_inverse_r = float(h / (2.0 * previous_h))  # 1 / (2 r_i), r_i = h_{i-1} / h_i
                 d = (1.0 + half_inverse_r) * x0 - half_inverse_r * previous_x0
-            x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * np.expm1(-h)) * d
+            if algorithm == "dpmsolver++":
+                x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * np.expm1(-h)) * d
+            else:
+                one_minus = float(-np.expm1(-2.0 * h))  # 1 - e^{-2h}
+                x = (float(sigma[i + 1] / sigma[i] * np.exp(-h)) * x + float(alpha[i + 1]) * one_minus * d
+                     + float(sigma[i + 1]) * one_minus ** 0.5 * rng.randn(x.shape, generator, device=x.device,
+                                                                          dtype=x.dtype))
             previous_h = h
         previous_x0 = x0
         if progress is not None:

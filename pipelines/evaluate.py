@@ -41,6 +41,7 @@ import sys
 from typing import Sequence, get_args
 
 from diffusion_core.generate import SamplerName, SamplerSettings
+from diffusion_core.sampling import DPMAlgorithm
 from diffusion_core.timesteps import Spacing
 from pipelines.evaluation.fd_eval import FDSettings
 from pipelines.evaluation.job import DEFAULT_EXPERIMENT, EvalSettings, evaluate
@@ -76,6 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--snr", type=float, default=SamplerSettings.snr,
                         help="signal-to-noise ratio of the Langevin steps (pc, langevin), > 0")
     parser.add_argument("--order", type=int, default=SamplerSettings.order, help="DPM-Solver++ order, 1 or 2")
+    parser.add_argument("--algorithm", choices=get_args(DPMAlgorithm), default=SamplerSettings.algorithm,
+                        help="DPM-Solver++ form: the ODE (dpmsolver++) or the reverse SDE (sde-dpmsolver++)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bound's noise and the samples")
     parser.add_argument("--experiment", default=None,
@@ -174,13 +177,14 @@ def describe_bound(metrics: dict[str, float]) -> list[str]:
 
 def sampler_settings_from_args(args: argparse.Namespace) -> SamplerSettings:
     """The grid's ``SamplerSettings`` from ``--sampler``, ``--sample-steps``, ``--spacing``,
-    ``--corrector-steps``, ``--snr`` and ``--order`` (DDIM's eta stays 0).
+    ``--corrector-steps``, ``--snr``, ``--order`` and ``--algorithm`` (DDIM's eta stays 0).
 
     Raises:
         ValueError: naming the field, on values ``SamplerSettings`` refuses.
     """
     return SamplerSettings(args.sampler, args.sample_steps, spacing=args.spacing,
-                           corrector_steps=args.corrector_steps, snr=args.snr, order=args.order)
+                           corrector_steps=args.corrector_steps, snr=args.snr, order=args.order,
+                           algorithm=args.algorithm)
 
 
 def fd_settings_from_args(args: argparse.Namespace) -> FDSettings | None:

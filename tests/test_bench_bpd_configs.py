@@ -29,12 +29,14 @@ def test_the_fourth_row_flips_the_schedule_of_the_better_row() -> None:
 
 
 @pytest.mark.slow
-def test_one_row_end_to_end(ray_local, train_sandbox: Path, fashion_mnist_dir: Path, tmp_path: Path, capsys) -> None:
+def test_one_row_end_to_end(ray_local, train_sandbox: Path, fashion_mnist_dir: Path, tmp_path: Path, capsys,
+                            monkeypatch) -> None:
     shards = tmp_path / "shards"  # 80 train images (66 train / 14 val) and the first 80 t10k images as test
     run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir), output=str(shards), limit=80, val_fraction=0.2))
     output = tmp_path / "bench_bpd_configs.json"
     fast = [f"{key}={value}" for key, value in FAST.items() if key != "train.total_steps"]
-    argv = ["--config", str(TINY_CONFIG), "--shards", str(shards), "--storage", str(tmp_path / "runs"),
+    monkeypatch.chdir(tmp_path)  # relative paths, as the README's command: the workers run elsewhere
+    argv = ["--config", str(TINY_CONFIG), "--shards", "shards", "--storage", "runs",
             "--rows", "vlb_is", "--minutes", "0.001", "--test-images", "6", "--estimate", "4", "--workers", "1",
             "--output", str(output), "--set", *fast]
     bench.main(argv)

@@ -25,8 +25,9 @@ def test_settings_spend_exactly_the_budget(sampler: str, evals: int) -> None:
     assert settings.network_evaluations(1000) == evals
     if sampler == "ancestral":
         assert (settings.sampler, settings.corrector_steps) == ("pc", 0)
-    if sampler == "dpm_solver":
-        assert (settings.order, settings.spacing) == (2, "logsnr")
+    if sampler in ("dpm_solver", "dpm_solver_sde"):
+        algorithm = "dpmsolver++" if sampler == "dpm_solver" else "sde-dpmsolver++"
+        assert (settings.order, settings.spacing, settings.algorithm) == (2, "logsnr", algorithm)
 
 
 def test_pc_refuses_an_odd_budget() -> None:

@@ -25,7 +25,9 @@ def test_command_line_sampler_settings_keep_the_old_defaults() -> None:
     assert settings.sampling == SamplerSettings("pc", 8, spacing="quadratic", corrector_steps=2, snr=0.1)
     assert settings.sample_steps == 8
     dpm = settings_from_args(parse_args([*BASE, "--sampler", "dpm_solver", "--order", "1"])).sampling
-    assert (dpm.order, dpm.spacing) == (1, "logsnr")
+    assert (dpm.order, dpm.spacing, dpm.algorithm) == (1, "logsnr", "dpmsolver++")
+    sde = settings_from_args(parse_args([*BASE, "--sampler", "dpm_solver", "--algorithm", "sde-dpmsolver++"])).sampling
+    assert sde == SamplerSettings("dpm_solver", 50, algorithm="sde-dpmsolver++")
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,7 @@ def test_command_line_sampler_settings_keep_the_old_defaults() -> None:
         (["--sampler", "langevin", "--corrector-steps", "0"], "corrector_steps=0 must be an integer >= 1"),
         (["--snr", "-1"], "snr=-1.0 must be a number"),
         (["--spacing", "cosine"], "invalid choice: 'cosine'"),
+        (["--algorithm", "sde"], "invalid choice: 'sde'"),
     ],
 )
 def test_bad_sampler_flags_exit_with_the_field(flags, message: str, capsys) -> None:

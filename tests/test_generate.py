@@ -42,7 +42,8 @@ def _direct(diffusion: GaussianDiffusion, model, settings: SamplerSettings, seed
                                               corrector_steps=settings.corrector_steps, snr=settings.snr,
                                               generator=g, clip_denoised=clip, spacing=settings.spacing)
     return diffusion.dpm_solver_sample_loop(model, SHAPE, num_steps=settings.num_steps, order=settings.order,
-                                            spacing=settings.spacing, generator=g, clip_denoised=clip)
+                                            spacing=settings.spacing, generator=g, clip_denoised=clip,
+                                            algorithm=settings.algorithm)
 
 
 SETTINGS = [
@@ -54,6 +55,7 @@ SETTINGS = [
     SamplerSettings("langevin", 4, corrector_steps=3, snr=0.1),
     SamplerSettings("dpm_solver", 6),
     SamplerSettings("dpm_solver", 5, order=1, spacing="uniform", clip_denoised=False),
+    SamplerSettings("dpm_solver", 6, algorithm="sde-dpmsolver++"),
 ]
 
 
@@ -81,7 +83,11 @@ def test_defaults_are_unchanged_and_spacing_is_resolved() -> None:
     assert SamplerSettings("pc", 8, corrector_steps=2).params() == {
         "sampler": "pc", "num_steps": 8, "spacing": "uniform", "corrector_steps": 2, "snr": 0.16, "clip_denoised": True}
     assert set(SamplerSettings("ddim").params()) == {"sampler", "num_steps", "eta", "spacing", "clip_denoised"}
-    assert set(SamplerSettings("dpm_solver").params()) == {"sampler", "num_steps", "spacing", "order", "clip_denoised"}
+    assert set(SamplerSettings("dpm_solver").params()) == {"sampler", "num_steps", "spacing", "order", "algorithm",
+                                                           "clip_denoised"}
+    assert SamplerSettings("dpm_solver").algorithm == "dpmsolver++"
+    with pytest.raises(ValueError, match=r"algorithm='sde' is not allowed"):
+        SamplerSettings("dpm_solver", algorithm="sde")  # type: ignore[arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
         default.num_steps = 3  # type: ignore[misc]
 

@@ -146,6 +146,8 @@ def test_sampling_with_dpm_solver_and_pc(http: str, local_v1) -> None:
     cases = [
         ({"num_images": 3, "sampler": "dpm_solver", "num_steps": 5, "order": 2, "seed": 8},
          SamplerSettings("dpm_solver", 5, order=2), 5),
+        ({"num_images": 2, "sampler": "dpm_solver", "num_steps": 4, "algorithm": "sde-dpmsolver++", "seed": 8},
+         SamplerSettings("dpm_solver", 4, algorithm="sde-dpmsolver++"), 4),
         ({"num_images": 2, "sampler": "pc", "num_steps": 4, "corrector_steps": 2, "snr": 0.1, "seed": 9},
          SamplerSettings("pc", 4, corrector_steps=2, snr=0.1), 12),
     ]

@@ -124,6 +124,8 @@ def _png(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
         (b'{"sampler": "dpm_solver", "order": 0}', "order"),
         (b'{"sampler": "dpm_solver", "order": 1.0}', "order"),
         (b'{"sampler": "dpm_solver", "spacing": "cosine"}', "spacing"),
+        (b'{"sampler": "dpm_solver", "algorithm": "sde"}', "algorithm"),
+        (b'{"sampler": "ddim", "algorithm": "sde-dpmsolver++"}', "algorithm"),
         (b'{"sampler": "ddpm", "spacing": "uniform"}', "spacing"),
         (b'{"sampler": "ddim", "order": 1}', "order"),
         (b'{"sampler": "dpm_solver", "snr": 0.1}', "snr"),
@@ -153,6 +155,8 @@ def test_sampler_parameters_are_taken_per_sampler() -> None:
     assert pc.sampler_parameters() == {"corrector_steps": 2, "snr": 0.2}
     dpm = parse_json_model(SampleRequest, b'{"sampler": "dpm_solver", "order": 1, "spacing": "uniform"}')
     assert dpm.sampler_parameters() == {"spacing": "uniform", "order": 1}
+    sde = parse_json_model(SampleRequest, b'{"sampler": "dpm_solver", "algorithm": "sde-dpmsolver++"}')
+    assert sde.sampler_parameters() == {"algorithm": "sde-dpmsolver++"}
     assert SampleRequest(eta=0.3).sampler_parameters() == {"eta": 0.3}
     assert SampleRequest(sampler="ddpm", eta=0.0).sampler_parameters() == {}  # eta 0 is accepted with any sampler
     err = _error(parse_json_model, SampleRequest, b'{"sampler": "ddpm", "order": 2}')
@@ -325,7 +329,8 @@ def _reference_sample(runner: ModelRunner, job: SampleJob) -> torch.Tensor:
                                               spacing=settings.spacing, generator=generator, clip_denoised=clip)
     if job.sampler == "dpm_solver":
         return diffusion.dpm_solver_sample_loop(model, shape, num_steps=job.num_steps, order=job.order,
-                                                spacing=settings.spacing, generator=generator, clip_denoised=clip)
+                                                spacing=settings.spacing, generator=generator, clip_denoised=clip,
+                                                algorithm=job.algorithm)
     return diffusion.ddim_sample_loop(model, shape, num_steps=job.num_steps, eta=job.eta, generator=generator,
                                       clip_denoised=clip, spacing=settings.spacing)
 
@@ -376,6 +381,7 @@ def test_batched_sampling_of_every_sampler_groups_by_all_parameters(runner: Mode
         SampleJob(1, "langevin", 2, 0.0, 26, True, corrector_steps=2),
         SampleJob(1, "dpm_solver", 4, 0.0, 27, True, spacing="logsnr"),  # = the default spacing: same group
         SampleJob(1, "ddim", 4, 0.0, 28, True, spacing="quadratic"),
+        SampleJob(1, "dpm_solver", 4, 0.0, 29, True, algorithm="sde-dpmsolver++"),  # the SDE: its own group
     ]
     with _CountCalls(runner) as calls:
         results = runner.sample_many(jobs)
@@ -384,8 +390,8 @@ def test_batched_sampling_of_every_sampler_groups_by_all_parameters(runner: Mode
         assert result.shape == (job.num_images, 1, 8, 8)
         torch.testing.assert_close(result, _reference_sample(runner, job), rtol=1e-5, atol=1e-5)
     # pc snr 0.2 (3 images, S (1 + M) = 6 evaluations), dpm_solver order 2 (2 images, 4), dpm_solver order 1
-    # (2 images, 4), and 1 image each: pc snr 0.3 (6), langevin (S M + 1 = 5), ddim quadratic (4)
-    expected = [3] * 6 + [2] * 4 + [2] * 4 + [1] * (6 + 5 + 4)
+    # (2 images, 4), and 1 image each: pc snr 0.3 (6), langevin (S M + 1 = 5), ddim quadratic (4), SDE (4)
+    expected = [3] * 6 + [2] * 4 + [2] * 4 + [1] * (6 + 5 + 4 + 4)
     assert sorted(calls.sizes) == sorted(expected)
 
 

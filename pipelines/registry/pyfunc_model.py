@@ -28,7 +28,7 @@ class PyfuncSampleRequest(BaseModel):
         seed: seed of the CPU ``torch.Generator`` (the same seed gives the same images).
         num_steps: the sampler's steps, in [1, T] (all T for "ddpm").
         sampler: "ddpm", "ddim" (default), "pc", "langevin" or "dpm_solver".
-        eta, spacing, corrector_steps, snr, order: the sampler's parameters
+        eta, spacing, corrector_steps, snr, order, algorithm: the sampler's parameters
             (``diffusion_core.generate.SamplerSettings``; ``spacing`` "" takes the sampler's default).
     """
 
@@ -43,6 +43,7 @@ class PyfuncSampleRequest(BaseModel):
     corrector_steps: int = 1
     snr: float = 0.16
     order: int = 2
+    algorithm: str = "dpmsolver++"
 
     def settings(self) -> SamplerSettings:
         """The ``SamplerSettings`` of this request.
@@ -52,7 +53,7 @@ class PyfuncSampleRequest(BaseModel):
         """
         return SamplerSettings(sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
                                spacing=self.spacing or None, corrector_steps=self.corrector_steps, snr=self.snr,
-                               order=self.order)
+                               order=self.order, algorithm=self.algorithm)
 
 
 class DDPMCheckpointModel(PythonModel):
