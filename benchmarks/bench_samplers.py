@@ -34,12 +34,13 @@ on a 2-core CPU a 1,000-evaluation cell of 2,000 images alone takes hours, so ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, get_args
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from matplotlib.figure import Figure
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.generate import SamplerSettings
+from diffusion_core.timesteps import Spacing
 from pipelines.evaluation.distributed_sampling import num_blocks, sample_blocks
 from pipelines.evaluation.fd import (
     FeatureNet,
@@ -76,6 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="network evaluations per image")
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--snr", type=float, default=0.16, help="the corrector's signal-to-noise ratio (pc)")
+    parser.add_argument("--spacing", choices=get_args(Spacing), default=None,
+                        help="timesteps of every sampler (default: each its own, as listed above)")
     parser.add_argument("--cells", nargs="*", default=None, metavar="SAMPLER:EVALS",
                         help="extra cells beyond the grid, e.g. ancestral:1000")
     parser.add_argument("--block", type=int, default=250, help="images per seeded block (one batch)")
@@ -92,12 +96,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def settings_for(sampler: str, evals: int, snr: float) -> SamplerSettings:
-    """The ``SamplerSettings`` that spends ``evals`` network evaluations per image.
+def settings_for(sampler: str, evals: int, snr: float, spacing: str | None = None) -> SamplerSettings:
+    """The ``SamplerSettings`` that spends ``evals`` network evaluations per image (on ``spacing``'s
+    timesteps when given, else on the sampler's own).
 
     Raises:
         ValueError: when ``sampler`` cannot spend exactly ``evals`` (pc needs an even count).
     """
+    settings = _own_settings(sampler, evals, snr)
+    return settings if spacing is None else dataclasses.replace(settings, spacing=spacing)
+
+
+def _own_settings(sampler: str, evals: int, snr: float) -> SamplerSettings:
     if sampler == "ancestral":
         return SamplerSettings("pc", evals, corrector_steps=0)
     if sampler == "ddim":
@@ -191,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     for sampler, evals in grid(args):
-        settings = settings_for(sampler, evals, args.snr)
+        settings = settings_for(sampler, evals, args.snr, args.spacing)
         row = {"sampler": sampler, **run_cell(loaded, network, settings, args, net, reference)}
         rows.append(row)
         print(f"[{time.strftime('%H:%M:%S')}] {sampler:>11} {row['evals']:>5} evals: FD {row['fd']:.3f} "

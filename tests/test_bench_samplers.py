@@ -30,6 +30,11 @@ def test_settings_spend_exactly_the_budget(sampler: str, evals: int) -> None:
         assert (settings.order, settings.spacing, settings.algorithm) == (2, "logsnr", algorithm)
 
 
+def test_spacing_overrides_every_samplers_own() -> None:
+    assert bench.settings_for("dpm_solver_sde", 20, snr=0.16, spacing="quadratic").spacing == "quadratic"
+    assert bench.settings_for("ddim", 20, snr=0.16).spacing == "uniform"
+
+
 def test_pc_refuses_an_odd_budget() -> None:
     with pytest.raises(ValueError, match="even number of evaluations, got 15"):
         bench.settings_for("pc", 15, snr=0.16)
