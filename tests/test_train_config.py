@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _bench_helpers import load_bench
 
 from diffusion_core.generate import SamplerSettings
 from pipelines.train import main
@@ -25,7 +26,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu", "fashion_mnist", "cifar10_ddpm"])
+@pytest.mark.parametrize("name", ["tiny_cpu", "fashion_mnist", "fashion_mnist_bpd", "cifar10_ddpm"])
 def test_shipped_configs_are_valid_and_round_trip(name: str) -> None:
     config = load_config(CONFIGS / f"{name}.yaml")
     assert TrainConfig.from_dict(config.to_dict()) == config
@@ -35,6 +36,16 @@ def test_shipped_configs_are_valid_and_round_trip(name: str) -> None:
     assert params["model.image_size"] == str(config.model.image_size) and len(params) == sum(
         len(dataclasses.fields(getattr(config, s))) for s in config.to_dict()
     )
+
+
+def test_bpd_config_is_the_measured_row_of_the_fashion_mnist_config() -> None:
+    """fashion_mnist_bpd.yaml = fashion_mnist.yaml with the overrides of bench_bpd_configs' best row
+    (vlb + learned_range + loss_second_moment), a 90-minute budget and its own registered name."""
+    bench = load_bench("bench_bpd_configs")
+    base = load_config(CONFIGS / "fashion_mnist.yaml")
+    expected = base.replace({**bench.ROWS["vlb_is"], "train.total_steps": 100_000, "train.max_minutes": 90,
+                             "tracking.registered_model_name": "ddpm-fashion-mnist-bpd"})
+    assert load_config(CONFIGS / "fashion_mnist_bpd.yaml") == expected
 
 
 def test_cifar10_config_has_ho_et_al_settings() -> None:
