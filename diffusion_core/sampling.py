@@ -560,8 +560,9 @@ def dpm_solver_sample_loop(
 
     Its first-order step is the posterior q(x_{t_i} | x_{t_{i-1}}, x0_hat) (variance
     sigma_{t_i}^2 (1 - e^{-2 h_i})), i.e. DDIM with eta = 1 on the same timesteps, the ancestral
-    step of the respaced chain; order 2 adds the multistep correction of D_i. The first step is first order (no earlier x0 yet) and so is
-    the last, "lower order final" as in diffusers: it goes to sigma = 0 (lambda = +inf, r = 0), where
+    step of the respaced chain; order 2 adds the multistep correction of D_i.
+
+    The first step is first order (no earlier x0 yet) and so is the last, "lower order final" as in diffusers: it goes to sigma = 0 (lambda = +inf, r = 0), where
     the first-order step returns x0_hat itself.
 
     Time: the solver's continuous time enters only through lambda, so the steps are taken between
@@ -618,8 +619,7 @@ def dpm_solver_sample_loop(
             else:
                 one_minus = float(-np.expm1(-2.0 * h))  # 1 - e^{-2h}
                 x = (float(sigma[i + 1] / sigma[i] * np.exp(-h)) * x + float(alpha[i + 1]) * one_minus * d
-                     + float(sigma[i + 1]) * one_minus ** 0.5 * rng.randn(x.shape, generator, device=x.device,
-                                                                          dtype=x.dtype))
+                     + float(sigma[i + 1]) * one_minus ** 0.5 * _noise_like(x, None, generator))
             previous_h = h
         previous_x0 = x0
         if progress is not None:

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
+from deploy import schemas
 from deploy.http_io import parse_json_model, sample_response
 from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob, inference_network
 from deploy.schemas import (
@@ -32,7 +33,7 @@ from deploy.schemas import (
     pixels_from_json,
     resolve_num_steps,
 )
-from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
+from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, sampling
 from diffusion_core.checkpoint import LoadedModel
 from diffusion_core.generate import SamplerName, SamplerSettings
 from diffusion_core.images import uint8_to_float
@@ -165,6 +166,7 @@ def test_sampler_parameters_are_taken_per_sampler() -> None:
     for sampler, names in SAMPLER_PARAMETERS.items():
         assert set(names) == set(SamplerSettings(sampler).uses()) - {"num_steps"}
     assert set(SAMPLER_PARAMETERS) == set(get_args(SamplerName)) == set(get_args(Sampler))
+    assert get_args(schemas.DPMAlgorithm) == get_args(sampling.DPMAlgorithm)  # the torch-free copy of the core's
 
 
 def test_resolve_num_steps_follows_the_model() -> None:
