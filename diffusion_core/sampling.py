@@ -562,8 +562,9 @@ def dpm_solver_sample_loop(
     sigma_{t_i}^2 (1 - e^{-2 h_i})), i.e. DDIM with eta = 1 on the same timesteps, the ancestral
     step of the respaced chain; order 2 adds the multistep correction of D_i.
 
-    The first step is first order (no earlier x0 yet) and so is the last, "lower order final" as in diffusers: it goes to sigma = 0 (lambda = +inf, r = 0), where
-    the first-order step returns x0_hat itself.
+    The first step is first order (no earlier x0 yet) and so is the last, "lower order final" as in
+    diffusers: it goes to sigma = 0 (lambda = +inf, r = 0), where the first-order step returns
+    x0_hat itself.
 
     Time: the solver's continuous time enters only through lambda, so the steps are taken between
     discrete 0-based timesteps s_0 = T-1 > ... > s_{S-1} (= 0 when S >= 2) of the training schedule
