@@ -22,28 +22,29 @@ Prints a table and writes ``benchmarks/results/bench_bound.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from cli import add_threads, bench_parser, require_at_least
+from machine import machine_info
+from report import build_report, load_average_1m, write_report
+from table import Column, print_table
+from timing import time_calls
 
 from diffusion_core.checkpoint import load_checkpoint
-from pipelines.data.shards import read_split_numpy
+from pipelines.data.shards.reader import read_split_numpy
 from pipelines.registry.model_store import fetch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "bench_bound.json"
+SCRIPT = "bench_bound"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; see ``--help``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(SCRIPT, __doc__)
     parser.add_argument("--model", required=True, help="checkpoint folder, s3:// prefix, models:/ or runs:/ URI")
     parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"),
                         help="preprocessed shard folder; its val split is used")
@@ -51,12 +52,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32], help="K values of the estimate")
     parser.add_argument("--repeats", type=int, default=8, help="independent estimates per image and K")
     parser.add_argument("--batch", type=int, default=32, help="images per network call")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    add_threads(parser, 2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if min(args.num_images, args.batch, args.threads) < 1 or args.repeats < 2 or min(args.ks) < 2:
-        parser.error("--num-images, --batch, --threads >= 1; --repeats >= 2; every K >= 2")
+    require_at_least(parser, args, {"num_images": 1, "batch": 1, "threads": 1, "repeats": 2, "ks": 2})
     return args
 
 
@@ -69,25 +68,27 @@ def batched(fn: Any, images: torch.Tensor, batch: int) -> dict[str, torch.Tensor
 def exact_bounds(diffusion: Any, net: Any, images: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, float]:
     """Exact total bits/dim per image [N] (float64) and the seconds it took."""
     generator = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
+    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        out = batched(lambda x: diffusion.calc_bpd_loop(net, x, generator=generator), images, args.batch)
-    return out["total_bpd"], time.perf_counter() - start
+        timing = time_calls(lambda _: out.update(
+            batched(lambda x: diffusion.calc_bpd_loop(net, x, generator=generator), images, args.batch)), 1)
+    return out["total_bpd"], timing.total
 
 
 def estimate_row(diffusion: Any, net: Any, images: torch.Tensor, exact: torch.Tensor, k: int,
                  args: argparse.Namespace) -> dict[str, Any]:
     """``args.repeats`` estimates per image at this K, compared with ``exact``."""
-    values, stderrs, seconds = [], [], 0.0
-    for repeat in range(args.repeats):
+    values, stderrs = [], []
+
+    def one_repeat(repeat: int) -> None:
         generator = torch.Generator().manual_seed(args.seed + 1 + repeat)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = batched(lambda x: diffusion.calc_bpd_estimate(net, x, num_samples=k, generator=generator),
-                          images, args.batch)
-        seconds += time.perf_counter() - start
+        out = batched(lambda x: diffusion.calc_bpd_estimate(net, x, num_samples=k, generator=generator),
+                      images, args.batch)
         values.append(out["total_bpd"])
         stderrs.append(out["stderr"])
+
+    with torch.no_grad():
+        seconds = time_calls(one_repeat, args.repeats).total
     v, s = torch.stack(values), torch.stack(stderrs)  # [R, N]
     diff = v - exact
     set_means = v.mean(dim=1)  # the mean over the images of each repeat: what val_bpd reports
@@ -104,24 +105,25 @@ def estimate_row(diffusion: Any, net: Any, images: torch.Tensor, exact: torch.Te
     }
 
 
-def print_table(exact_mean: float, exact_ips: float, rows: list[dict[str, Any]], n: int) -> None:
+def show(exact_mean: float, exact_ips: float, rows: list[dict[str, Any]], n: int) -> None:
     """The table: one row per K, after the exact bound."""
     print(f"exact bound (calc_bpd_loop) over {n} held-out images: {exact_mean:.4f} bits/dim, "
           f"{exact_ips:.3f} images/s")
-    header = (f"{'K':>3}  {'bias':>16}  {'RMS err 1 image':>15}  {'reported se':>11}  {'actual sd':>9}  "
-              f"{'|err| of mean':>13}  {'se of mean':>10}  {'images/s':>8}  {'speed-up':>8}")
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        bias = f"{r['bias_bpd']:+.4f}+-{r['bias_stderr_bpd']:.4f}"
-        print(f"{r['k']:>3}  {bias:>16}  {r['rms_error_one_image_bpd']:>15.4f}  {r['mean_reported_stderr_bpd']:>11.4f}  "
-              f"{r['actual_sd_of_repeats_bpd']:>9.4f}  {r['set_mean_abs_error_bpd']:>13.4f}  "
-              f"{r['set_mean_reported_stderr_bpd']:>10.4f}  {r['images_per_s']:>8.2f}  "
-              f"{r['images_per_s'] / exact_ips:>7.0f}x")
+    print_table(rows, (
+        Column("K", "k"), Column("bias", lambda r: f"{r['bias_bpd']:+.4f}+-{r['bias_stderr_bpd']:.4f}"),
+        Column("RMS err 1 image", "rms_error_one_image_bpd", ".4f"),
+        Column("reported se", "mean_reported_stderr_bpd", ".4f"), Column("actual sd", "actual_sd_of_repeats_bpd", ".4f"),
+        Column("|err| of mean", "set_mean_abs_error_bpd", ".4f"),
+        Column("se of mean", "set_mean_reported_stderr_bpd", ".4f"), Column("images/s", "images_per_s", ".2f"),
+        Column("speed-up", lambda r: f"{r['images_per_s'] / exact_ips:.0f}x"),
+    ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exact bound, then the estimates; print the table and write the JSON. Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    load_start = load_average_1m()
     torch.set_num_threads(args.threads)
     folder = fetch_checkpoint(args.model)
     loaded = load_checkpoint(folder)
@@ -131,18 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     exact, exact_s = exact_bounds(diffusion, net, images, args)
     rows = [estimate_row(diffusion, net, images, exact, k, args) for k in args.ks]
     exact_ips = len(images) / exact_s
-    print_table(float(exact.mean()), exact_ips, rows, len(images))
-    summary = {
+    show(float(exact.mean()), exact_ips, rows, len(images))
+    figures = {
         "model": args.model, "model_metadata": metadata, "shards": str(Path(args.shards).resolve()),
         "num_images": len(images), "repeats": args.repeats, "num_timesteps": diffusion.num_timesteps,
         "exact": {"mean_bpd": float(exact.mean()), "per_image_bpd": exact.tolist(), "images_per_s": exact_ips},
-        "estimates": rows, "torch_threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "platform": platform.platform(), "load_average_1m_end": os.getloadavg()[0],
+        "estimates": rows,
     }
-    output = Path(args.output).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"wrote {output}")
+    report = build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures)
+    print(f"wrote {write_report(args.output, report)}")
     return 0
 
 

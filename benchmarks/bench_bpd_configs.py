@@ -27,25 +27,27 @@ already in it are skipped, so the rows may be run one invocation (or one session
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from cli import bench_parser, require_at_least
 from machine import machine_info
 from mlflow import MlflowClient
+from report import build_report, load_average_1m, read_figures, write_report
+from table import Column, format_table
 
 from pipelines.data import storage
 from pipelines.evaluation.job import EvalSettings, evaluate
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import TrainConfig, load_config
 from pipelines.training.launcher import run
-from pipelines.training.loop import MODEL_URI_TAG
+from pipelines.training.tags import MODEL_URI_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "bench_bpd_configs.json"
+SCRIPT = "bench_bpd_configs"
 LEARNED = {"diffusion.variance": "learned_range", "model.out_channels": 2}
 ROWS: dict[str, dict[str, Any]] = {
     "simple": {},
@@ -57,7 +59,7 @@ ROW_NAMES = (*ROWS, "other_schedule")
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; see ``--help``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(SCRIPT, __doc__)
     parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_mnist.yaml"))
     parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"))
     parser.add_argument("--storage", default=str(ROOT / "outputs" / "bench_bpd_runs"), help="train.storage_path")
@@ -69,10 +71,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="Ray actors of the evaluation")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every row (e.g. train.fd_every=0 for a quick try)")
-    parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.test_images < 1 or args.estimate < 2 or args.workers < 0:
-        parser.error("--minutes > 0, --test-images >= 1, --estimate >= 2 and --workers >= 0")
+    if args.minutes <= 0:
+        parser.error(f"--minutes={args.minutes} must be > 0")
+    require_at_least(parser, args, {"test_images": 1, "estimate": 2, "workers": 0})
     return args
 
 
@@ -121,39 +123,39 @@ def run_row(name: str, overrides: dict[str, Any], base: TrainConfig, args: argpa
     }
 
 
+COLUMNS = (
+    Column("row", "row"), Column("loss", "loss"), Column("variance", "variance"), Column("schedule", "schedule"),
+    Column("sampler", "timestep_sampler"), Column("steps", "steps"), Column("test bpd", "test_bpd", ".4f"),
+    Column("s.e.", "test_bpd_stderr_images", ".3f"), Column("L_0", "decoder_bpd", ".3f"), Column("FD", "fd", ".2f"),
+)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Text table of the rows."""
-    lines = [f"{'row':>15} {'loss':>7} {'variance':>13} {'schedule':>8} {'sampler':>18} {'steps':>6} "
-             f"{'test bpd':>9} {'s.e.':>6} {'L_0':>6} {'FD':>7}"]
-    for r in rows:
-        fd = f"{r['fd']:.2f}" if r["fd"] is not None else "-"
-        decoder = f"{r['decoder_bpd']:.3f}" if r["decoder_bpd"] is not None else "-"
-        lines.append(f"{r['row']:>15} {r['loss']:>7} {r['variance']:>13} {r['schedule']:>8} "
-                     f"{r['timestep_sampler']:>18} {r['steps']:>6} {r['test_bpd']:>9.4f} "
-                     f"{r['test_bpd_stderr_images']:>6.3f} {decoder:>6} {fd:>7}")
-    return "\n".join(lines)
+    return format_table(rows, COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     base = load_config(args.config, args.set)
     output = Path(args.output)
-    result = json.loads(output.read_text()) if output.is_file() else {"rows": []}
-    done = {r["row"]: r for r in result["rows"]}
+    done = {r["row"]: r for r in (read_figures(output)["rows"] if output.is_file() else [])}
     for name in args.rows:
         if name in done:
             print(f"{name}: already in {output}, skipped", flush=True)
             continue
-        row = {**run_row(name, row_overrides(name, done, base), base, args), "machine": machine_info(torch.device("cpu")),
-               "load_average_after": os.getloadavg(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-        done[name] = row
-        result = {"config": args.config, "minutes": args.minutes, "shards": str(Path(args.shards).resolve()),
-                  "rows": list(done.values())}
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))  # after every row: a long run keeps what it measured
+        load_start = load_average_1m()
+        row = run_row(name, row_overrides(name, done, base), base, args)
+        machine = {**machine_info(torch.device("cpu")), "load_average_1m": {"start": load_start, "end": load_average_1m()}}
+        done[name] = row = {**row, "machine": machine, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        figures = {"config": args.config, "minutes": args.minutes, "shards": str(Path(args.shards).resolve()),
+                   "rows": list(done.values())}
+        # after every row: a long run keeps what it measured
+        write_report(output, build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures))
         print(table([row]), flush=True)
     print(table(list(done.values())))
-    print(f"wrote {output}")
+    print(f"wrote {output.resolve()}")
 
 
 if __name__ == "__main__":

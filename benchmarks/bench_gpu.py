@@ -46,16 +46,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import re
+import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from cli import add_threads, bench_parser, require_at_least
 from machine import machine_info
+from report import build_report, load_average_1m, write_report
+from table import Column, print_table
+from timing import ProgressTimer, time_calls
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_core.config import DiffusionConfig, UNetConfig
@@ -63,7 +66,7 @@ from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "bench_gpu.json"
+SCRIPT = "bench_gpu"
 TARGET_IMAGES_PER_S = 5000.0
 
 # The `model:` and `diffusion:` sections of configs/cifar10_ddpm.yaml (Ho et al. 2020's CIFAR-10
@@ -120,9 +123,9 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- setup
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see ``--help``); ``--tiny`` (implied without CUDA) sets small defaults."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(SCRIPT, __doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--tiny", action="store_true",
                    help="configs/tiny_cpu.yaml's model, fp32, small batches (the default without CUDA)")
@@ -142,8 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dense bf16 peak of the device in TFLOP/s (default: by device name, see PEAK_BF16_TFLOPS)")
     p.add_argument("--profile", action="store_true", help="profile a few training steps with torch.profiler")
     p.add_argument("--profile-steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default 2)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    add_threads(p, None, help="torch.set_num_threads (CPU; default 2)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -154,12 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (tiny, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
-    for name in ("batch", "steps", "sample_batch", "ddim_steps", "bound_batch", "bound_timesteps", "profile_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    for name in ("warmup_steps", "bound_warmup"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    require_at_least(p, args, {**dict.fromkeys(("batch", "steps", "sample_batch", "ddim_steps", "bound_batch",
+                                                "bound_timesteps", "profile_steps", "threads"), 1),
+                               "warmup_steps": 0, "bound_warmup": 0})
     args.use_compile = not args.skip_compile and (not args.tiny or args.compile)
     return args
 
@@ -275,29 +274,18 @@ def time_training(setup: Setup, name: str, compiled: bool) -> dict:
     if setup.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(setup.device)
-    first_step_s = None
-    start = time.perf_counter()
-    for i in range(args.warmup_steps):
-        train_step(setup, net, optimizer, x_start)
-        if i == 0:
-            setup.sync()
-            first_step_s = time.perf_counter() - start
-            log(f"{name}: first step{' (incl. compile)' if compiled else ''} {first_step_s:.1f} s")
-    setup.sync()
-    warmup_s = time.perf_counter() - start
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        train_step(setup, net, optimizer, x_start)
-    setup.sync()
-    elapsed = time.perf_counter() - t0
+    timing = time_calls(lambda _: train_step(setup, net, optimizer, x_start), args.steps, warmup=args.warmup_steps,
+                        sync=setup.sync, sync_each=False)  # no stall between the timed steps
+    if timing.first_s is not None:
+        log(f"{name}: first step{' (incl. compile)' if compiled else ''} {timing.first_s:.1f} s")
     result = {
         "batch": args.batch,
         "warmup_steps": args.warmup_steps,
         "timed_steps": args.steps,
-        "seconds_per_step": elapsed / args.steps,
-        "images_per_s": args.batch * args.steps / elapsed,
-        "first_step_s": first_step_s,
-        "warmup_s": warmup_s,
+        "seconds_per_step": timing.mean,
+        "images_per_s": args.batch / timing.mean,
+        "first_step_s": timing.first_s,
+        "warmup_s": timing.warmup_s,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(setup.device) / 2**30
                             if setup.device.type == "cuda" else None),
     }
@@ -311,20 +299,13 @@ def time_ddim(setup: Setup, net, model: UNet) -> dict:
     shape = (args.sample_batch, *setup.unet_config.image_shape)
     try:
         with torch.no_grad(), setup.autocast():
-            setup.diffusion.ddim_sample_loop(net, shape, num_steps=min(2, args.ddim_steps))
-            setup.sync()
-            t0 = time.perf_counter()
-            setup.diffusion.ddim_sample_loop(net, shape, num_steps=args.ddim_steps)
-            setup.sync()
-            elapsed = time.perf_counter() - t0
+            elapsed = time_calls(lambda i: setup.diffusion.ddim_sample_loop(
+                net, shape, num_steps=args.ddim_steps if i else min(2, args.ddim_steps)), 1, warmup=1,
+                sync=setup.sync).total
     finally:
         model.train()
     return {"batch": args.sample_batch, "ddim_steps": args.ddim_steps, "seconds": elapsed,
             "images_per_s": args.sample_batch / elapsed, "extrapolated": False}
-
-
-class _Stop(Exception):
-    """Ends calc_bpd_loop from its progress callback once the timed terms are done."""
 
 
 def time_bound(setup: Setup, net, model: UNet) -> dict:
@@ -334,30 +315,14 @@ def time_bound(setup: Setup, net, model: UNet) -> dict:
     T = setup.diffusion.num_timesteps
     warmup = min(args.bound_warmup, T - 1)
     timed = min(args.bound_timesteps, T - warmup)
-    marks: dict[str, float] = {}
-
-    def progress(step: int, total: int) -> None:
-        if step == warmup - 1:
-            setup.sync()
-            marks["start"] = time.perf_counter()
-        if step == warmup + timed - 1:
-            setup.sync()
-            marks["end"] = time.perf_counter()
-            raise _Stop
-
     model.eval()
     x_start = setup.images(args.bound_batch)
+    timer = ProgressTimer(setup.sync, warmup=warmup, limit=timed, sync_each=False)
     try:
         with torch.no_grad(), setup.autocast():
-            setup.sync()
-            marks["start"] = time.perf_counter()  # replaced at the end of the warm-up terms, if any
-            try:
-                setup.diffusion.calc_bpd_loop(net, x_start, progress=progress)
-            except _Stop:
-                pass
+            per_term = timer.run(lambda progress: setup.diffusion.calc_bpd_loop(net, x_start, progress=progress)).mean
     finally:
         model.train()
-    per_term = (marks["end"] - marks["start"]) / timed
     return {"batch": args.bound_batch, "num_timesteps": T, "warmup_terms": warmup, "timed_terms": timed,
             "seconds_per_term": per_term, "images_per_s": args.bound_batch / (per_term * T),
             "extrapolated": True,
@@ -568,33 +533,36 @@ def _rate(value: float) -> str:
     return f"{value:.1f}" if value >= 1000 else f"{value:.4g}"
 
 
-def print_table(report: dict) -> None:
+def _note(key: str, r: dict) -> str:
+    if key.startswith("train"):
+        return f"{r['timed_steps']} steps after {r['warmup_steps']} warm-up (first {_fmt(r['first_step_s'], '.1f')} s)"
+    if key.startswith("ddim"):
+        return f"{r['ddim_steps']} steps, one loop"
+    return f"extrapolated from {r['timed_terms']} of {r['num_timesteps']} terms"
+
+
+COLUMNS = (
+    Column("measurement", "key", align="<"), Column("batch", "batch"),
+    Column("images/s", lambda r: "FAILED" if r.get("failed") else _rate(r["images_per_s"])),
+    Column("TFLOP/s", "achieved_tflops", ".1f"),
+    Column("of peak", lambda r: None if r.get("share_of_peak") is None else f"{r['share_of_peak'] * 100:.1f}%"),
+    Column("peak mem GiB", "peak_memory_gib", ".2f"), Column("notes", "note", align="<"),
+)
+
+
+def show(report: dict) -> None:
     """The results as a fixed-width table."""
-    m, f = report["machine"], report.get("flops") or {}
+    m, report = report["machine"], report["figures"]
+    f = report.get("flops") or {}
     print(f"\nUNet {report['parameters']:,} params ({report['model_source']}), {report['settings']['precision']}, "
           f"device {m['device']} {m.get('gpu') or ''}, torch {m['torch']}; peak bf16 dense "
           f"{_fmt(report['peak_bf16_dense_tflops'], '.0f')} TFLOP/s ({report['peak_source']})")
     if f:
         print(f"FLOPs per image: training step {f['flops_per_image'] / 1e9:.3f} GFLOP, "
               f"forward {f['forward_flops_per_image'] / 1e9:.3f} GFLOP")
-    header = (f"{'measurement':<22} {'batch':>5} {'images/s':>10} {'TFLOP/s':>8} {'of peak':>8} "
-              f"{'peak mem GiB':>12}  notes")
-    print(header + "\n" + "-" * len(header))
-    for key, r in report["results"].items():
-        if r is None:
-            print(f"{key:<22} {'':>5} {'FAILED':>10}  {report['errors'].get(key.replace('_', ' '), '')[:60]}")
-            continue
-        note = ""
-        if key.startswith("train"):
-            note = f"{r['timed_steps']} steps after {r['warmup_steps']} warm-up (first {_fmt(r['first_step_s'], '.1f')} s)"
-        elif key.startswith("ddim"):
-            note = f"{r['ddim_steps']} steps, one loop"
-        elif key.startswith("bound"):
-            note = f"extrapolated from {r['timed_terms']} of {r['num_timesteps']} terms"
-        share = r.get("share_of_peak")
-        print(f"{key:<22} {r['batch']:>5} {_rate(r['images_per_s']):>10} {_fmt(r.get('achieved_tflops'), '8.1f'):>8} "
-              f"{_fmt(share * 100 if share is not None else None, '7.1f') + ('%' if share is not None else ''):>8} "
-              f"{_fmt(r.get('peak_memory_gib'), '12.2f'):>12}  {note}")
+    print_table([{"key": key, "failed": True, "note": report["errors"].get(key.replace("_", " "), "")[:60]}
+                 if r is None else {**r, "key": key, "note": _note(key, r)}
+                 for key, r in report["results"].items()], COLUMNS)
     for name, error in report["errors"].items():
         print(f"error in {name}: {error[:300]}")
     best, met = report["best_training_images_per_s"], report["target_met"]
@@ -608,21 +576,15 @@ def print_table(report: dict) -> None:
     print(f"wall time {report['wall_s']:.1f} s", flush=True)
 
 
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run, print the table, write the JSON and print its path."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    report = run(args)
-    print_table(report)
-    output = args.output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    print(f"wrote {output}", flush=True)
+    load_start = load_average_1m()
+    figures = run(args)
+    report = build_report(SCRIPT, argv, figures.pop("machine"), load_start, figures)
+    show(report)
+    print(f"wrote {write_report(args.output, report)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ Measured on this machine, in one run:
 The Ray path is exactly the product's ``pipelines.data.job.run_preprocess`` (on a Ray started
 here with ``num_cpus=2`` and warmed up by a small run, so the timed runs do not include starting
 worker processes). The two baselines do the same work with the same functions, block for block:
-``sources.list_source``, then for each block ``sources.read_image_files`` (Pillow) and
-``shards.write_shards`` (pyarrow), in a plain loop or in ``multiprocessing.Pool(2)`` (forkserver
+``list_source``, then for each block ``read_image_files`` (Pillow) and
+``write_shards`` (pyarrow), in a plain loop or in ``multiprocessing.Pool(2)`` (forkserver
 context started before Ray, modules preloaded; pool start-up is inside the timing).
 
 The machine is shared, so the three ways run interleaved, ``--repeats`` rounds, and the fastest
@@ -31,13 +31,11 @@ Writes ``benchmarks/results/bench_preprocess.json`` and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import json
 import multiprocessing
 import os
-import platform
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -47,14 +45,25 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import ray
+import torch
+from cli import bench_parser
+from machine import machine_info
 from PIL import Image
+from report import build_report, load_average_1m, write_report
+from table import Column, print_table
+from timing import time_calls
 
-from pipelines.data import shards, sources, storage
+from pipelines.common.ray_auth import init_local_ray
+from pipelines.data import storage
 from pipelines.data.job import PreprocessConfig, run_preprocess
+from pipelines.data.shards.writer import ShardTarget, write_shards
+from pipelines.data.sources.blocks import ReadOptions
+from pipelines.data.sources.dataset import input_blocks
+from pipelines.data.sources.detect import list_source
+from pipelines.data.sources.image_folder import read_image_files
 from pipelines.data.transforms import ImageSpec, SplitSpec
-from pipelines.ray_auth import init_local_ray
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_preprocess.json"
+SCRIPT = "bench_preprocess"
 DEFAULT_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 NUM_CPUS = 2
 TARGET_BLOCK_BYTES = 64 * 2**20
@@ -213,17 +222,17 @@ class Job:
 
 def _blocks(job: Job):
     """The product's listing and block division, for the baselines (same work, other executors)."""
-    listing = sources.list_source(str(job.source), limit=job.limit)
+    listing = list_source(str(job.source), limit=job.limit)
     spec = ImageSpec(job.size, job.size, job.mode)
-    options = sources.ReadOptions(listing.root, spec, SplitSpec(0.1, 0), False)
-    target = shards.ShardTarget(storage.resolve(str(job.output)), spec.shape)
-    tables = sources.input_blocks(listing, spec, num_cpus=NUM_CPUS, target_block_bytes=TARGET_BLOCK_BYTES)
+    options = ReadOptions(listing.root, spec, SplitSpec(0.1, 0), False)
+    target = ShardTarget(storage.resolve(str(job.output)), spec.shape)
+    tables = input_blocks(listing, spec, num_cpus=NUM_CPUS, target_block_bytes=TARGET_BLOCK_BYTES)
     return listing, options, target, tables
 
 
 def _convert_block(args) -> int:
     table, options, target = args
-    report = shards.write_shards(sources.read_image_files(table, options), target)
+    report = write_shards(read_image_files(table, options), target)
     return int(sum(report.column("rows").to_pylist()))
 
 
@@ -236,7 +245,8 @@ def run_single(job: Job) -> int:
 def _pool_context():
     """A forkserver context whose server preloads the pipeline modules (it is started before Ray)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.data.sources", "pipelines.data.shards", "pipelines.data.transforms", "ray.data.extensions"])
+    context.set_forkserver_preload(["pipelines.data.sources.image_folder", "pipelines.data.shards.writer", "pipelines.data.transforms",
+                                     "ray.data.extensions"])
     return context
 
 
@@ -268,11 +278,11 @@ WAYS = {"single": run_single, "pool": run_pool, "ray": run_ray}
 def measure(way: str, job: Job) -> dict:
     """One timed run of ``way`` on ``job`` (fresh output), with peak RSS and CPU seconds."""
     shutil.rmtree(job.output, ignore_errors=True)
-    load_before = os.getloadavg()[0]
+    load_before = load_average_1m()
+    counts: list[int] = []
     with ProcessMonitor("ray" if way == "ray" else "pool") as monitor:
-        started = time.perf_counter()
-        converted = WAYS[way](job)
-        seconds = time.perf_counter() - started
+        seconds = time_calls(lambda _: counts.append(WAYS[way](job)), 1).total
+    converted = counts[0]
     shutil.rmtree(job.output, ignore_errors=True)
     result = {
         "way": way,
@@ -282,7 +292,7 @@ def measure(way: str, job: Job) -> dict:
         "cpu_seconds": round(monitor.cpu_seconds, 2),
         "peak_rss_mib": round(monitor.peak_rss / 2**20, 1),
         "ray_daemons_rss_mib": round(monitor.peak_daemon_rss / 2**20, 1),
-        "load_avg_1m_before": round(load_before, 2),
+        "load_average_1m": {"start": round(load_before, 2), "end": None},
     }
     print(f"  {way:<7} {converted:>6} images {seconds:7.2f} s {result['images_per_s']:8.1f} img/s "
           f"cpu {result['cpu_seconds']:6.1f} s  peak {result['peak_rss_mib']:5.0f} MiB  (load {load_before:.1f})", flush=True)
@@ -312,7 +322,7 @@ def diagnose_read_binary_files(folder: Path, count: int) -> dict:
     ``read_binary_files`` this includes one ``get_file_info`` per path) and the execution wall
     time and CPU seconds per file of the Ray workers.
     """
-    listing = sources.list_source(str(folder), limit=count)
+    listing = list_source(str(folder), limit=count)
     paths = [listing.root.join(item).path for item in listing.items]
     result = {"files": len(paths)}
     for name in ("read_binary_files", "listing_in_map_batches"):
@@ -320,7 +330,7 @@ def diagnose_read_binary_files(folder: Path, count: int) -> dict:
         if name == "read_binary_files":
             dataset = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=8)
         else:
-            tables = sources.input_blocks(listing, ImageSpec(28, 28, "L"), num_cpus=2, target_block_bytes=2**40)
+            tables = input_blocks(listing, ImageSpec(28, 28, "L"), num_cpus=2, target_block_bytes=2**40)
             dataset = ray.data.from_arrow(tables).map_batches(
                 _read_bytes_only, batch_size=None, batch_format="pyarrow", fn_kwargs={"root": listing.root}
             )
@@ -355,13 +365,14 @@ def compare(rows: dict[str, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON; returns 0."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = bench_parser(SCRIPT, __doc__)
     parser.add_argument("--quick", action="store_true", help="smoke run on small data (numbers not meaningful)")
     parser.add_argument("--workdir", default="/tmp/bench_preprocess", help="where generated inputs and outputs go")
     parser.add_argument("--fashion-dir", default=os.environ.get("FASHION_MNIST_DIR", str(DEFAULT_FASHION)))
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per way (best is kept)")
-    parser.add_argument("--output", default=str(RESULTS), help="JSON results path")
     args = parser.parse_args(argv)
+    load_start = load_average_1m()
     workdir = Path(args.workdir).resolve()
     n_photos, n_png, n_small, n_diagnose = (300, 5000, 1000, 2000) if args.quick else (3000, 70000, 10000, 20000)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -396,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     png_result = compare({way: best_of(r) for way, r in runs["fashion-png"].items()})
 
     results = {
-        "machine": {"cpus_used": NUM_CPUS, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "ray": ray.__version__, "quick": args.quick, "repeats": repeats,
-                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "cpus_used": NUM_CPUS, "quick": args.quick, "repeats": repeats,
         "photos_jpeg_512_to_64_rgb": {"images": n_photos, **photo_result},
         "fashion_png_28_l": {"images": n_png, **png_result},
         "memory_ray": {
@@ -409,22 +418,26 @@ def main(argv: list[str] | None = None) -> int:
         },
         "diagnosis_small_files": diagnosis,
     }
-    print_table(results, n_small, n_png)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results: {Path(args.output).resolve()}")
+    show(results, n_small, n_png)
+    machine = {**machine_info(torch.device("cpu")), "ray": ray.__version__}
+    print(f"wrote {write_report(args.output, build_report(SCRIPT, argv, machine, load_start, results))}")
     return 0
 
 
-def print_table(results: dict, n_small: int, n_png: int) -> None:
+COLUMNS = (
+    Column("data set", "data_set", align="<"), Column("way", "way", align="<"), Column("images", "images"),
+    Column("seconds", "seconds", ".2f"), Column("img/s", "images_per_s", ".1f"), Column("CPU s", "cpu_seconds", ".1f"),
+    Column("peak RSS MiB", "peak_rss_mib", ".0f"),
+)
+
+
+def show(results: dict, n_small: int, n_png: int) -> None:
     """Print the comparison table."""
     print()
-    print(f"{'data set':<28}{'way':<8}{'images':>8}{'seconds':>10}{'img/s':>10}{'CPU s':>8}{'peak RSS MiB':>14}")
-    for key in ("photos_jpeg_512_to_64_rgb", "fashion_png_28_l"):
-        for way, row in results[key]["rows"].items():
-            print(f"{key:<28}{way:<8}{row['images']:>8}{row['seconds']:>10.2f}{row['images_per_s']:>10.1f}"
-                  f"{row['cpu_seconds']:>8.1f}{row['peak_rss_mib']:>14.0f}")
-        print(f"{'':<28}speed ray/single = {results[key]['ray_vs_single']:.2f}x   ray/pool = {results[key]['ray_vs_pool']:.2f}x"
+    keys = ("photos_jpeg_512_to_64_rgb", "fashion_png_28_l")
+    print_table([{**row, "data_set": key} for key in keys for row in results[key]["rows"].values()], COLUMNS)
+    for key in keys:
+        print(f"{key}: speed ray/single = {results[key]['ray_vs_single']:.2f}x   ray/pool = {results[key]['ray_vs_pool']:.2f}x"
               f"   CPU single/ray = {results[key]['cpu_single_over_ray']:.2f}   pool/ray = {results[key]['cpu_pool_over_ray']:.2f}")
     diagnosis = results["diagnosis_small_files"]
     for name in ("read_binary_files", "listing_in_map_batches"):

@@ -36,20 +36,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
-import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence, get_args
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from cli import add_threads, bench_parser, require_at_least
 from machine import machine_info
 from matplotlib.figure import Figure
+from report import build_report, load_average_1m, write_report
+from table import Column, format_table
+from timing import time_calls
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.generate import SamplerSettings
-from diffusion_core.timesteps import Spacing
+from diffusion_core.samplers.registry import SNR, SPACING
 from pipelines.evaluation.distributed_sampling import num_blocks, sample_blocks
 from pipelines.evaluation.fd import (
     FeatureNet,
@@ -63,13 +66,13 @@ from pipelines.evaluation.job import compiled_network
 from pipelines.registry.model_store import fetch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "bench_samplers.json"
+SCRIPT = "bench_samplers"
 SAMPLERS = ("ancestral", "ddim", "dpm_solver", "dpm_solver_sde", "pc", "langevin")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; see ``--help``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(SCRIPT, __doc__)
     parser.add_argument("--model", required=True, help="the DDPM: model URI or checkpoint folder")
     parser.add_argument("--classifier", required=True, help="the FD classifier: model URI or folder")
     parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"))
@@ -77,22 +80,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--evals", type=int, nargs="+", default=[10, 20, 50, 100, 1000],
                         help="network evaluations per image")
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
-    parser.add_argument("--snr", type=float, default=0.16, help="the corrector's signal-to-noise ratio (pc)")
-    parser.add_argument("--spacing", choices=get_args(Spacing), default=None,
+    parser.add_argument("--snr", type=float, default=SNR.default, help="the corrector's signal-to-noise ratio (pc)")
+    parser.add_argument("--spacing", choices=SPACING.choices, default=None,
                         help="timesteps of every sampler (default: each its own, as listed above)")
     parser.add_argument("--cells", nargs="*", default=None, metavar="SAMPLER:EVALS",
                         help="extra cells beyond the grid, e.g. ancestral:1000")
     parser.add_argument("--block", type=int, default=250, help="images per seeded block (one batch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    add_threads(parser, 2)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="sample through torch.compile (as evaluate.py; compiled and warmed up at the block "
                              "size before the first cell, so no cell's time holds compiling); --no-compile: eager")
     parser.add_argument("--cache", default=None, help="FD statistics cache folder (default outputs/fd_cache)")
-    parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if args.images < 2 or args.block < 1 or args.threads < 1 or min(args.evals) < 2:
-        parser.error("--images >= 2, --block >= 1, --threads >= 1 and every --evals >= 2")
+    require_at_least(parser, args, {"images": 2, "block": 1, "threads": 1, "evals": 2})
     return args
 
 
@@ -111,11 +112,11 @@ def _own_settings(sampler: str, evals: int, snr: float) -> SamplerSettings:
     if sampler == "ancestral":
         return SamplerSettings("pc", evals, corrector_steps=0)
     if sampler == "ddim":
-        return SamplerSettings("ddim", evals, eta=0.0, spacing="uniform")
+        return SamplerSettings("ddim", evals)
     if sampler == "dpm_solver":
-        return SamplerSettings("dpm_solver", evals, order=2, spacing="logsnr")
+        return SamplerSettings("dpm_solver", evals)
     if sampler == "dpm_solver_sde":
-        return SamplerSettings("dpm_solver", evals, order=2, spacing="logsnr", algorithm="sde-dpmsolver++")
+        return SamplerSettings("dpm_solver", evals, algorithm="sde-dpmsolver++")
     if sampler == "pc":
         if evals % 2:
             raise ValueError(f"pc with one corrector step needs an even number of evaluations, got {evals}")
@@ -143,10 +144,10 @@ def run_cell(loaded: LoadedModel, network: Callable[..., torch.Tensor], settings
     """N samples with ``settings`` drawn through ``network`` (``loaded.model`` or its compiled
     version): wall seconds per image and their FD to the reference."""
     blocks = np.arange(num_blocks(args.images, args.block))
-    start = time.perf_counter()
-    out = sample_blocks(loaded.diffusion, network, loaded.unet_config.image_shape, settings, args.images,
-                        args.block, args.seed, blocks)
-    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {}
+    seconds = time_calls(lambda _: out.update(sample_blocks(
+        loaded.diffusion, network, loaded.unet_config.image_shape, settings, args.images, args.block, args.seed,
+        blocks)), 1).total
     return {"fd": images_fd(net, out["image"], reference), "seconds": seconds, "seconds_per_image": seconds / args.images,
             "images": args.images, "settings": settings.params(),
             "evals": settings.network_evaluations(loaded.diffusion.num_timesteps)}
@@ -182,36 +183,36 @@ def plot(rows: list[dict[str, Any]], floor: float, images: int) -> bytes:
 
 def table(rows: list[dict[str, Any]], floor: float) -> str:
     """Text table: sampler, evaluations, FD, FD / floor, seconds per image."""
-    lines = [f"{'sampler':>11} {'evals':>6} {'FD':>9} {'FD/floor':>9} {'s/image':>9}"]
-    for r in rows:
-        lines.append(f"{r['sampler']:>11} {r['evals']:>6} {r['fd']:>9.3f} {r['fd'] / floor:>9.2f} "
-                     f"{r['seconds_per_image']:>9.4f}")
-    return "\n".join(lines)
+    return format_table(rows, (
+        Column("sampler", "sampler"), Column("evals", "evals"), Column("FD", "fd", ".3f"),
+        Column("FD/floor", lambda r: r["fd"] / floor, ".2f"), Column("s/image", "seconds_per_image", ".4f"),
+    ))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    load_start = load_average_1m()
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(fetch_checkpoint(args.model))
     net = build_feature_net("classifier", classifier=args.classifier)
     reference, floor = reference_and_floor(args.shards, args.images, net, StatsCache(args.cache))
     print(f"floor (N={args.images} real val images): {floor:.3f}", flush=True)
     network = sampling_network(loaded, args)
-    rows, load_before = [], os.getloadavg()
+    rows: list[dict[str, Any]] = []
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     for sampler, evals in grid(args):
         settings = settings_for(sampler, evals, args.snr, args.spacing)
         row = {"sampler": sampler, **run_cell(loaded, network, settings, args, net, reference)}
         rows.append(row)
         print(f"[{time.strftime('%H:%M:%S')}] {sampler:>11} {row['evals']:>5} evals: FD {row['fd']:.3f} "
               f"({row['seconds_per_image']:.4f} s/image)", flush=True)
-        result = {"machine": machine_info(torch.device("cpu")), "model": args.model, "classifier": args.classifier,
-                  "shards": str(Path(args.shards).resolve()), "images": args.images, "threads": args.threads,
-                  "block": args.block, "compiled": network is not loaded.model, "seed": args.seed, "snr": args.snr, "floor": floor,
-                  "features": net.identity, "load_average_before": load_before,
-                  "load_average_after": os.getloadavg(), "rows": rows}
-        output.write_text(json.dumps(result, indent=2))  # after every cell: a long run keeps what it measured
+        figures = {"model": args.model, "classifier": args.classifier, "shards": str(Path(args.shards).resolve()),
+                   "images": args.images, "threads": args.threads, "block": args.block,
+                   "compiled": network is not loaded.model, "seed": args.seed, "snr": args.snr, "floor": floor,
+                   "features": net.identity, "rows": rows}
+        # after every cell: a long run keeps what it measured
+        write_report(output, build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures))
     print(table(rows, floor))
     output.with_suffix(".png").write_bytes(plot(rows, floor, args.images))
     print(f"wrote {output} and {output.with_suffix('.png')}")

@@ -13,7 +13,7 @@ What it does (loopback only):
    image per request. Requests/s = completed requests / wall time; p50/p99 of per-request latency.
 3. Direct baseline, measured right after each batched cell (same machine load): the replica's
    own compute (``deploy.model_runner.ModelRunner``: ``sample_many`` / ``likelihood_many``, i.e.
-   ``ddim_sample_loop`` / ``calc_bpd_estimate`` on the network of ``--network``, TorchScript by default) on min(clients,
+   ``ddim_sample_loop`` / ``calc_bpd_estimate`` on the network of ``--network``) on min(clients,
    largest batch size) one-image requests at once, in this process, single-threaded like the replica.
 4. CPU time per request of the model replica, of all cluster processes, and of the direct
    calls: on a machine shared with other work, wall-clock throughput depends on how the
@@ -23,6 +23,10 @@ Prints a table and writes JSON (default ``benchmarks/results/bench_serve.json``)
 extra (requests, psutil). Example::
 
     python benchmarks/bench_serve.py --clients 1 4 16 --batch-sizes 1 8 --requests-per-client 8
+
+``--compare-networks eager compiled padded exported`` measures instead, in this process and one run,
+the replica's sampling throughput with each network mode (``benchmarks/serve_networks.py``; JSON
+``benchmarks/results/bench_serve_networks.json``): how the default ``network`` was chosen.
 """
 
 from __future__ import annotations
@@ -30,33 +34,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import requests
 import torch
 import yaml
+from cli import bench_parser, default_output, require_at_least
+from machine import machine_info
+from report import build_report, load_average_1m, write_report
+from serve_networks import compare_networks
+from table import Column, print_table
 
+from deploy.config import DEFAULT_NETWORK
 from deploy.model_runner import LikelihoodJob, SampleJob, load_runner
 from diffusion_core import DiffusionConfig, UNet, UNetConfig
 from diffusion_core.checkpoint import read_checkpoint_config, save_checkpoint
+from diffusion_core.inference_network import NETWORK_MODES
 from pipelines.registry.model_store import fetch_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test tooling: tests/tooling/
 from tooling.local_cluster import LocalRayCluster, derive_serve_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = "bench_serve"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line; see ``--help``."""
+    parser = bench_parser(SCRIPT, __doc__)
     parser.add_argument("--model-uri", help="model to serve (models:/..., runs:/..., s3://... or a folder); "
                                             "default: a random-init model of --config")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
@@ -70,15 +81,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time bound of one cell")
     parser.add_argument("--ddim-steps", type=int, default=5, help="DDIM steps of each /sample request")
     parser.add_argument("--num-samples", type=int, default=8, help="K of each /likelihood estimate request")
-    parser.add_argument("--network", choices=["torchscript", "compiled", "eager"], default="torchscript",
+    parser.add_argument("--network", choices=NETWORK_MODES, default=DEFAULT_NETWORK,
                         help="the model deployment's user_config.network, also used by the direct baseline")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "bench_serve.json")
+    parser.add_argument("--compare-networks", nargs="+", choices=NETWORK_MODES, metavar="MODE",
+                        help="instead of the Serve load test: the replica's DDIM throughput with each of these "
+                             f"networks ({', '.join(NETWORK_MODES)}) and eager, in this process, in one run "
+                             "(benchmarks/serve_networks.py; default output bench_serve_networks.json)")
+    parser.add_argument("--rounds", type=int, default=4, help="--compare-networks: rounds (the first reported apart)")
     args = parser.parse_args(argv)
-    for name in ("clients", "batch_sizes"):
-        if min(getattr(args, name)) < 1:
-            parser.error(f"--{name.replace('_', '-')} values must be >= 1")
-    if args.requests_per_client < 1 or args.max_seconds <= 0 or args.ddim_steps < 1 or args.num_samples < 2:
-        parser.error("--requests-per-client >= 1, --max-seconds > 0, --ddim-steps >= 1, --num-samples >= 2")
+    if args.compare_networks and args.output == default_output(SCRIPT):
+        args.output = default_output(f"{SCRIPT}_networks")
+    # --rounds >= 2: the first round is reported apart
+    require_at_least(parser, args, {"clients": 1, "batch_sizes": 1, "rounds": 2, "requests_per_client": 1,
+                                    "ddim_steps": 1, "num_samples": 2})
+    if args.max_seconds <= 0:
+        parser.error(f"--max-seconds={args.max_seconds} must be > 0")
     return args
 
 
@@ -245,34 +262,35 @@ def summarize(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
     return rows
 
 
-def _print_rows(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
-    """One table: ``columns`` are (header, row key, format spec); endpoint and clients come first."""
-    header = f"{'endpoint':10s} {'clients':>7s} " + " ".join(f"{name:>{len(name) + 2}s}" for name, _, _ in columns)
-    print(f"\n{title}\n{header}\n" + "-" * len(header))
-    for r in rows:
-        cells = " ".join(f"{r[key]:>{len(name) + 2}{spec}}" for name, key, spec in columns)
-        print(f"{r['endpoint']:10s} {r['clients']:7d} {cells}")
-
-
-def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def show(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Throughput table, then the CPU-time table (CPU ms per request, robust to a busy machine)."""
     largest, smallest = max(args.batch_sizes), min(args.batch_sizes)
-    _print_rows("throughput (wall clock)", rows, [
+    first = [Column("endpoint", "endpoint", align="<"), Column("clients", "clients")]
+    print()
+    print_table(rows, [*first, *(Column(*c) for c in (
         (f"req/s b={smallest}", "rps_batch_1", ".2f"), (f"req/s b={largest}", "rps_batched", ".2f"),
         ("p50 ms", "p50_ms_batched", ".1f"), ("p99 ms", "p99_ms_batched", ".1f"),
         ("speed-up", "batching_speedup", ".2f"), ("direct", "direct_rps_same_batch", ".2f"),
         ("serve/direct", "serve_over_direct", ".2f"),
-    ])
-    _print_rows("CPU ms per request", rows, [
+    ))], "throughput (wall clock)")
+    print()
+    print_table(rows, [*first, *(Column(*c) for c in (
         (f"replica b={smallest}", "replica_cpu_ms_batch_1", ".1f"),
         (f"replica b={largest}", "replica_cpu_ms_batched", ".1f"),
         ("all Ray", "cluster_cpu_ms_batched", ".1f"), ("direct", "direct_cpu_ms", ".1f"),
         ("direct/replica", "direct_over_replica_cpu", ".2f"),
-    ])
+    ))], "CPU ms per request")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the load test (or ``--compare-networks``), print the tables, write the JSON."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.compare_networks:
+        result = compare_networks(args, argv)
+        print(f"winner: {result['winner']}\nwrote {args.output.resolve()}")
+        return
+    load_start = load_average_1m()
     torch.set_num_threads(1)  # as the replica (num_cpus: 1)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work_dir = Path(tmp)
@@ -290,19 +308,16 @@ def main(argv: list[str] | None = None) -> None:
             cluster.stop()
 
     rows = summarize(cells, args)
-    print_table(rows, args)
-    result = {
+    show(rows, args)
+    figures = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {"image_size": size, "in_channels": channels,
                   "uri": args.model_uri or f"random init of {args.config}"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "load_average": os.getloadavg()},
         "cells": cells,
         "summary": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.output.resolve()}")
+    report = build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures)
+    print(f"\nwrote {write_report(args.output, report)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training throughput of the Ray Train job against a plain single-process PyTorch loop.
 
-Both run the same step (``pipelines.training.loop.train_step``: per-example noise, loss, backward,
+Both run the same step (``pipelines.training.step.train_step``: per-example noise, loss, backward,
 clipping, Adam, EMA) on the same model (``configs/fashion_mnist.yaml`` by default), batch size,
 torch thread count and shards. The plain loop reads the shards with pyarrow into memory
 (``read_split_numpy``) and slices batches; the Ray job is the real ``pipelines.training.launcher.run`` with one
@@ -24,10 +24,8 @@ Prints a table and writes ``benchmarks/results/bench_train.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,36 +34,41 @@ from typing import Any, Callable, Sequence
 
 import ray
 import torch
+from cli import add_threads, bench_parser, require_at_least
 from cpu_sampler import CpuSampler
+from machine import machine_info
 from mlflow import MlflowClient
+from report import build_report, load_average_1m, write_report
+from table import Column, print_table
 
 from diffusion_core.diffusion import GaussianDiffusion
-from pipelines.data.shards import load_manifest, read_split_numpy
-from pipelines.ray_auth import init_local_ray
+from pipelines.common.ray_auth import init_local_ray
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.config import load_config
 from pipelines.training.launcher import run
-from pipelines.training.loop import Window, Worker, build_trainee, configure_torch, train_step
+from pipelines.training.step import train_step
+from pipelines.training.trainee import build_trainee
+from pipelines.training.window import Window
+from pipelines.training.worker import Worker, configure_torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "bench_train.json"
+SCRIPT = "bench_train"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; see ``--help``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(SCRIPT, __doc__)
     parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_mnist.yaml"))
     parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"),
                         help="preprocessed shard folder (pipelines/preprocess.py)")
     parser.add_argument("--window", type=int, default=10, help="steps per measured window")
     parser.add_argument("--windows", type=int, default=3, help="measured windows (after one warm-up window)")
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch thread counts to measure, each a full comparison (default: the config's)")
+    add_threads(parser, None, many=True,
+                help="torch thread counts to measure, each a full comparison (default: the config's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
-    parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if min(args.window, args.windows, *(args.threads or [1])) < 1:
-        parser.error("--window, --windows and --threads must be >= 1")
+    require_at_least(parser, args, {"window": 1, "windows": 1, "threads": 1})
     return args
 
 
@@ -190,7 +193,7 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
     worker, Ray job with one single-threaded worker per thread (if threads > 1), plain loop again;
     images/s, cores used, and ratios to the plain loop (before and after averaged)."""
     config = bench_config(args, threads, f"{tmp}/runs-{threads}")
-    load_before = os.getloadavg()
+    load_start = load_average_1m()
     loops = {"plain_before": timed(plain_loop, config, False),
              "plain_beside_idle_ray": timed(plain_loop_beside_idle_ray, config, False),
              "ray": timed(ray_job, config, True)}
@@ -201,7 +204,6 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
                                  "train.run_name": f"{config.train.run_name}-dp"})
         loops["ray_data_parallel"] = timed(ray_job, spread, True)
     loops["plain_after"] = timed(plain_loop, config, False)
-    load_after = os.getloadavg()
     batch = config.per_worker_batch_size
     for loop in loops.values():
         loop["mean"] = mean_rate(loop["windows"], args.window, batch)
@@ -209,7 +211,7 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
     return {
         "torch_threads": torch_threads, "batch": batch, "loops": loops, "plain_mean": plain,
         "ratios_over_plain": {name: loop["mean"] / plain for name, loop in loops.items()},
-        "load_average_1m": {"start": load_before[0], "end": load_after[0]},
+        "load_average_1m": {"start": load_start, "end": load_average_1m()},
     }
 
 
@@ -218,15 +220,21 @@ LABELS = {"plain_before": "plain PyTorch (before)", "plain_beside_idle_ray": "pl
           "plain_after": "plain PyTorch (after)"}
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
+COLUMNS = (
+    Column("threads", "threads"), Column("loop", "loop", align="<"), Column("images/s", "mean", ".2f"),
+    Column("/ plain", "ratio", ".3f"), Column("train cores", "training_cores", ".2f"),
+    Column("other cores", "other_cores", ".2f"), Column("windows", "windows", align="<"),
+)
+
+
+def show(results: list[dict[str, Any]]) -> None:
     """One row per (thread count, loop): images/s, ratio to the plain loop, cores used by the
     training and by every other process over the measured windows; then the windows."""
-    print(f"{'threads':>7}  {'loop':<24}{'images/s':>9}{'/ plain':>9}{'train cores':>13}{'other cores':>13}   windows")
+    print_table([{"threads": r["torch_threads"], "loop": LABELS[name], "mean": loop["mean"],
+                  "ratio": r["ratios_over_plain"][name], "training_cores": loop["cores"]["training"],
+                  "other_cores": loop["cores"]["other"], "windows": str([round(w, 1) for w in loop["windows"]])}
+                 for r in results for name, loop in r["loops"].items()], COLUMNS)
     for r in results:
-        for name, loop in r["loops"].items():
-            print(f"{r['torch_threads']:>7}  {LABELS[name]:<24}{loop['mean']:>9.2f}{r['ratios_over_plain'][name]:>9.3f}"
-                  f"{loop['cores']['training']:>13.2f}{loop['cores']['other']:>13.2f}   "
-                  f"{[round(w, 1) for w in loop['windows']]}")
         for name, loop in r["loops"].items():
             if name.startswith("ray"):
                 top = ", ".join(f"{proc} {used:.3f}" for proc, used in list(loop["cores"]["other_by_process"].items())[:8])
@@ -238,6 +246,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both loops for each thread count, print the table, write the JSON; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
         manifest = load_manifest(str(Path(args.shards).resolve()))
@@ -246,20 +255,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               "/work/shared/data/fashion-mnist/train-images-idx3-ubyte.gz --output data/fashion-mnist-shards",
               file=sys.stderr)
         return 2
+    load_start = load_average_1m()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         results = [measure(args, threads, tmp) for threads in (args.threads or [None])]
-    summary = {
+    figures = {
         "config": str(Path(args.config).resolve()), "shards": str(Path(args.shards).resolve()),
         "train_images": manifest.counts["train"], "window_steps": args.window, "windows": args.windows,
         "target_ratio": 0.95, "results": results,
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
     }
-    print_table(results)
-    output = Path(args.output).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {output}")
+    show(results)
+    report = build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures)
+    print(f"wrote {write_report(args.output, report)}")
     return 0
 
 

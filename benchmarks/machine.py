@@ -10,10 +10,12 @@ import torch
 
 
 def machine_info(device: torch.device) -> dict:
-    """CPU count, torch version and threads, platform, OMP_WAIT_POLICY, CUDA/cuDNN versions and, on
-    a GPU, its name, memory (GiB), SM count and compute capability."""
+    """CPU count, Python and torch versions, torch threads, platform, OMP_WAIT_POLICY, CUDA/cuDNN
+    versions and, on a GPU, its name, memory (GiB), SM count and compute capability. ``report``
+    adds the load average."""
     info = {
         "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -20,7 +20,7 @@ import secrets
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from deploy.schemas import RequestError
+from deploy.errors import RequestError
 
 _bearer = HTTPBearer(auto_error=False, description="the API key, when the server requires one")
 _expected: dict[str, bytes | None] = {"key": None}

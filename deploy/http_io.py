@@ -3,12 +3,12 @@
 * ``read_body``: the request body, refused (413/411) before reading when ``Content-Length`` is
   over the upload limit.
 * ``parse_sample_request`` / ``parse_likelihood_request``: JSON or multipart bodies into the
-  pydantic models of ``deploy.schemas`` and uint8 images ``[N, H, W, C]``.
+  pydantic models of ``deploy.request_models`` and uint8 images ``[N, H, W, C]``.
 * ``sample_response``: float images ``[N, C, H, W]`` in [-1, 1] as JSON with base64 PNGs, one
   PNG grid (``image/png``) or an ``.npy`` file (``application/octet-stream``, uint8
   ``[N, H, W, C]``).
 
-Every client error raises ``deploy.schemas.RequestError``.
+Every client error raises ``deploy.errors.RequestError``.
 """
 
 from __future__ import annotations
@@ -25,20 +25,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.schemas import (
-    LikelihoodJsonRequest,
-    LikelihoodOptions,
-    Limits,
-    RequestError,
-    SampleRequest,
-    check_content_length,
-    check_likelihood_limits,
-    check_sample_limits,
-    decode_image_upload,
-    pixel_budget,
-    pixels_from_json,
-    request_error_from_validation,
-)
+from deploy.decoding import decode_image_upload, pixels_from_json
+from deploy.errors import RequestError, request_error_from_validation
+from deploy.limits import Limits, check_content_length, check_likelihood_limits, check_sample_limits, pixel_budget
+from deploy.request_models import LikelihoodJsonRequest, LikelihoodOptions, SampleRequest
 from diffusion_core.images import encode_png, float_to_uint8, images_to_pngs, make_grid
 
 _M = TypeVar("_M", bound=BaseModel)

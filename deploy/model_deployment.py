@@ -1,6 +1,6 @@
 """The Serve model deployment: one ``ModelRunner`` per replica, requests merged by ``@serve.batch``.
 
-``DDPMModel`` is configured only through its ``user_config`` (``deploy.schemas.ModelDeploymentConfig``:
+``DDPMModel`` is configured only through its ``user_config`` (``deploy.config.ModelDeploymentConfig``:
 ``model_uri``, ``max_batch_size``, ``batch_wait_timeout_s``). ``reconfigure`` loads the model
 when ``model_uri`` changes and swaps it in without restarting the replica; requests already
 running finish on the model they started with.
@@ -23,8 +23,10 @@ import ray
 import torch
 from ray import serve
 
+from deploy.config import ModelDeploymentConfig
+from deploy.errors import RequestError
 from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob, load_runner
-from deploy.schemas import LikelihoodOptions, ModelDeploymentConfig, RequestError, SampleRequest
+from deploy.request_models import LikelihoodOptions, SampleRequest
 
 
 def replica_cpus() -> int:

@@ -23,27 +23,23 @@ import dataclasses
 import itertools
 import logging
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from deploy.schemas import (
-    LikelihoodOptions,
-    NetworkMode,
-    RequestError,
-    SampleRequest,
-    check_exact_cost,
-    check_images_for_model,
-    check_network_evaluations,
-    resolve_num_steps,
-)
+from deploy.config import DEFAULT_NETWORK
+from deploy.decoding import check_images_for_model
+from deploy.errors import RequestError
+from deploy.limits import check_exact_cost, check_network_evaluations, resolve_num_steps
+from deploy.request_models import LikelihoodOptions, SampleRequest
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.generate import SamplerName, SamplerSettings, generate
 from diffusion_core.images import uint8_to_float
+from diffusion_core.inference_network import NetworkMode, build_inference_network
 from diffusion_core.rng import RowGenerators
+from diffusion_core.samplers.registry import SAMPLERS
 from pipelines.registry.model_identity import ModelIdentity, describe_model
 from pipelines.registry.model_store import fetch_checkpoint, read_manifest_summary
 
@@ -145,34 +141,6 @@ def run_grouped(jobs: Sequence[_J], key: Callable[[_J], Any],
     return results
 
 
-def inference_network(model: torch.nn.Module, image_shape: tuple[int, int, int],
-                      device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``model`` (eval mode) traced and frozen with TorchScript (``torch.jit.trace`` + ``torch.jit.freeze``),
-    for ``(x_t float32 [N, C, H, W], t int64 [N]) -> [N, C_out, H, W]`` at any N.
-
-    The forward pass then runs without the Python interpreter (no GIL held between operations,
-    conv + bias folded), so the replica's request handling does not stall the computation. The traced network is checked against the eager one on a batch
-    of another size; if tracing fails or the outputs differ (beyond 1e-4), the eager model is
-    returned and a warning logged.
-    """
-    model = model.eval()
-    example = (torch.zeros(2, *image_shape, device=device), torch.zeros(2, dtype=torch.long, device=device))
-    check_x = torch.randn(3, *image_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    check_t = torch.tensor([0, 1, 2], device=device)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings about Python values of shapes
-            traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
-            matches = torch.allclose(traced(check_x, check_t), model(check_x, check_t), rtol=1e-4, atol=1e-4)
-    except Exception as err:  # noqa: BLE001 - any tracing problem: serve the eager model
-        logger.warning("serving the eager model: TorchScript tracing failed (%s: %s)", type(err).__name__, err)
-        return model
-    if not matches:
-        logger.warning("serving the eager model: the traced network's outputs differ from the eager model's")
-        return model
-    return traced
-
-
 class ModelRunner:
     """Sampling and bits/dim for one loaded checkpoint.
 
@@ -181,25 +149,28 @@ class ModelRunner:
             in eval mode on ``device``.
         source: where the model came from (name, version, run id).
         manifest: summary of the training data's manifest, or ``None``.
-        network: "torchscript" runs the network as frozen TorchScript (``inference_network``),
-            "compiled" through ``torch.compile`` (inductor), "eager" as the module itself.
+        network: how the UNet runs, a ``diffusion_core.inference_network.NetworkMode`` ("eager",
+            "compiled", "padded", "exported"), built (and compiled) here by ``build_inference_network``;
+            a mode that fails to build runs the eager module, with a warning logged.
+
+    Raises:
+        ValueError: if ``network`` is not a ``NetworkMode`` (e.g. "torchscript"), naming the allowed ones.
     """
 
     def __init__(self, loaded: LoadedModel, source: ModelIdentity, manifest: dict[str, Any] | None = None,
-                 network: NetworkMode = "torchscript") -> None:
+                 network: NetworkMode = DEFAULT_NETWORK) -> None:
         self.loaded = loaded
         self.source = source
         self.manifest = manifest
         first = next(loaded.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self.network_mode = network
-        self.network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loaded.model
-        """What the samplers and bounds call: the frozen TorchScript network, the compiled one, or
-        the eager module."""
-        if network == "torchscript":
-            self.network = inference_network(loaded.model, self.image_shape, self.device)
-        elif network == "compiled":
-            self.network = torch.compile(loaded.model)
+        built = build_inference_network(loaded.model, network, self.image_shape, self.device)
+        if built.reason is not None:
+            logger.warning("serving the eager model: building network %r failed (%s)", network, built.reason)
+        self.network_mode: str = built.mode
+        """The ``NetworkMode`` that runs: ``network``, or "eager" when building it failed."""
+        self.network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = built.forward
+        """What the samplers and bounds call: ``(x_t [N, C, H, W], t int64 [N]) -> [N, C_out, H, W]``."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -221,8 +192,7 @@ class ModelRunner:
             "data_manifest": self.manifest,
             "image_shape": list(self.image_shape),
             "device": str(self.device),
-            "network": ("torchscript" if isinstance(self.network, torch.jit.ScriptModule)
-                        else "eager" if self.network is self.loaded.model else self.network_mode),
+            "network": self.network_mode,
             "num_parameters": sum(p.numel() for p in self.loaded.model.parameters()),
         }
 
@@ -245,7 +215,7 @@ class ModelRunner:
             evaluations = settings.network_evaluations(self.num_timesteps)
             fewest = evaluations
             if "corrector_steps" in settings.uses():
-                least = 1 if settings.sampler == "langevin" else 0
+                least = SAMPLERS[settings.sampler].min_corrector_steps
                 fewest = dataclasses.replace(settings, corrector_steps=least).network_evaluations(self.num_timesteps)
         except ValueError as err:  # the pydantic schema already checks each field; this is the core's word
             raise RequestError(422, "body", str(err)) from err
@@ -340,7 +310,7 @@ class ModelRunner:
             RequestError: 422 if a job's images do not match the model (``check_images_for_model``).
         """
         first = self._one_settings(jobs)
-        for job in jobs:  # as in make_likelihood_job: the traced network would not notice another size
+        for job in jobs:  # as in make_likelihood_job: a compiled network would not name the bad field
             check_images_for_model(job.pixels, self.image_shape, "pixels")
         pixels = np.concatenate([job.pixels for job in jobs])
         x = torch.from_numpy(uint8_to_float(pixels).transpose(0, 3, 1, 2).copy()).to(self.device)
@@ -378,7 +348,7 @@ def default_device() -> torch.device:
 
 
 def load_runner(model_uri: str, device: str | torch.device | None = None,
-                network: NetworkMode = "torchscript") -> ModelRunner:
+                network: NetworkMode = DEFAULT_NETWORK) -> ModelRunner:
     """Fetch ``model_uri`` (``models:/name/version``, ``models:/name@alias``, ``runs:/...``,
     ``s3://...`` or a local folder; see ``pipelines.registry.model_store.fetch_checkpoint``), load it on
     ``device`` (default: ``default_device()``) and resolve its registry identity.

@@ -45,16 +45,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.api_key import configure_api_key, require_api_key
+from deploy.config import IngressConfig, ModelDeploymentConfig
+from deploy.errors import RequestError, request_error_from_validation
 from deploy.http_io import parse_likelihood_request, parse_sample_request, sample_response
+from deploy.limits import Limits
 from deploy.model_deployment import DDPMModel
-from deploy.schemas import (
-    MAX_SEED,
-    IngressConfig,
-    Limits,
-    ModelDeploymentConfig,
-    RequestError,
-    request_error_from_validation,
-)
+from deploy.request_models import MAX_SEED
 
 api = FastAPI(title="DDPM sampling and likelihood", version="1")
 
@@ -123,7 +119,7 @@ class DDPMIngress:
 
     @api.post("/sample", dependencies=[Depends(require_api_key)])
     async def sample(self, request: Request) -> Response:
-        """Draw images; body: ``deploy.schemas.SampleRequest`` JSON."""
+        """Draw images; body: ``deploy.request_models.SampleRequest`` JSON."""
         limits = self._limits
         sample = await parse_sample_request(request, limits)
         seed = _resolve_seed(sample.seed)

@@ -2,11 +2,14 @@
 
 Public API (docs/ARCHITECTURE.md): ``DiffusionConfig``, ``GaussianDiffusion``, ``UNet``, ``UNetConfig``;
 also ``RowGenerators`` (one random generator per group of rows of a batch, ``diffusion_core.rng``).
-Samplers, all methods of ``GaussianDiffusion`` (``diffusion_core.sampling``): ``p_sample_loop``
-(ancestral DDPM), ``ddim_sample_loop`` (DDIM, spacing "uniform" | "quadratic" | "logsnr"),
-``pc_sample_loop`` (predictor-corrector, Song et al. 2021), ``langevin_sample_loop`` (annealed
-Langevin dynamics, Song & Ermon 2019) and ``dpm_solver_sample_loop`` (DPM-Solver++ multistep,
-Lu et al. 2022); ``network_evaluations`` gives the model calls of each.
+Layers: ``process`` (``DiffusionProcess``: coefficients, q, p from a model output, parameterizations,
+score) at the bottom; ``bound``, ``losses`` and the samplers (``diffusion_core.samplers``) on its
+public names; ``GaussianDiffusion`` (``diffusion``) the validated facade over them.
+Samplers, all methods of ``GaussianDiffusion``, described once in ``diffusion_core.samplers.registry``:
+``p_sample_loop`` (ancestral DDPM), ``ddim_sample_loop`` (DDIM, spacing "uniform" | "quadratic" |
+"logsnr"), ``pc_sample_loop`` (predictor-corrector, Song et al. 2021), ``langevin_sample_loop``
+(annealed Langevin dynamics, Song & Ermon 2019) and ``dpm_solver_sample_loop`` (DPM-Solver++
+multistep, Lu et al. 2022); ``network_evaluations`` gives the model calls of each.
 Predictions: "eps", "x_start", "v" and "score".
 This package imports neither Ray nor MLflow and does no I/O beyond the checkpoints it is handed.
 Names are resolved lazily (PEP 562) so that ``import diffusion_core.images`` stays light.

@@ -8,24 +8,22 @@ The bound (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, eqs. 4-7, 13) for one 
     L_t     = E_q KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))   for t >= 1
     L_0     = E_q -log p(x_0 | x_1)   (the discretized Gaussian decoder, eq. 13)
 
-Bits/dim = nats / (C * H * W * ln 2). Called through the GaussianDiffusion methods of the same names.
+Bits/dim = nats / (C * H * W * ln 2). Written on ``diffusion_core.process.DiffusionProcess``; called
+through the GaussianDiffusion methods of the same names.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from diffusion_core import rng
 from diffusion_core.likelihood import discretized_gaussian_log_likelihood, normal_kl
+from diffusion_core.process import DiffusionProcess
 from diffusion_core.types import Model, Progress
 from diffusion_core.validation import check_images, check_int_in_range, check_same_shape
-
-if TYPE_CHECKING:
-    from diffusion_core.diffusion import GaussianDiffusion
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +37,7 @@ def _bits_per_dim(nats: torch.Tensor) -> torch.Tensor:
 
 
 def vb_terms_bpd(
-    diffusion: "GaussianDiffusion",
+    process: DiffusionProcess,
     output: torch.Tensor,
     x_start: torch.Tensor,
     x_t: torch.Tensor,
@@ -53,7 +51,7 @@ def vb_terms_bpd(
     reverse log-variance).
 
     Args:
-        diffusion: the GaussianDiffusion.
+        process: the diffusion process.
         output: model output [N, C or 2C, H, W] at (x_t, t).
         x_start: x_0 [N, C, H, W] on the 256-level grid.
         x_t: [N, C, H, W].
@@ -66,15 +64,15 @@ def vb_terms_bpd(
     Raises:
         ValueError: on bad shapes or t outside [0, T).
     """
-    diffusion.check_inputs(x_t, t)
+    process.check_inputs(x_t, t)
     check_same_shape(x_start, x_t, "x_start", "x_t")
-    return _vb_terms_bpd(diffusion, output, x_start, x_t, t, clip_denoised)
+    return _vb_terms_bpd(process, output, x_start, x_t, t, clip_denoised)
 
 
-def _vb_terms_bpd(diffusion, output, x_start, x_t, t, clip_denoised):
+def _vb_terms_bpd(process, output, x_start, x_t, t, clip_denoised):
     """:func:`vb_terms_bpd` without the (x_t, t) checks (the output shape is still checked)."""
-    true_mean, _, true_log_variance = diffusion._q_posterior_mean_variance(x_start, x_t, t)
-    out = diffusion._p_mean_variance_from_output(output, x_t, t, clip_denoised=clip_denoised)
+    true_mean, _, true_log_variance = process.q_posterior_mean_variance(x_start, x_t, t)
+    out = process.p_mean_variance_from_output(output, x_t, t, clip_denoised=clip_denoised)
     kl = _bits_per_dim(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
     decoder_nll = -_bits_per_dim(
         discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
@@ -83,20 +81,20 @@ def _vb_terms_bpd(diffusion, output, x_start, x_t, t, clip_denoised):
             "pred_eps": out["pred_eps"]}
 
 
-def prior_bpd(diffusion: "GaussianDiffusion", x_start: torch.Tensor) -> torch.Tensor:
+def prior_bpd(process: DiffusionProcess, x_start: torch.Tensor) -> torch.Tensor:
     """L_prior = KL(q(x_T | x_0) || N(0, I)) in bits/dim, [N] (Ho et al. 2020, eq. 5, L_T).
     Does not depend on the model. Raises ValueError on a bad shape."""
     check_images(x_start, "x_start")
-    t = torch.full((x_start.shape[0],), diffusion.num_timesteps - 1, dtype=torch.long, device=x_start.device)
-    mean, _, log_variance = diffusion.q_mean_variance(x_start, t)
+    t = torch.full((x_start.shape[0],), process.num_timesteps - 1, dtype=torch.long, device=x_start.device)
+    mean, _, log_variance = process.q_mean_variance(x_start, t)
     return _bits_per_dim(normal_kl(mean, log_variance, 0.0, 0.0))
 
 
-def _term_with_mse(diffusion, model, x_start, t, clip_denoised, generator):
+def _term_with_mse(process, model, x_start, t, clip_denoised, generator):
     """(L_t [N] bits/dim, x0-MSE [N], eps-MSE [N]) for one fresh noise draw per image."""
     noise = rng.randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
-    x_t = diffusion._q_sample(x_start, t, noise)  # t is made by the loops, x_start checked at their entry
-    terms = _vb_terms_bpd(diffusion, model(x_t, t), x_start, x_t, t, clip_denoised)
+    x_t = process.q_sample(x_start, t, noise)  # t is made by the loops, x_start checked at their entry
+    terms = _vb_terms_bpd(process, model(x_t, t), x_start, x_t, t, clip_denoised)
     xstart_mse = mean_flat((terms["pred_xstart"] - x_start) ** 2)
     eps_mse = mean_flat((terms["pred_eps"] - noise) ** 2)
     return terms["output"], xstart_mse, eps_mse
@@ -104,7 +102,7 @@ def _term_with_mse(diffusion, model, x_start, t, clip_denoised, generator):
 
 @torch.no_grad()
 def calc_bpd_loop(
-    diffusion: "GaussianDiffusion",
+    process: DiffusionProcess,
     model: Model,
     x_start: torch.Tensor,
     clip_denoised: bool = False,
@@ -117,7 +115,7 @@ def calc_bpd_loop(
     fresh noise draw x_t ~ q(x_t | x_0) from ``generator``.
 
     Args:
-        diffusion: the GaussianDiffusion.
+        process: the diffusion process.
         model: callable (x_t, t) -> [N, C or 2C, H, W].
         x_start: x_0, float32 [N, C, H, W], pixels k/127.5 - 1.
         clip_denoised: clamp pred_xstart to [-1, 1] in every term.
@@ -135,18 +133,18 @@ def calc_bpd_loop(
         ValueError: on a bad x_start shape or a model output of the wrong shape.
     """
     check_images(x_start, "x_start")
-    n, num_t = x_start.shape[0], diffusion.num_timesteps
+    n, num_t = x_start.shape[0], process.num_timesteps
     vb = torch.zeros(n, num_t, dtype=torch.float64, device=x_start.device)
     xstart_mse = torch.zeros_like(vb)
     mse = torch.zeros_like(vb)
     for step, t_index in enumerate(range(num_t - 1, -1, -1)):
         t = torch.full((n,), t_index, dtype=torch.long, device=x_start.device)
         vb[:, t_index], xstart_mse[:, t_index], mse[:, t_index] = _term_with_mse(
-            diffusion, model, x_start, t, clip_denoised, generator
+            process, model, x_start, t, clip_denoised, generator
         )
         if progress is not None:
             progress(step, num_t)
-    prior = prior_bpd(diffusion, x_start)
+    prior = prior_bpd(process, x_start)
     total = vb.sum(dim=1) + prior.double()
     return {"total_bpd": total.float(), "prior_bpd": prior.float(), "vb": vb.float(),
             "xstart_mse": xstart_mse.float(), "mse": mse.float()}
@@ -162,7 +160,7 @@ def strata_bounds(num_timesteps: int, num_strata: int) -> np.ndarray:
     every stratum holds at least one timestep (H <= T is required). Most of the bound sits in the
     first few terms and L_t falls steeply with t (Ho et al. 2020, sec. 4.2; Nichol & Dhariwal 2021,
     Fig. 2), so equal-width strata waste draws where L_t is flat and leave the few large terms
-    to chance (README, "Estimated vs exact bound", has the measured spread). Any partition keeps
+    to chance (benchmarks/RESULTS.md, "Estimated vs exact bound", has the measured spread). Any partition keeps
     the estimate unbiased.
 
     Raises:
@@ -184,7 +182,7 @@ def strata_bounds(num_timesteps: int, num_strata: int) -> np.ndarray:
 
 @torch.no_grad()
 def calc_bpd_estimate(
-    diffusion: "GaussianDiffusion",
+    process: DiffusionProcess,
     model: Model,
     x_start: torch.Tensor,
     num_samples: int = 16,
@@ -209,7 +207,7 @@ def calc_bpd_estimate(
     Each network call evaluates all N images (at per-image timesteps).
 
     Args:
-        diffusion: the GaussianDiffusion.
+        process: the diffusion process.
         model: callable (x_t, t) -> [N, C or 2C, H, W].
         x_start: x_0, float32 [N, C, H, W], pixels k/127.5 - 1.
         num_samples: K, number of network calls per image; 2 <= K <= 2T.
@@ -229,7 +227,7 @@ def calc_bpd_estimate(
         ValueError: if K is not an integer in [2, 2T], or on bad x_start / model output shapes.
     """
     check_images(x_start, "x_start")
-    num_t = diffusion.num_timesteps
+    num_t = process.num_timesteps
     check_int_in_range("num_samples", num_samples, 2, 2 * num_t, " (2 draws per stratum, at most T strata)")
     n, device = x_start.shape[0], x_start.device
     bounds = strata_bounds(num_t, num_samples // 2)
@@ -243,12 +241,12 @@ def calc_bpd_estimate(
         for _ in range(draws):
             u = rng.rand((n,), generator, device=device, dtype=torch.float64)
             t = (start + torch.floor(u * size)).long().clamp(max=start + size - 1)
-            values.append(_term_with_mse(diffusion, model, x_start, t, clip_denoised, generator)[0].double())
+            values.append(_term_with_mse(process, model, x_start, t, clip_denoised, generator)[0].double())
         ys = torch.stack(values, dim=1)
         per_stratum.append(size * ys.mean(dim=1))
         estimate += per_stratum[-1]
         variance += size**2 * ys.var(dim=1, unbiased=True) / draws
-    prior = prior_bpd(diffusion, x_start)
+    prior = prior_bpd(process, x_start)
     return {"total_bpd": (estimate + prior.double()).float(), "stderr": variance.sqrt().float(),
             "prior_bpd": prior.float(), "num_samples": int(num_samples),
             "strata": bounds, "stratum_bpd": torch.stack(per_stratum, dim=1).float()}

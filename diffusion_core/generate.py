@@ -1,32 +1,34 @@
 """One entry point for drawing images with any of the core's samplers, chosen by name.
 
 Every place that samples (training's sample grids, ``pipelines/evaluate.py``, the MLflow pyfunc,
-the Serve replica) describes what to run as a :class:`SamplerSettings` and calls :func:`generate`,
-so a sampler added to ``GaussianDiffusion`` is offered everywhere by adding it here.
-
-Samplers (``diffusion_core.sampling``; cost in network evaluations per image from
-:func:`diffusion_core.sampling.network_evaluations`, S = ``num_steps``, M = ``corrector_steps``):
-
-* ``"ddpm"``: ancestral sampling, Ho et al. 2020 Alg. 2 (``p_sample_loop``); always T evaluations.
-* ``"ddim"``: Song et al. 2021 eq. 12 (``ddim_sample_loop``) with ``eta`` and ``spacing``; S.
-* ``"pc"``: predictor-corrector, Song et al. 2021 (SDEs) Alg. 1/5 (``pc_sample_loop``); S (1 + M).
-* ``"langevin"``: annealed Langevin dynamics, Song & Ermon 2019 (``langevin_sample_loop``); S M + 1.
-* ``"dpm_solver"``: DPM-Solver++ 1/2M, Lu et al. 2022 (``dpm_solver_sample_loop``) with ``order``
-  and ``algorithm`` (the ODE "dpmsolver++" or the SDE "sde-dpmsolver++"); S.
+the Serve replica) describes what to run as a :class:`SamplerSettings` and calls :func:`generate`.
+Both read the sampler registry (``diffusion_core.samplers.registry``: each sampler's parameters,
+defaults, cost and ``GaussianDiffusion`` method), so a sampler added there is offered everywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from diffusion_core import sampling
-from diffusion_core.diffusion import Model
 from diffusion_core.rng import Generator
-from diffusion_core.sampling import DPMAlgorithm
-from diffusion_core.timesteps import Spacing
+from diffusion_core.samplers.common import network_evaluations
+from diffusion_core.samplers.registry import (
+    ALGORITHM,
+    CORRECTOR_STEPS,
+    DEFAULT_SAMPLER,
+    ETA,
+    NUM_STEPS,
+    ORDER,
+    SAMPLERS,
+    SNR,
+    DPMAlgorithm,
+    SamplerName,
+    Spacing,
+)
+from diffusion_core.types import Model
 from diffusion_core.validation import (
     check_bool,
     check_choice,
@@ -35,41 +37,26 @@ from diffusion_core.validation import (
     check_positive_int,
 )
 
-SamplerName = Literal["ddpm", "ddim", "pc", "langevin", "dpm_solver"]
-
-DEFAULT_SPACING: dict[str, str] = {"ddpm": "uniform", "ddim": "uniform", "pc": "uniform", "langevin": "uniform",
-                                   "dpm_solver": "logsnr"}
-"""The spacing each sampler uses when ``SamplerSettings.spacing`` is ``None`` (the core loops' defaults;
-DDPM visits every timestep, so its entry only fills the field)."""
-
-_USES: dict[str, tuple[str, ...]] = {
-    "ddpm": (),
-    "ddim": ("num_steps", "eta", "spacing"),
-    "pc": ("num_steps", "spacing", "corrector_steps", "snr"),
-    "langevin": ("num_steps", "spacing", "corrector_steps", "snr"),
-    "dpm_solver": ("num_steps", "spacing", "order", "algorithm"),
-}
-
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """Which sampler to run and how; fields a sampler does not use are ignored by it (see
-    :meth:`uses`).
+    :meth:`uses`). Defaults, ranges and the samplers themselves are the registry's
+    (``diffusion_core.samplers.registry``).
 
     Attributes:
-        sampler: "ddpm", "ddim", "pc", "langevin" or "dpm_solver" (see the module docstring).
+        sampler: a name of the registry: "ddpm", "ddim", "pc", "langevin" or "dpm_solver".
         num_steps: S >= 1, the steps (noise levels) of every sampler but "ddpm" (which runs all T);
             at most T of the model sampled (checked by :meth:`network_evaluations` and the sampler).
         eta: DDIM's stochasticity, >= 0 (0 = deterministic); "ddim" only.
         clip_denoised: clamp the predicted x_0 to [-1, 1] at every step.
         spacing: which timesteps the S steps visit, "uniform", "quadratic" or "logsnr"
-            (``diffusion_core.timesteps``); ``None`` becomes the sampler's default
-            (``DEFAULT_SPACING``: "logsnr" for "dpm_solver", else "uniform"), so a constructed
-            settings object always holds a concrete spacing.
-        corrector_steps: M, Langevin steps per noise level; >= 0 for "pc" (0: the predictor
-            alone), >= 1 for "langevin".
-        snr: the Langevin step's signal-to-noise ratio r > 0 ("pc", "langevin"; 0.16 in Song et al.
-            2021 for CIFAR-10).
+            (``diffusion_core.timesteps``); ``None`` becomes the sampler's ``default_spacing``
+            ("logsnr" for "dpm_solver", else "uniform"), so a constructed settings object always
+            holds a concrete spacing.
+        corrector_steps: M, Langevin steps per noise level; at least the sampler's
+            ``min_corrector_steps`` (>= 0 for "pc", 0: the predictor alone; >= 1 for "langevin").
+        snr: the Langevin step's signal-to-noise ratio r > 0 ("pc", "langevin").
         order: 1 or 2, DPM-Solver++'s order ("dpm_solver"; 1 is DDIM with eta = 0).
         algorithm: "dpmsolver++" (the probability-flow ODE) or "sde-dpmsolver++" (the reverse SDE,
             stochastic: order 1 is DDIM with eta = 1) ("dpm_solver").
@@ -80,33 +67,36 @@ class SamplerSettings:
             finite), ``order`` not in {1, 2}, an unknown ``algorithm``, or a non-bool ``clip_denoised``.
     """
 
-    sampler: SamplerName = "ddim"
-    num_steps: int = 50
-    eta: float = 0.0
+    sampler: SamplerName = DEFAULT_SAMPLER
+    num_steps: int = NUM_STEPS.default
+    eta: float = ETA.default
     clip_denoised: bool = True
     spacing: Spacing | None = None
-    corrector_steps: int = 1
-    snr: float = 0.16
-    order: int = 2
-    algorithm: DPMAlgorithm = "dpmsolver++"
+    corrector_steps: int = CORRECTOR_STEPS.default
+    snr: float = SNR.default
+    order: int = ORDER.default
+    algorithm: DPMAlgorithm = ALGORITHM.default
 
     def __post_init__(self) -> None:
         check_choice("sampler", self.sampler, SamplerName)
+        spec = SAMPLERS[self.sampler]
         check_positive_int("num_steps", self.num_steps)
-        check_number_in("eta", self.eta, 0.0, float("inf"), high_open=True)
+        check_number_in("eta", self.eta, ETA.low, ETA.high, low_open=ETA.low_open, high_open=ETA.high_open)
         check_bool("clip_denoised", self.clip_denoised)
         if self.spacing is None:
-            object.__setattr__(self, "spacing", DEFAULT_SPACING[self.sampler])
+            object.__setattr__(self, "spacing", spec.default_spacing)
         check_choice("spacing", self.spacing, Spacing)
-        check_int_in_range("corrector_steps", self.corrector_steps, 1 if self.sampler == "langevin" else 0,
-                           why=" for sampler 'langevin'" if self.sampler == "langevin" else "")
-        check_number_in("snr", self.snr, 0.0, float("inf"), low_open=True, high_open=True)
-        check_int_in_range("order", self.order, 1, 2)
+        least = spec.min_corrector_steps if "corrector_steps" in spec.parameters else CORRECTOR_STEPS.low
+        check_int_in_range("corrector_steps", self.corrector_steps, least,
+                           why=f" for sampler {self.sampler!r}" if least > CORRECTOR_STEPS.low else "")
+        check_number_in("snr", self.snr, SNR.low, SNR.high, low_open=SNR.low_open, high_open=SNR.high_open)
+        check_int_in_range("order", self.order, ORDER.low, ORDER.high)
         check_choice("algorithm", self.algorithm, DPMAlgorithm)
 
     def uses(self) -> tuple[str, ...]:
-        """The names of the parameters (besides ``sampler`` and ``clip_denoised``) this sampler uses."""
-        return _USES[self.sampler]
+        """The names of the parameters (besides ``sampler`` and ``clip_denoised``) this sampler uses,
+        the registry's ``SamplerSpec.parameters``."""
+        return SAMPLERS[self.sampler].parameters
 
     def params(self) -> dict[str, Any]:
         """``{"sampler", "clip_denoised", and each field of :meth:`uses`: value}``: what describes
@@ -116,19 +106,19 @@ class SamplerSettings:
 
     def network_evaluations(self, num_timesteps: int) -> int:
         """Network evaluations (model calls on the whole batch) per image of one :func:`generate`
-        call for a model with T = ``num_timesteps`` timesteps: T for "ddpm", else
-        :func:`diffusion_core.sampling.network_evaluations` of ``num_steps`` (S, S (1 + M) or S M + 1).
+        call for a model with T = ``num_timesteps`` timesteps: T for "ddpm", else the registry's
+        cost of ``num_steps`` (S, S (1 + M) or S M + 1; M counts only for the samplers that take it).
 
         Raises:
             ValueError: naming ``num_steps`` if it is more than T (for a sampler that uses it), or
                 on ``num_timesteps < 1``.
         """
         check_positive_int("num_timesteps", num_timesteps)
-        if self.sampler == "ddpm":
-            return sampling.network_evaluations("ddpm", num_timesteps)
+        if "num_steps" not in self.uses():
+            return network_evaluations(self.sampler, num_timesteps)
         check_int_in_range("num_steps", self.num_steps, 1, num_timesteps, why=f" (the model's T={num_timesteps})")
         corrector_steps = self.corrector_steps if "corrector_steps" in self.uses() else 0
-        return sampling.network_evaluations(self.sampler, self.num_steps, corrector_steps)
+        return network_evaluations(self.sampler, self.num_steps, corrector_steps)
 
 
 def generate(
@@ -137,9 +127,10 @@ def generate(
 ) -> torch.Tensor:
     """Draw ``shape`` = [N, C, H, W] images with ``settings``, without gradients.
 
-    Dispatches by ``settings.sampler`` to ``GaussianDiffusion.p_sample_loop``, ``ddim_sample_loop``,
-    ``pc_sample_loop``, ``langevin_sample_loop`` or ``dpm_solver_sample_loop``, passing the
-    parameters that sampler uses by keyword; the result is exactly that call's.
+    Calls the sampler's ``GaussianDiffusion`` method (the registry's ``SamplerSpec.method``:
+    ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``, ``langevin_sample_loop`` or
+    ``dpm_solver_sample_loop``) with the parameters that sampler uses, by keyword; the result is
+    exactly that call's.
 
     Args:
         diffusion: a ``GaussianDiffusion``.
@@ -156,19 +147,11 @@ def generate(
     Raises:
         ValueError: from the sampler on values that do not fit the diffusion (e.g. num_steps > T).
     """
-    common = {"generator": generator, "clip_denoised": settings.clip_denoised, "device": device}
+    loop = getattr(diffusion, SAMPLERS[settings.sampler].method)
+    parameters = {name: getattr(settings, name) for name in settings.uses()}
     with torch.no_grad():
-        if settings.sampler == "ddpm":
-            return diffusion.p_sample_loop(model, shape, **common)
-        if settings.sampler == "ddim":
-            return diffusion.ddim_sample_loop(model, shape, num_steps=settings.num_steps, eta=settings.eta,
-                                              spacing=settings.spacing, **common)
-        if settings.sampler in ("pc", "langevin"):
-            loop = diffusion.pc_sample_loop if settings.sampler == "pc" else diffusion.langevin_sample_loop
-            return loop(model, shape, num_steps=settings.num_steps, corrector_steps=settings.corrector_steps,
-                        snr=settings.snr, spacing=settings.spacing, **common)
-        return diffusion.dpm_solver_sample_loop(model, shape, num_steps=settings.num_steps, order=settings.order,
-                                                spacing=settings.spacing, algorithm=settings.algorithm, **common)
+        return loop(model, shape, generator=generator, clip_denoised=settings.clip_denoised, device=device,
+                    **parameters)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

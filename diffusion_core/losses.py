@@ -6,21 +6,19 @@ Called through :meth:`GaussianDiffusion.training_losses`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from diffusion_core import rng
 from diffusion_core.bound import mean_flat, vb_terms_bpd
+from diffusion_core.process import DiffusionProcess
 from diffusion_core.types import Model
 from diffusion_core.validation import check_model_output, check_same_shape
 
-if TYPE_CHECKING:
-    from diffusion_core.diffusion import GaussianDiffusion
-
 
 def training_losses(
-    diffusion: "GaussianDiffusion",
+    process: DiffusionProcess,
     model: Model,
     x_start: torch.Tensor,
     t: torch.Tensor,
@@ -29,7 +27,7 @@ def training_losses(
 ) -> dict[str, torch.Tensor]:
     """Per-image losses for one timestep per image, with one model call.
 
-    x_t = q_sample(x_start, t, noise) is fed to the model, then (``diffusion.config.loss``):
+    x_t = q_sample(x_start, t, noise) is fed to the model, then (``process.config.loss``):
 
     * "simple": loss = mse = mean over C, H, W of (target - model_output)^2, where the target is
       eps, x_0 or v for ``prediction`` "eps", "x_start", "v" (Ho et al. 2020, eq. 14;
@@ -48,7 +46,7 @@ def training_losses(
       no gradient and only shifts the value.
 
     Args:
-        diffusion: the GaussianDiffusion.
+        process: the diffusion process.
         model: callable (x_t [N,C,H,W], t [N]) -> [N, C or 2C, H, W].
         x_start: x_0, float [N, C, H, W] in [-1, 1] (vlb/hybrid assume the 256-level grid).
         t: int64 [N], 0-based timesteps in [0, T).
@@ -63,30 +61,30 @@ def training_losses(
     Raises:
         ValueError: on bad shapes/dtypes, t outside [0, T), or a model output of the wrong shape.
     """
-    diffusion.check_inputs(x_start, t, "x_start")
+    process.check_inputs(x_start, t, "x_start")
     if noise is None:
         noise = rng.randn(x_start.shape, generator, device=x_start.device, dtype=x_start.dtype)
     check_same_shape(noise, x_start, "noise", "x_start")
-    x_t = diffusion.q_sample(x_start, t, noise)
+    x_t = process.q_sample(x_start, t, noise)
     output = model(x_t, t)
-    check_model_output(output, x_t, diffusion.config.learn_sigma)
+    check_model_output(output, x_t, process.config.learn_sigma)
     channels = x_start.shape[1]
-    if diffusion.config.prediction == "score":
+    if process.config.prediction == "score":
         # (1 - abar) |s_theta - (-eps / sqrt(1 - abar))|^2 = |sqrt(1 - abar) s_theta + eps|^2
-        sigma = diffusion.extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_start)
+        sigma = process.extract(process.sqrt_one_minus_alphas_cumprod, t, x_start)
         mse = mean_flat((sigma * output[:, :channels] + noise) ** 2)
     else:
-        target = diffusion.training_target(x_start, t, noise)
+        target = process.training_target(x_start, t, noise)
         mse = mean_flat((target - output[:, :channels]) ** 2)
-    loss_type = diffusion.config.loss
+    loss_type = process.config.loss
     if loss_type == "simple":
         return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
-    scale = float(diffusion.num_timesteps)
+    scale = float(process.num_timesteps)
     if loss_type == "vlb":
-        vb = vb_terms_bpd(diffusion, output, x_start, x_t, t)["output"]
+        vb = vb_terms_bpd(process, output, x_start, x_t, t)["output"]
         return {"loss": vb * scale, "mse": mse.detach(), "vb": vb}
     frozen = output.detach() if output.shape[1] == channels else torch.cat(
         [output[:, :channels].detach(), output[:, channels:]], dim=1
     )
-    vb = vb_terms_bpd(diffusion, frozen, x_start, x_t, t)["output"]
-    return {"loss": mse + diffusion.config.vlb_weight * scale * vb, "mse": mse, "vb": vb}
+    vb = vb_terms_bpd(process, frozen, x_start, x_t, t)["output"]
+    return {"loss": mse + process.config.vlb_weight * scale * vb, "mse": mse, "vb": vb}

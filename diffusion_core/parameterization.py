@@ -4,7 +4,7 @@ the score grad_x log q(x_t) = -eps / sqrt(1 - alpha_bar_t) (Song et al. 2021, "S
 Modeling through Stochastic Differential Equations", with E[eps | x_t] by Tweedie's formula).
 
 They all follow from x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4).
-A mixin for :class:`diffusion_core.diffusion.GaussianDiffusion`, which supplies the float64
+A mixin for :class:`diffusion_core.process.DiffusionProcess`, which supplies the float64
 schedule arrays and ``extract``. Every tensor is [N, C, H, W]; ``t`` is int64 [N], 0-based.
 """
 

@@ -21,13 +21,10 @@ those are spread to consecutive timesteps, keeping both end points (S <= T makes
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
+from diffusion_core.samplers.registry import Spacing
 from diffusion_core.validation import check_choice, check_int_in_range
-
-Spacing = Literal["uniform", "quadratic", "logsnr"]
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:

@@ -38,11 +38,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence, get_args
+from typing import Sequence
 
-from diffusion_core.generate import SamplerName, SamplerSettings
-from diffusion_core.sampling import DPMAlgorithm
-from diffusion_core.timesteps import Spacing
+from diffusion_core.generate import SamplerSettings
+from diffusion_core.samplers.registry import (
+    ALGORITHM,
+    CORRECTOR_STEPS,
+    DEFAULT_SAMPLER,
+    NUM_STEPS,
+    ORDER,
+    SAMPLERS,
+    SNR,
+    SPACING,
+    takers,
+)
 from pipelines.evaluation.fd_eval import FDSettings
 from pipelines.evaluation.job import DEFAULT_EXPERIMENT, EvalSettings, evaluate
 
@@ -66,19 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="spread the bound over W Ray actors (Ray Data; 1 CPU or GPU each; "
                              "the cluster of $RAY_ADDRESS, else a local one); 0: in this process")
     parser.add_argument("--samples", type=int, default=16, help="images in the sample grid (0: none)")
-    parser.add_argument("--sampler", choices=get_args(SamplerName), default="ddim",
-                        help="sampler of the sample grid (ddpm always runs all T steps)")
-    parser.add_argument("--sample-steps", type=int, default=50,
-                        help="steps (noise levels) of the grid's sampler, at most the model's T; ignored by ddpm")
-    parser.add_argument("--spacing", choices=get_args(Spacing), default=None,
-                        help="timesteps the steps visit (default: logsnr for dpm_solver, else uniform)")
-    parser.add_argument("--corrector-steps", type=int, default=SamplerSettings.corrector_steps,
-                        help="Langevin corrector steps per level (pc: >= 0, langevin: >= 1)")
-    parser.add_argument("--snr", type=float, default=SamplerSettings.snr,
-                        help="signal-to-noise ratio of the Langevin steps (pc, langevin), > 0")
-    parser.add_argument("--order", type=int, default=SamplerSettings.order, help="DPM-Solver++ order, 1 or 2")
-    parser.add_argument("--algorithm", choices=get_args(DPMAlgorithm), default=SamplerSettings.algorithm,
-                        help="DPM-Solver++ form: the ODE (dpmsolver++) or the reverse SDE (sde-dpmsolver++)")
+    add_sampler_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bound's noise and the samples")
     parser.add_argument("--experiment", default=None,
@@ -129,6 +126,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     except ValueError as err:  # names the field: corrector_steps, snr, order
         parser.error(f"sampler settings: {err}")
     return args
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The grid's sampler flags, from the sampler registry (``diffusion_core.samplers.registry``):
+    ``--sampler`` and one flag per parameter but DDIM's eta (which stays 0), with the registry's
+    choices and defaults; ``--sample-steps`` is ``num_steps``."""
+    spacings = ", ".join(f"{spec.default_spacing} for {spec.name}" for spec in SAMPLERS.values()
+                         if "spacing" in spec.parameters)
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
+                        help="sampler of the sample grid (ddpm always runs all T steps)")
+    parser.add_argument("--sample-steps", type=int, default=NUM_STEPS.default,
+                        help=f"{NUM_STEPS.help}; ignored by ddpm")
+    parser.add_argument("--spacing", choices=SPACING.choices, default=None,
+                        help=f"{SPACING.help} (default: {spacings})")
+    parser.add_argument("--corrector-steps", type=int, default=CORRECTOR_STEPS.default,
+                        help=f"{CORRECTOR_STEPS.help} (" + ", ".join(
+                            f"{spec.name}: >= {spec.min_corrector_steps}" for spec in SAMPLERS.values()
+                            if "corrector_steps" in spec.parameters) + ")")
+    parser.add_argument("--snr", type=float, default=SNR.default, help=f"{SNR.help} ({', '.join(takers('snr'))}), > 0")
+    parser.add_argument("--order", type=int, default=ORDER.default, help=ORDER.help)
+    parser.add_argument("--algorithm", choices=ALGORITHM.choices, default=ALGORITHM.default, help=ALGORITHM.help)
 
 
 def image_count(text: str) -> int | None:

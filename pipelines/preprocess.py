@@ -9,7 +9,7 @@ of images (one level of class sub-folders, optionally below ``train/``, ``val/``
 IDX images file or CIFAR-10 batch. The source's own splits are kept: ``t10k-*`` IDX files,
 ``test_batch.bin`` and a ``test/`` folder become "test", and "val" is a ``val/`` folder or else
 carved from "train" (never from "test") by a seeded hash (``--val-fraction``, ``--seed``). DST: a folder or ``s3://bucket/prefix``; the layout,
-the manifest and the commit protocol are described in ``pipelines/data/shards.py``. The job runs on
+the manifest and the commit protocol are described in ``pipelines/data/shards/__init__.py``. The job runs on
 the Ray cluster named by ``RAY_ADDRESS`` (or the one already initialised), else starts a local
 one. S3 uses the standard AWS environment variables (``AWS_ENDPOINT_URL_S3`` for S3-compatible
 servers); see ``pipelines/data/storage.py``.
@@ -23,8 +23,9 @@ import shlex
 import sys
 import time
 
-from pipelines.data import shards, storage
+from pipelines.data import storage
 from pipelines.data.job import PreprocessConfig, run_preprocess
+from pipelines.data.shards.manifest import MANIFEST_NAME, SPLITS, Manifest
 from pipelines.data.transforms import DEFAULT_MAX_PIXELS, RESAMPLE_FILTERS
 
 
@@ -67,10 +68,10 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> PreprocessCon
     )
 
 
-def format_summary(manifest: shards.Manifest, output: str, seconds: float) -> str:
+def format_summary(manifest: Manifest, output: str, seconds: float) -> str:
     """Human-readable end-of-run report: counts, rejected files, throughput, absolute output path."""
-    total = sum(manifest.counts[split] for split in shards.SPLITS) + len(manifest.rejected)
-    counts = "  ".join(f"{split}: {manifest.counts[split]}" for split in shards.SPLITS)
+    total = sum(manifest.counts[split] for split in SPLITS) + len(manifest.rejected)
+    counts = "  ".join(f"{split}: {manifest.counts[split]}" for split in SPLITS)
     lines = [
         f"{counts}  rejected: {len(manifest.rejected)}  image shape: {list(manifest.image_shape)}",
         f"throughput: {total / max(seconds, 1e-9):.1f} images/s ({total} items in {seconds:.1f} s)",
@@ -80,7 +81,7 @@ def format_summary(manifest: shards.Manifest, output: str, seconds: float) -> st
     if len(manifest.rejected) > 50:
         lines.append(f"  ... and {len(manifest.rejected) - 50} more (see manifest.json)")
     lines.append(f"output: {output}")
-    lines.append(f"manifest: {storage.resolve(output).join(shards.MANIFEST_NAME).uri}")
+    lines.append(f"manifest: {storage.resolve(output).join(MANIFEST_NAME).uri}")
     return "\n".join(lines)
 
 

@@ -207,7 +207,7 @@ check_run() {
 evaluate() {
     step "Held-out bits/dim of $MODEL_URI (pipelines/evaluate.py: stratified estimate, K=16, 128 validation images)"
     # --no-compile: this short estimate (K=16 on 128 images, a 16-image grid) makes about 2,400 one-image
-    # network calls, too few to win back a cold torch.compile (README, "Compiled UNet")
+    # network calls, too few to win back a cold torch.compile (benchmarks/RESULTS.md, "Compiled UNet")
     MLFLOW_TRACKING_URI="$MLFLOW" python pipelines/evaluate.py --model "$MODEL_URI" --shards "$SHARDS" \
         --images 128 --estimate 16 --samples 16 --sample-steps 25 --threads 2 --no-compile 2>&1 | tee "$LOGS/evaluate.log"
 }
@@ -253,7 +253,7 @@ query() {
 import sys
 from pathlib import Path
 from diffusion_core.images import images_to_pngs
-from pipelines.data.shards import read_split_numpy
+from pipelines.data.shards.reader import read_split_numpy
 images, labels = read_split_numpy(sys.argv[1], "val", limit=4)
 folder = Path(sys.argv[2]); folder.mkdir(parents=True, exist_ok=True)
 for i, png in enumerate(images_to_pngs(images)):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,3 +68,64 @@ class TinyRun:
 
     config: TrainConfig
     outcome: dict[str, Any]
+
+
+class ManualClock:
+    """A monotonic clock (seconds) that moves only when a test sets ``now``: for ``TimeBudget`` and
+    ``ProgressLog``, whose ``clock`` argument it replaces."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def budget_verdict_on_rank(rank: int, world_size: int, init_method: str, seconds: list[float], verdicts: Any) -> None:
+    """One process of a gloo group: a 1-minute ``TimeBudget`` whose clock says ``seconds[rank]``
+    have passed; puts ``(rank, budget.spent(world_size))`` on the queue ``verdicts``."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pipelines.training.time_budget import TimeBudget
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        clock = ManualClock()
+        budget = TimeBudget(1.0, clock=clock)
+        clock.now += seconds[rank]
+        verdicts.put((rank, budget.spent(world_size)))
+    finally:
+        dist.destroy_process_group()
+
+
+def frozen_clock_off_rank_0(loop_config: dict[str, Any]) -> None:
+    """``training.loop.train_func`` with the real clock on rank 0 and a clock that never moves on the
+    other ranks: by their own clocks they never spend a budget, so they stop only by rank 0's
+    verdict. Pickled by value into the Ray Train workers (``ray.cloudpickle.register_pickle_by_value``)."""
+    import time
+
+    import ray.train
+
+    from pipelines.training.loop import train_func
+
+    rank = ray.train.get_context().get_world_rank()
+    train_func(loop_config, clock=time.monotonic if rank == 0 else ManualClock())
+
+
+def run_train_cli(storage: Path, run_name: str, overrides: dict[str, Any],
+                  timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``python pipelines/train.py --config configs/tiny_cpu.yaml --num-cpus 2`` in a subprocess with no
+    ``RAY_ADDRESS`` (so it starts its own local Ray instance, as a user's first command does), the
+    test session's MLflow store and Ray token, and ``overrides`` (``{"section.key": value}``, written
+    as YAML-parsed ``key=value`` arguments) over ``train.storage_path`` and ``train.run_name``.
+    Returns the finished process (stdout and stderr as text)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    args = [f"{key}={json.dumps(value) if value is None or isinstance(value, list) else value}"
+            for key, value in {"train.storage_path": storage, "train.run_name": run_name, **overrides}.items()]
+    command = [sys.executable, "pipelines/train.py", "--config", str(TINY_CONFIG.relative_to(REPO_ROOT)),
+               "--num-cpus", "2", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -35,12 +35,12 @@ def test_one_row_end_to_end(ray_local, train_sandbox: Path, fashion_mnist_dir: P
     run_preprocess(PreprocessConfig(input=str(fashion_mnist_dir), output=str(shards), limit=80, val_fraction=0.2))
     output = tmp_path / "bench_bpd_configs.json"
     fast = [f"{key}={value}" for key, value in FAST.items() if key != "train.total_steps"]
-    monkeypatch.chdir(tmp_path)  # relative paths, as the README's command: the workers run elsewhere
+    monkeypatch.chdir(tmp_path)  # relative paths, as in docs/training.md's command: the workers run elsewhere
     argv = ["--config", str(TINY_CONFIG), "--shards", "shards", "--storage", "runs",
             "--rows", "vlb_is", "--minutes", "0.001", "--test-images", "6", "--estimate", "4", "--workers", "1",
             "--output", str(output), "--set", *fast]
     bench.main(argv)
-    row = json.loads(output.read_text())["rows"][0]
+    row = json.loads(output.read_text())["figures"]["rows"][0]
     assert (row["row"], row["loss"], row["variance"], row["timestep_sampler"]) == (
         "vlb_is", "vlb", "learned_range", "loss_second_moment")
     assert row["steps"] == 1  # 60 ms of budget: spent at the first log step
@@ -49,4 +49,4 @@ def test_one_row_end_to_end(ray_local, train_sandbox: Path, fashion_mnist_dir: P
     assert row["model_uri"].startswith("models:/ddpm-test-bpd-vlb_is/")
     bench.main(argv)  # measured already: skipped, the JSON unchanged
     assert "vlb_is: already in" in capsys.readouterr().out
-    assert json.loads(output.read_text())["rows"] == [row]
+    assert json.loads(output.read_text())["figures"]["rows"] == [row]

@@ -134,7 +134,11 @@ def test_cpu_tiny_run_reports_finite_positive_numbers(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train_eager" in proc.stdout and "wrote" in proc.stdout
-    report = json.loads(output.read_text())
+    written = json.loads(output.read_text())
+    assert list(written) == ["date", "commit", "machine", "command", "figures"]
+    assert written["machine"]["device"] == "cpu" and written["command"].startswith("python benchmarks/bench_gpu.py --device cpu")
+    assert set(written["machine"]["load_average_1m"]) == {"start", "end"}
+    report = written["figures"]
 
     assert report["tiny"] is True and report["errors"] == {}
     assert UNetConfig.from_dict(report["unet"]) == bench.TINY_UNET

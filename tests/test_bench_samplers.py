@@ -54,7 +54,7 @@ def test_runs_end_to_end_on_a_tiny_model(fmnist_shards: Path, fd_classifier_fold
                     "--cells", "ancestral:50", "--no-compile", "--cache", str(tmp_path / "cache"), "--output", str(output)])
     finally:
         torch.set_num_threads(threads)
-    result = json.loads(output.read_text())
+    result = json.loads(output.read_text())["figures"]
     cells = [(r["sampler"], r["evals"]) for r in result["rows"]]
     assert cells == [(s, e) for e in (2, 4) for s in bench.SAMPLERS] + [("ancestral", 50)]
     assert all(math.isfinite(r["fd"]) and r["fd"] > 0 and r["seconds_per_image"] > 0 for r in result["rows"])

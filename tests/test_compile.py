@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _unet_helpers import computing_unet
 
 from deploy.model_runner import ModelRunner
 from diffusion_core.checkpoint import LoadedModel
@@ -16,7 +17,9 @@ from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.unet import UNet
 from pipelines.registry.model_identity import ModelIdentity
 from pipelines.training.config import TrainConfig
-from pipelines.training.loop import Worker, build_trainee, train_step
+from pipelines.training.step import train_step
+from pipelines.training.trainee import build_trainee
+from pipelines.training.worker import Worker
 
 pytestmark = pytest.mark.slow
 UNET = UNetConfig(image_size=8, in_channels=1, out_channels=1, model_channels=16, channel_mult=(1, 2),
@@ -56,9 +59,8 @@ def test_compiled_training_step_matches_eager_and_saves_plain_weights() -> None:
 
 
 def test_compiled_serving_network_samples_like_the_eager_one() -> None:
-    torch.manual_seed(0)
-    model = UNet(UNET).eval()
-    loaded = LoadedModel(model, GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {})
+    loaded = LoadedModel(computing_unet(UNET, seed=0), GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {})
+    torch._dynamo.reset()
     compiled = ModelRunner(loaded, ModelIdentity(uri="mem"), network="compiled")
     eager = ModelRunner(loaded, ModelIdentity(uri="mem"), network="eager")
     assert compiled.describe()["network"] == "compiled" and eager.describe()["network"] == "eager"
@@ -66,7 +68,10 @@ def test_compiled_serving_network_samples_like_the_eager_one() -> None:
     with torch.no_grad():
         ours = generate(loaded.diffusion, compiled.network, (3, 1, 8, 8), settings, seeded_generator(2))
         theirs = generate(loaded.diffusion, eager.network, (3, 1, 8, 8), settings, seeded_generator(2))
+        zero = generate(loaded.diffusion, UNet(UNET).eval(), (3, 1, 8, 8), settings, seeded_generator(2))
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
+    assert (theirs - zero).abs().max() > 1e-2  # the network's output shapes the samples compared
+    torch._dynamo.reset()
 
 
 def test_evaluation_network_is_compiled_or_falls_back_to_eager(monkeypatch, capsys) -> None:
@@ -74,11 +79,7 @@ def test_evaluation_network_is_compiled_or_falls_back_to_eager(monkeypatch, caps
 
     from pipelines.evaluation.job import compiled_network
 
-    torch.manual_seed(0)
-    model = UNet(UNET).eval()
-    with torch.no_grad():  # off the zero-initialised output layer, so the outputs are not all 0
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = computing_unet(UNET, seed=0)
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 49])
     torch._dynamo.reset()
     network = compiled_network(model, UNET.image_shape, "cpu")

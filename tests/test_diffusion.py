@@ -16,7 +16,7 @@ from _diffusion_helpers import (
     single_thread,  # noqa: F401 (autouse fixture)
 )
 
-from diffusion_core import DiffusionConfig, GaussianDiffusion
+from diffusion_core import DiffusionConfig, GaussianDiffusion, bound
 
 T = 100
 
@@ -250,7 +250,8 @@ def test_vb_term_matches_vb_terms_bpd():
     t = torch.tensor([0, 7, 99])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
     out = d.training_losses(model, x0, t, noise=noise)
-    direct = d._vb_terms_bpd(model, x0, d.q_sample(x0, t, noise), t)["output"]
+    x_t = d.q_sample(x0, t, noise)
+    direct = bound.vb_terms_bpd(d.process, model(x_t, t), x0, x_t, t)["output"]
     assert torch.allclose(out["vb"], direct)
 
 

@@ -57,5 +57,5 @@ def test_every_step_matches_diffusers(num_steps, prediction, spacing, algorithm)
         expected.append(x)
     assert [int(t) for t in theirs.timesteps] == steps.tolist()
     tol = 1e-5 if algorithm == "dpmsolver++" else 1e-4  # the SDE's noise term: one more float32 rounding a step
-    for got, want in zip(inputs + [final], expected):
+    for got, want in zip(inputs + [final], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)

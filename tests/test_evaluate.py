@@ -12,7 +12,7 @@ from _train_helpers import EXPERIMENT, REGISTERED_MODEL
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import load_checkpoint
-from pipelines.data.shards import read_split_numpy
+from pipelines.data.shards.reader import read_split_numpy
 from pipelines.evaluate import main
 from pipelines.evaluation.blocks import block_seed
 from pipelines.registry.model_store import fetch_checkpoint

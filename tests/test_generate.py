@@ -1,5 +1,6 @@
 """diffusion_core.generate: every sampler name through ``generate`` is exactly the direct core call
-with the same seed; SamplerSettings validation, defaults and network-evaluation counts."""
+with the same seed; SamplerSettings validation, defaults and network-evaluation counts; jobs that
+differ in one sampler parameter draw different images."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from _diffusion_helpers import (
     CountingModel,
     single_thread,  # noqa: F401 (autouse fixture)
 )
+from _unet_helpers import SMALL_UNET, computing_unet
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
-from diffusion_core.generate import DEFAULT_SPACING, SamplerSettings, generate, seeded_generator
+from diffusion_core.generate import SamplerSettings, generate, seeded_generator
+from diffusion_core.samplers.registry import SAMPLERS
 
 T = 30
 SHAPE = (2, 1, 6, 6)
@@ -76,7 +79,7 @@ def test_defaults_are_unchanged_and_spacing_is_resolved() -> None:
     default = SamplerSettings()
     assert (default.sampler, default.num_steps, default.eta, default.clip_denoised) == ("ddim", 50, 0.0, True)
     assert default.spacing == "uniform" and default == SamplerSettings("ddim", 50, 0.0, True, "uniform")
-    assert SamplerSettings("dpm_solver").spacing == "logsnr" == DEFAULT_SPACING["dpm_solver"]
+    assert SamplerSettings("dpm_solver").spacing == "logsnr" == SAMPLERS["dpm_solver"].default_spacing
     assert SamplerSettings("pc").spacing == "uniform" and SamplerSettings("langevin").spacing == "uniform"
     assert SamplerSettings("dpm_solver", spacing="quadratic").spacing == "quadratic"
     assert SamplerSettings("ddpm").params() == {"sampler": "ddpm", "clip_denoised": True}
@@ -139,3 +142,29 @@ def test_bad_settings_raise_naming_the_field(kwargs, message: str) -> None:
 def test_generate_passes_core_errors_through(diffusion) -> None:
     with pytest.raises(ValueError, match="num_steps"):
         generate(diffusion, ConvModel(), SHAPE, SamplerSettings("dpm_solver", T + 1), seeded_generator(0))
+
+
+PARAMETER_PAIRS = [
+    (SamplerSettings("ddim", 5), SamplerSettings("ddim", 6)),
+    (SamplerSettings("ddim", 5, eta=0.0), SamplerSettings("ddim", 5, eta=0.5)),
+    (SamplerSettings("dpm_solver", 5), SamplerSettings("dpm_solver", 6)),
+    (SamplerSettings("dpm_solver", 5, order=1), SamplerSettings("dpm_solver", 5, order=2)),
+    (SamplerSettings("pc", 4, corrector_steps=1, snr=0.1), SamplerSettings("pc", 4, corrector_steps=1, snr=0.2)),
+    (SamplerSettings("langevin", 4, corrector_steps=1, snr=0.1),
+     SamplerSettings("langevin", 4, corrector_steps=1, snr=0.2)),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), PARAMETER_PAIRS,
+                         ids=lambda s: "-".join(f"{v}" for v in s.params().values()))
+def test_jobs_differing_in_one_parameter_give_different_images(diffusion, first, second) -> None:
+    """Two jobs with the same seed that differ only in ``num_steps``, ``eta``, ``order`` or ``snr``
+    draw different images on a network whose output depends on its input (``computing_unet``; a
+    freshly built UNet outputs 0, and then DDIM, DPM-Solver and the corrector ignore these
+    parameters). The bound 1e-3 on the largest pixel difference is 10^4 float32 roundings of [-1, 1]."""
+    model = computing_unet(SMALL_UNET, seed=0)
+    shape = (2, *SMALL_UNET.image_shape)
+    with torch.no_grad():
+        a = generate(diffusion, model, shape, first, generator=seeded_generator(1))
+        b = generate(diffusion, model, shape, second, generator=seeded_generator(1))
+    assert float((a - b).abs().max()) > 1e-3, (first.params(), second.params())

@@ -3,7 +3,7 @@ Chromium driven by Selenium (Debian's ``chromium`` and ``chromium-driver``; ``ma
 them where it can).
 
 Screenshots go to the test's tmp folder and, when ``UI_SCREENSHOT_DIR`` is set, there too (the
-README's pictures in docs/images/ come from such a run).
+pictures of docs/mlflow.md, in docs/images/, come from such a run).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from _unet_helpers import computing_unet
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
@@ -48,8 +49,8 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture()
 def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = UNet(TINY_UNET)
+    """``computing_unet(TINY_UNET, seed=0)``'s weights: the pyfunc is compared with ``generate`` on them."""
+    model = computing_unet(TINY_UNET, seed=0)
     return save_checkpoint(tmp_path / "ckpt", model.state_dict(), TINY_UNET, TINY_DIFFUSION, {"step": 7})
 
 
@@ -73,8 +74,7 @@ def test_registered_model_round_trip(tracking: str, checkpoint: Path, tmp_path: 
     assert json.loads((folder / "manifest.json").read_text()) == MANIFEST
     loaded = load_checkpoint(folder)
     assert loaded.metadata == {"step": 7} and loaded.unet_config == TINY_UNET
-    torch.manual_seed(0)
-    reference = UNet(TINY_UNET)
+    reference = computing_unet(TINY_UNET, seed=0)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
 
@@ -122,6 +122,12 @@ def test_pyfunc_model_samples_like_the_core_sampler(tracking: str, checkpoint: P
     expected = generate(loaded.diffusion, loaded.model, (3, 1, 8, 8), SamplerSettings("ddim", 4),
                         generator=torch.Generator().manual_seed(5))
     np.testing.assert_allclose(images, expected.numpy(), rtol=0, atol=1e-6)
+    zero_output = generate(loaded.diffusion, UNet(TINY_UNET).eval(), (3, 1, 8, 8), SamplerSettings("ddim", 4),
+                           generator=torch.Generator().manual_seed(5))
+    assert np.abs(images - zero_output.numpy()).max() > 1e-3  # the logged weights computed these images
+    fewer_steps = generate(loaded.diffusion, loaded.model, (3, 1, 8, 8), SamplerSettings("ddim", 3),
+                           generator=torch.Generator().manual_seed(5))
+    assert np.abs(images - fewer_steps.numpy()).max() > 1e-3  # num_steps reached the sampler
 
     for bad in (0, -1, 257):  # refused by MLflow's validation against PyfuncSampleRequest
         with pytest.raises(mlflow.exceptions.MlflowException, match="num_images"):
@@ -170,9 +176,9 @@ def test_s3_prefix(checkpoint: Path, tmp_path: Path) -> None:
 def test_pyfunc_predict_takes_any_sampler() -> None:
     """DDPMCheckpointModel.predict (without MLflow): a list of typed requests, each answered with its
     images as nested lists; the default is DDIM with 50 steps, and the sampler fields select any
-    ``generate`` sampler; bad settings raise ValueError naming the field."""
-    torch.manual_seed(0)
-    model = UNet(TINY_UNET).eval()
+    ``generate`` sampler; bad settings raise ValueError naming the field. On ``computing_unet``, so
+    that a request whose order, snr or step count were dropped would draw other images."""
+    model = computing_unet(TINY_UNET, seed=0)
     wrapper = DDPMCheckpointModel()
     wrapper.loaded = LoadedModel(model, GaussianDiffusion(TINY_DIFFUSION), TINY_UNET, TINY_DIFFUSION, {})
 
@@ -186,5 +192,8 @@ def test_pyfunc_predict_takes_any_sampler() -> None:
     np.testing.assert_array_equal(out[0], expected(SamplerSettings("ddim", 50), 2, 3))
     np.testing.assert_array_equal(out[1], expected(SamplerSettings("dpm_solver", 5, order=1), 1, 4))
     np.testing.assert_array_equal(out[2], expected(SamplerSettings("pc", 4, snr=0.1), 1, 5))
+    for got, other in ((out[1], SamplerSettings("dpm_solver", 5, order=2)), (out[2], SamplerSettings("pc", 4, snr=0.2)),
+                       (out[2], SamplerSettings("pc", 3, snr=0.1))):
+        assert np.abs(got - expected(other, 1, 4 if other.sampler == "dpm_solver" else 5)).max() > 1e-3
     with pytest.raises(ValueError, match="snr=0"):
         wrapper.predict(None, [PyfuncSampleRequest(sampler="pc", snr=0)])

@@ -33,7 +33,7 @@ from ray.util.state import list_actors, list_nodes
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 from tooling.local_cluster import free_port, free_ports
 from tooling.ray_auth import auth_headers, use_token_auth
 from tooling.s3_server import S3Server, running_s3_server

@@ -22,7 +22,7 @@ from _preprocess_helpers import (
 )
 from PIL import Image
 
-from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 
 TRAIN_IDX = "train-images-idx3-ubyte"  # a train file: all of it is train + carved val
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from diffusion_core.images import uint8_to_float
 from pipelines.data import job as preprocess_job
 from pipelines.data.job import PreprocessConfig, run_preprocess
-from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 from pipelines.data.transforms import BadImageError
 
 COUNT, SEED, VAL = 150, 11, 0.3

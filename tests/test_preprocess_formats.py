@@ -12,7 +12,7 @@ import pytest
 from _preprocess_helpers import run_cli, to_unit
 from PIL import Image
 
-from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 
 H, W = 5, 7
 #: One constant pixel per channel, all different, so a swapped channel order cannot pass.

@@ -14,8 +14,8 @@ from _preprocess_helpers import assert_on_grid, is_val, leftovers, read_idx
 from diffusion_core.images import uint8_to_float
 from pipelines.data import job as preprocess_job
 from pipelines.data.job import PreprocessConfig, run_preprocess
-from pipelines.data.shards import load_manifest, read_split_numpy
-from pipelines.data.sources import SourceError
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
+from pipelines.data.sources.listing import SourceError
 from pipelines.data.transforms import BadImageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

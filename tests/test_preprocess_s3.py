@@ -11,7 +11,7 @@ from _preprocess_helpers import assert_on_grid, is_val, plant_bad_files, read_id
 
 from diffusion_core.images import uint8_to_float
 from pipelines.data.job import PreprocessConfig, run_preprocess
-from pipelines.data.shards import load_manifest, read_split, read_split_numpy
+from pipelines.data.shards.reader import load_manifest, read_split, read_split_numpy
 from pipelines.data.transforms import BadImageError
 from tooling.s3_server import S3Server, s3_server_fixture
 

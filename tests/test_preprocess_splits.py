@@ -1,5 +1,6 @@
-"""The source's own splits: IDX t10k -> test, a train/ test/ (val/) folder tree, CIFAR-10 binary
-batches, and the manifest's ``splits``; val is carved from train only, never from test."""
+"""The source's own splits: IDX t10k -> test, a train/ test/ (val/) folder tree, and the manifest's
+``splits``; val is carved from train only, never from test (CIFAR-10's batches:
+``test_preprocess_cifar.py``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import pytest
 from _preprocess_helpers import is_val, read_idx, write_fashion_folder
 
 from pipelines.data.job import PreprocessConfig, run_preprocess
-from pipelines.data.shards import SCHEMA_VERSION, Manifest, load_manifest, read_split, read_split_numpy
-from pipelines.data.sources import SourceError
-from pipelines.data.transforms import BadImageError
+from pipelines.data.shards.manifest import SCHEMA_VERSION, Manifest
+from pipelines.data.shards.reader import load_manifest, read_split, read_split_numpy
 from pipelines.preprocess import format_summary
 
 SEED, VAL = 5, 0.3
@@ -131,83 +131,6 @@ def test_folder_without_split_folders_is_all_train(ray_local, fashion_mnist_dir:
     assert manifest.counts == {"train": 20, "val": 0, "test": 0}
     assert "test" in manifest.classes and set(manifest.splits) == {"train", "val"}
     assert manifest.splits["train"] == {"rule": "source", "sources": [str((tmp_path / "plain").resolve())]}
-
-
-# ----------------------------------------------------------------------------- CIFAR-10
-
-
-def _cifar_records(rng: np.random.Generator, n: int) -> np.ndarray:
-    records = rng.integers(0, 256, size=(n, 3073), dtype=np.uint8)
-    records[:, 0] = rng.integers(0, 10, size=n)
-    return records
-
-
-@pytest.fixture
-def cifar(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(0)
-    root = tmp_path / "cifar-10-batches-bin"
-    root.mkdir()
-    records = {"data_batch_1.bin": _cifar_records(rng, 5), "data_batch_2.bin": _cifar_records(rng, 4),
-               "test_batch.bin": _cifar_records(rng, 3)}
-    for name, data in records.items():
-        (root / name).write_bytes(data.tobytes())
-    (root / "batches.meta.txt").write_text("airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n")
-    (root / "readme.html").write_text("<html></html>")
-    return root, records
-
-
-def test_cifar10_batches_round_trip_exactly(ray_local, cifar, tmp_path: Path):
-    root, records = cifar
-    manifest = run_preprocess(PreprocessConfig(input=str(root), output=str(tmp_path / "out"), seed=SEED, val_fraction=VAL))
-    assert manifest.image_shape == (3, 32, 32) and manifest.has_labels and manifest.rejected == ()
-    assert manifest.classes[:2] == ("airplane", "automobile") and len(manifest.classes) == 10
-    assert manifest.options["source_kind"] == "cifar10"
-    assert manifest.splits["train"]["sources"] == [str(root.resolve() / f"data_batch_{i}.bin") for i in (1, 2)]
-    assert manifest.splits["test"]["sources"] == [str(root.resolve() / "test_batch.bin")]
-    train = [(f"data_batch_{b}.bin:{i}", r) for b in (1, 2) for i, r in enumerate(records[f"data_batch_{b}.bin"])]
-    expected = {
-        "train": [r for name, r in train if not is_val(name, SEED, VAL)],
-        "val": [r for name, r in train if is_val(name, SEED, VAL)],
-        "test": list(records["test_batch.bin"]),
-    }
-    assert manifest.counts == {split: len(rows) for split, rows in expected.items()}
-    for split, rows in expected.items():
-        images, labels = read_split_numpy(str(tmp_path / "out"), split)
-        rows = np.array(rows).reshape(len(rows), 3073)
-        # channel order RGB: bytes 1..1024 are R (channel 0), then G, then B; each 32x32 row-major
-        want = np.stack([rows[:, 1:1025], rows[:, 1025:2049], rows[:, 2049:]], axis=1).reshape(-1, 3, 32, 32)
-        np.testing.assert_array_equal(images, _to_float(want))
-        np.testing.assert_array_equal(labels, rows[:, 0].astype(np.int64))
-    first = records["data_batch_1.bin"][0]
-    if not is_val("data_batch_1.bin:0", SEED, VAL):
-        image = read_split_numpy(str(tmp_path / "out"), "train", limit=1)[0][0]
-        assert image[2, 0, 1] == np.float32(first[1 + 2048 + 1]) / np.float32(127.5) - 1  # B plane, row 0, col 1
-
-
-def test_cifar10_single_batch_file_and_grayscale(ray_local, cifar, tmp_path: Path):
-    root, records = cifar
-    manifest = run_preprocess(PreprocessConfig(input=str(root / "test_batch.bin"), output=str(tmp_path / "out"), mode="L",
-                                               size=(16, 16)))
-    assert manifest.counts == {"train": 0, "val": 0, "test": 3} and manifest.image_shape == (1, 16, 16)
-    _, labels = read_split_numpy(str(tmp_path / "out"), "test")
-    np.testing.assert_array_equal(labels, records["test_batch.bin"][:, 0])
-
-
-def test_truncated_cifar10_batch_is_named_in_a_clear_error(ray_local, cifar, tmp_path: Path):
-    root, _ = cifar
-    whole = (root / "test_batch.bin").read_bytes()
-    (root / "test_batch.bin").write_bytes(whole[:-100])
-    with pytest.raises(BadImageError, match=r"test_batch\.bin.*not a multiple of the 3,073-byte record") as caught:
-        run_preprocess(PreprocessConfig(input=str(root), output=str(tmp_path / "fail"), on_error="fail"))
-    assert caught.value.file == "test_batch.bin"
-    assert not (tmp_path / "fail").exists()
-    manifest = run_preprocess(PreprocessConfig(input=str(root), output=str(tmp_path / "skip")))
-    assert [r["file"] for r in manifest.rejected] == ["test_batch.bin"] and "truncated" in manifest.rejected[0]["reason"]
-    assert manifest.counts["test"] == 0 and "test" not in manifest.splits
-    for name in ("data_batch_1.bin", "data_batch_2.bin"):
-        (root / name).unlink()
-    with pytest.raises(SourceError, match=r"no usable CIFAR-10 batches.*test_batch\.bin"):
-        run_preprocess(PreprocessConfig(input=str(root), output=str(tmp_path / "none")))
 
 
 # ----------------------------------------------------------------------------- old manifests

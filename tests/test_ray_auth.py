@@ -3,7 +3,7 @@
 A head started like the demo's (``LocalRayCluster``: ``ray start --head --node-ip-address=127.0.0.1
 --dashboard-host=127.0.0.1``, ``RAY_AUTH_MODE=token``) refuses a client without its token, on the
 dashboard's job API and on the GCS, and accepts one with it; the entry points' in-process local
-cluster (``pipelines.ray_auth.init_local_ray``) runs with token authentication and makes a private
+cluster (``pipelines.common.ray_auth.init_local_ray``) runs with token authentication and makes a private
 token when there is none.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipelines import ray_auth
+from pipelines.common import ray_auth
 from tooling.local_cluster import REPO, LocalRayCluster
 from tooling.ray_auth import auth_headers
 
@@ -102,7 +102,7 @@ def test_init_local_ray_runs_with_token_auth_and_makes_a_token(tmp_path: Path) -
     script = (
         "import ray\n"
         "from ray._private.authentication.authentication_utils import is_token_auth_enabled\n"
-        "from pipelines.ray_auth import init_local_ray\n"
+        "from pipelines.common.ray_auth import init_local_ray\n"
         "init_local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
         "print('RESULT', ray.get(ray.remote(lambda: 41 + 1).remote()), is_token_auth_enabled())\n"
     )

@@ -13,7 +13,8 @@ from _diffusion_helpers import (
 )
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
-from diffusion_core.sampling import ddim_timesteps, model_device
+from diffusion_core.samplers.common import model_device
+from diffusion_core.timesteps import ddim_timesteps
 
 T = 40
 SHAPE = (3, 1, 6, 6)

@@ -17,7 +17,7 @@ from _serve_helpers import read_idx_images, save_tiny_checkpoint
 from fastapi.security import HTTPAuthorizationCredentials
 
 from deploy.api_key import ApiKeyError, configure_api_key, require_api_key
-from deploy.schemas import IngressConfig
+from deploy.config import IngressConfig
 from tooling.local_cluster import SERVE_CONFIG, LocalRayCluster, derive_serve_config
 
 KEY = "s3cret-key-for-tests"

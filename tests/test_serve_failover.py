@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from _serve_helpers import save_tiny_checkpoint
@@ -26,6 +27,9 @@ pytestmark = pytest.mark.slow
 REQUEST = {"num_images": 4, "sampler": "ddim", "num_steps": 20, "seed": 3}
 CLIENTS = 4
 WARMUP_ROUNDS = 3
+# CPU seconds the idle replica does not use in a round's first moments (its background threads take
+# milliseconds a second) but its computing thread does within a tenth of the round
+COMPUTING_CPU_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,9 @@ class Outcome:
 
 class Rounds:
     """The clients send their requests in rounds: all ``CLIENTS`` at once (a barrier), the next round
-    when every one has its answer. So the main thread knows when a round's requests are all on the
-    replica (shortly after the round starts, well before any can finish) and can kill it then."""
+    when every one has its answer. The replica starts computing a round only once its batch has
+    been formed from that round's requests (``batch_wait_timeout_s`` after the first arrives), so
+    the main thread kills it when it sees the replica's CPU time rise after the round started."""
 
     def __init__(self) -> None:
         self.number = 0
@@ -102,6 +107,27 @@ def _client(url: str, rounds: Rounds, stop: threading.Event, outcomes: list[Outc
                 outcomes.append(Outcome(number, started, time.monotonic(), status, retry_after, detail))
 
 
+def _wait_until_computing(replica: psutil.Process, round_started: float, kill_round: int, outcomes: list[Outcome],
+                          lock: threading.Lock) -> float:
+    """Block until ``replica`` has used ``COMPUTING_CPU_S`` more CPU seconds than at the first poll
+    (it computes the round's batch: the requests are on it); seconds from ``round_started``.
+
+    Raises:
+        AssertionError: if a request of ``kill_round`` is answered first, or nothing happens in 60 s.
+    """
+    times = replica.cpu_times()
+    baseline = times.user + times.system
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        times = replica.cpu_times()
+        if times.user + times.system - baseline >= COMPUTING_CPU_S:
+            return time.monotonic() - round_started
+        with lock:
+            assert not [o for o in outcomes if o.round == kill_round], "answered before the replica was seen computing"
+        time.sleep(0.005)
+    raise AssertionError(f"the replica used under {COMPUTING_CPU_S} CPU s in the 60 s after round {kill_round} started")
+
+
 def test_killed_replica_is_replaced_and_requests_after_recovery_succeed(served: LocalRayCluster) -> None:
     cluster = served
     (victim,) = cluster.model_replicas()
@@ -114,14 +140,12 @@ def test_killed_replica_is_replaced_and_requests_after_recovery_succeed(served: 
     try:
         kill_round = WARMUP_ROUNDS + 1
         round_started = rounds.wait_for_round(kill_round, timeout_s=300)
+        computing_after = _wait_until_computing(psutil.Process(victim["pid"]), round_started, kill_round,
+                                                outcomes, lock)
         with lock:
             assert len(outcomes) == WARMUP_ROUNDS * CLIENTS and all(o.ok for o in outcomes), (
                 [o.detail for o in outcomes if not o.ok][:3])
             fastest = min(o.finished - o.started for o in outcomes)
-        # kill once this round's requests have had a while to reach the replica, but long before the
-        # fastest warm-up request was answered
-        time.sleep(max(0.0, round_started + 0.4 * fastest - time.monotonic()))
-        with lock:
             assert not [o for o in outcomes if o.round == kill_round], "a request was answered before the kill"
         killed_at = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
@@ -142,7 +166,8 @@ def test_killed_replica_is_replaced_and_requests_after_recovery_succeed(served: 
     after = [o for o in outcomes if o.started > killed_at]
     recovered_at = min((o.finished for o in after if o.ok), default=None)
     print(f"\nfailover: {len(failed)} of {len(outcomes)} requests failed ({CLIENTS} clients, in rounds; the fastest "
-          f"warm-up request took {fastest:.2f} s; {len(during)} were in flight at the kill, {len(after)} started "
+          f"warm-up request took {fastest:.2f} s; the replica was seen computing the kill round "
+          f"{computing_after:.2f} s after it started; {len(during)} were in flight at the kill, {len(after)} started "
           f"after it); first success of a request started after the kill came "
           f"{None if recovered_at is None else round(recovered_at - killed_at, 2)} s after the kill; "
           f"failure kinds: {sorted({o.detail[:110] for o in failed})}")

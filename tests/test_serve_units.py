@@ -4,39 +4,34 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from _unet_helpers import computing_unet
 from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
-from deploy import schemas
+from deploy.config import DEFAULT_NETWORK, IngressConfig, ModelDeploymentConfig
+from deploy.decoding import decode_image_upload, pixels_from_json
+from deploy.errors import RequestError
 from deploy.http_io import parse_json_model, sample_response
-from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob, inference_network
-from deploy.schemas import (
+from deploy.limits import Limits, check_content_length, check_likelihood_limits, check_sample_limits, resolve_num_steps
+from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob
+from deploy.request_models import (
     SAMPLER_PARAMETERS,
-    IngressConfig,
     LikelihoodJsonRequest,
     LikelihoodOptions,
-    Limits,
-    ModelDeploymentConfig,
-    RequestError,
-    Sampler,
     SampleRequest,
-    check_content_length,
-    check_likelihood_limits,
-    check_sample_limits,
-    decode_image_upload,
-    pixels_from_json,
-    resolve_num_steps,
 )
-from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig, sampling
+from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 from diffusion_core.checkpoint import LoadedModel
 from diffusion_core.generate import SamplerName, SamplerSettings
 from diffusion_core.images import uint8_to_float
+from diffusion_core.inference_network import NETWORK_MODES, build_inference_network
 from pipelines.registry.model_identity import ModelIdentity, describe_model, parse_model_uri
 from pipelines.registry.model_store import read_manifest_summary
 from tooling.local_cluster import SERVE_CONFIG
@@ -55,15 +50,29 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def runner() -> ModelRunner:
-    torch.manual_seed(0)
-    model = UNet(UNET).eval()
+#: batched vs alone: the same float32 network on batches of other sizes (kernels may sum in another order)
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _runner(model: UNet) -> ModelRunner:
     return ModelRunner(LoadedModel(model, GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {}), ModelIdentity(uri="mem"))
 
 
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    """The replica's runner (default ``network``) on a UNet whose output depends on its input."""
+    return _runner(computing_unet(UNET, seed=0))
+
+
+@pytest.fixture(scope="module")
+def zero_runner() -> ModelRunner:
+    """The same runner on a freshly initialised UNet, whose output convolution makes every output 0."""
+    torch.manual_seed(0)
+    return _runner(UNet(UNET).eval())
+
+
 class _CountCalls:
-    """Wraps ``runner.network`` (the traced network) to record the batch size of every evaluation."""
+    """Wraps ``runner.network`` (the network the samplers call) to record the batch size of every evaluation."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.sizes: list[int] = []
@@ -162,11 +171,10 @@ def test_sampler_parameters_are_taken_per_sampler() -> None:
     assert SampleRequest(sampler="ddpm", eta=0.0).sampler_parameters() == {}  # eta 0 is accepted with any sampler
     err = _error(parse_json_model, SampleRequest, b'{"sampler": "ddpm", "order": 2}')
     assert err.message == "order applies to sampler 'dpm_solver' only; omit it for 'ddpm'"
-    # the schema's table of parameters is the core's
+    # the schema's table of parameters is the sampler registry's, as the core's
     for sampler, names in SAMPLER_PARAMETERS.items():
         assert set(names) == set(SamplerSettings(sampler).uses()) - {"num_steps"}
-    assert set(SAMPLER_PARAMETERS) == set(get_args(SamplerName)) == set(get_args(Sampler))
-    assert get_args(schemas.DPMAlgorithm) == get_args(sampling.DPMAlgorithm)  # the torch-free copy of the core's
+    assert set(SAMPLER_PARAMETERS) == set(get_args(SamplerName))
 
 
 def test_resolve_num_steps_follows_the_model() -> None:
@@ -303,11 +311,13 @@ def test_app_builder_takes_key_value_args() -> None:
     assert (ingress.name, model.name) == ("DDPMIngress", "DDPMModel")
     assert ingress.user_config == IngressConfig().model_dump()
     assert model.user_config == {"model_uri": "/some/checkpoint", "max_batch_size": 4, "batch_wait_timeout_s": 0.1,
-                                 "network": "torchscript"}
+                                 "network": DEFAULT_NETWORK}
     compiled = app_builder({"model_uri": "x", "network": "compiled"})._bound_deployment.init_args[0]._bound_deployment
     assert compiled.user_config["network"] == "compiled"
     with pytest.raises(pydantic.ValidationError):
         app_builder({"model_uri": "x", "network": "jit"})
+    with pytest.raises(ValueError, match=r"network='torchscript' is not allowed; choose one of \['eager', 'compiled'"):
+        app_builder({"model_uri": "x", "network": "torchscript"})
     with pytest.raises(pydantic.ValidationError):
         app_builder({"model_uri": "x", "max_batch_sise": "4"})
 
@@ -337,23 +347,33 @@ def _reference_sample(runner: ModelRunner, job: SampleJob) -> torch.Tensor:
                                       clip_denoised=clip, spacing=settings.spacing)
 
 
-def test_runner_network_is_traced_and_matches_the_eager_model(runner: ModelRunner) -> None:
-    assert isinstance(runner.network, torch.jit.ScriptModule) and runner.describe()["network"] == "torchscript"
-    x, t = torch.randn(5, 1, 8, 8), torch.tensor([0, 3, 23, 7, 7])
+def test_runner_network_is_the_default_mode_and_matches_the_eager_model(runner: ModelRunner,
+                                                                        zero_runner: ModelRunner) -> None:
+    assert runner.describe()["network"] == runner.network_mode == DEFAULT_NETWORK
+    x, t = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3, 23, 7, 7])
     with torch.no_grad():
-        torch.testing.assert_close(runner.network(x, t), runner.loaded.model(x, t), rtol=1e-5, atol=1e-5)
+        ours = runner.network(x, t)
+        torch.testing.assert_close(ours, runner.loaded.model(x, t), rtol=RTOL, atol=ATOL)
+        assert ours.abs().min() > 0 and not torch.allclose(ours, zero_runner.network(x, t))
 
 
-def test_inference_network_keeps_the_eager_model_when_tracing_would_change_results() -> None:
+def test_inference_network_keeps_the_eager_model_when_building_fails() -> None:
     class DataDependent(torch.nn.Module):
         def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return x * 2 if bool((t > 0).any()) else x  # a trace at t = 0 would bake in "x"
+            return x * 2 if bool((t > 0).any()) else x  # control flow on values: torch.export refuses it
 
     model = DataDependent()
-    assert inference_network(model, (1, 2, 2), torch.device("cpu")) is model
+    built = build_inference_network(model, "exported", (1, 2, 2), torch.device("cpu"))
+    assert built.forward is model and built.mode == "eager" and built.reason
+    with pytest.raises(ValueError, match=re.escape(f"network='torchscript' is not allowed; choose one of {list(NETWORK_MODES)}")):
+        build_inference_network(model, "torchscript", (1, 2, 2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="network='torchscript' is not allowed"):
+        ModelRunner(LoadedModel(UNet(UNET), GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {}),
+                    ModelIdentity(uri="mem"), network="torchscript")
 
 
-def test_batched_sampling_equals_each_request_alone_and_shares_evaluations(runner: ModelRunner) -> None:
+def test_batched_sampling_equals_each_request_alone_and_shares_evaluations(runner: ModelRunner,
+                                                                          zero_runner: ModelRunner) -> None:
     jobs = [
         SampleJob(2, "ddim", 5, 0.5, 11, True),
         SampleJob(1, "ddpm", 24, 0.0, 12, True),
@@ -363,13 +383,15 @@ def test_batched_sampling_equals_each_request_alone_and_shares_evaluations(runne
     ]
     with _CountCalls(runner) as calls:
         results = runner.sample_many(jobs)
-    for job, result in zip(jobs, results):
+    zero = zero_runner.sample_many(jobs)
+    for job, result, zero_result in zip(jobs, results, zero):
         assert result.shape == (job.num_images, 1, 8, 8)
-        torch.testing.assert_close(result, _reference_sample(runner, job), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result, _reference_sample(runner, job), rtol=RTOL, atol=ATOL)
+        assert (result - zero_result).abs().max() > 1e-2  # the network's output shapes the images
     # three jobs share settings (ddim, 5, 0.5, clip): 5 evaluations of 6 images, not 15 of 1-3
     assert sorted(calls.sizes) == sorted([6] * 5 + [1] * 24 + [1] * 5)
     # the same seed alone gives the same images (batching does not change results)
-    torch.testing.assert_close(runner.sample_many([jobs[2]])[0], results[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runner.sample_many([jobs[2]])[0], results[2], rtol=RTOL, atol=ATOL)
     assert not torch.allclose(results[0], results[4][:1].expand(2, -1, -1, -1))
 
 
@@ -390,7 +412,7 @@ def test_batched_sampling_of_every_sampler_groups_by_all_parameters(runner: Mode
     for job, result in zip(jobs, results):
         assert isinstance(result, torch.Tensor), result
         assert result.shape == (job.num_images, 1, 8, 8)
-        torch.testing.assert_close(result, _reference_sample(runner, job), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result, _reference_sample(runner, job), rtol=RTOL, atol=ATOL)
     # pc snr 0.2 (3 images, S (1 + M) = 6 evaluations), dpm_solver order 2 (2 images, 4), dpm_solver order 1
     # (2 images, 4), and 1 image each: pc snr 0.3 (6), langevin (S M + 1 = 5), ddim quadratic (4), SDE (4)
     expected = [3] * 6 + [2] * 4 + [2] * 4 + [1] * (6 + 5 + 4 + 4)
@@ -404,7 +426,7 @@ def test_sampling_failure_is_isolated(runner: ModelRunner) -> None:
     results = runner.sample_many([good, too_many_steps, same_group_bad])
     assert isinstance(results[0], torch.Tensor)
     assert isinstance(results[1], ValueError) and isinstance(results[2], Exception)
-    torch.testing.assert_close(results[0], _reference_sample(runner, good), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0], _reference_sample(runner, good), rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------- batching: likelihood
@@ -423,7 +445,8 @@ def _reference_bpd(runner: ModelRunner, job: LikelihoodJob) -> dict:
     return diffusion.calc_bpd_estimate(model, x, num_samples=job.num_samples, generator=generator)
 
 
-def test_batched_likelihood_equals_core_per_seed_and_merges_calls(runner: ModelRunner) -> None:
+def test_batched_likelihood_equals_core_per_seed_and_merges_calls(runner: ModelRunner,
+                                                                  zero_runner: ModelRunner) -> None:
     jobs = [
         LikelihoodJob(_images(0, 2), "estimate", 4, 100, False),
         LikelihoodJob(_images(1, 1), "exact", 4, 101, True),
@@ -438,6 +461,8 @@ def test_batched_likelihood_equals_core_per_seed_and_merges_calls(runner: ModelR
         if job.method == "estimate":
             np.testing.assert_allclose([r["stderr"] for r in rows], reference["stderr"].numpy(), rtol=1e-4)
             assert all(r["num_samples"] == 4 for r in rows)
+    zero = zero_runner.likelihood_many(jobs)
+    assert all(abs(ours[0]["bpd"] - theirs[0]["bpd"]) > 1e-3 for ours, theirs in zip(results, zero))
     exact_terms = results[1][0]["terms_bpd"]
     assert len(exact_terms) == 24 and results[1][0]["prior_bpd"] >= 0
     assert abs(sum(exact_terms) + results[1][0]["prior_bpd"] - results[1][0]["bpd"]) < 1e-3

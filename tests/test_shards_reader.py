@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from _preprocess_helpers import assert_on_grid
 
-from pipelines.data import shards, storage
+from pipelines.data import storage
 from pipelines.data.job import PreprocessConfig, run_preprocess
-from pipelines.data.shards import SCHEMA_VERSION, Manifest, ShardError, load_manifest, read_split, read_split_numpy
+from pipelines.data.shards.commit import publish
+from pipelines.data.shards.manifest import META_SCHEMA_VERSION, SCHEMA_VERSION, Manifest, ShardError
+from pipelines.data.shards.reader import load_manifest, read_split, read_split_numpy
 
 LIMIT = 300
 
@@ -103,7 +105,7 @@ def test_shard_from_another_schema_version_is_refused(damaged: Path):
     shard = damaged / manifest.shards["val"][0].path
     table = pq.read_table(shard)
     metadata = dict(table.schema.metadata)
-    metadata[shards.META_SCHEMA_VERSION] = b"0"
+    metadata[META_SCHEMA_VERSION] = b"0"
     pq.write_table(table.replace_schema_metadata(metadata), shard)
     read_split_numpy(str(damaged), "train")  # the other split is untouched
     with pytest.raises(ShardError, match="schema version '0'"):
@@ -146,7 +148,7 @@ def test_publish_replaces_old_output_and_drops_unlisted_files(output: Path, tmp_
     (staging / "manifest.json").unlink()
     orphan = staging / "train" / "part-999999-deadbeef.parquet"  # e.g. left by a retried task
     shutil.copy(staging / load_manifest(str(output)).shards["train"][0].path, orphan)
-    shards.publish(storage.resolve(str(staging)), storage.resolve(str(final)), load_manifest(str(output)))
+    publish(storage.resolve(str(staging)), storage.resolve(str(final)), load_manifest(str(output)))
     assert not staging.exists()
     assert not (final / "stale.txt").exists() and not (final / "train" / orphan.name).exists()
     assert list(tmp_path.glob("final.old-*")) == []

@@ -8,20 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 from _train_helpers import tiny_config
+from _unet_helpers import computing_unet
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.unet import UNet
-from pipelines.data import shards
 from pipelines.data.job import PreprocessConfig, run_preprocess
-from pipelines.data.shards import read_split_numpy
+from pipelines.data.shards import reader
+from pipelines.data.shards.reader import read_split_numpy
 from pipelines.evaluate import main
 from pipelines.evaluation.blocks import block_seed
 from pipelines.evaluation.job import EvalSettings
 from pipelines.evaluation.metrics import bound_blocks, summarize_estimate
 from pipelines.registry.tracking_uri import resolve_tracking_uri
-from pipelines.training import launcher, loop
+from pipelines.training import batches, launcher
 from pipelines.training.splits import TRAINING_SPLITS, training_split
 
 EXPERIMENT = "ddpm-splits-test"
@@ -38,17 +39,17 @@ def split_shards(ray_local, fashion_mnist_dir: Path, tmp_path_factory: pytest.Te
 
 def test_a_training_job_never_reads_test(split_shards: Path, tmp_path: Path, monkeypatch) -> None:
     read: list[str] = []
-    real = shards._validated_shards
+    real = reader._validated_shards
 
     def recording(root: str, split: str):
         read.append(split)
         return real(root, split)
 
-    monkeypatch.setattr(shards, "_validated_shards", recording)  # every reader of every split goes through it
+    monkeypatch.setattr(reader, "_validated_shards", recording)  # every reader of every split goes through it
     config = tiny_config(split_shards, tmp_path / "runs", "splits")
     trainer = launcher.build_trainer(config, {})
     assert set(trainer.datasets) == {"train"}
-    assert len(loop.load_val_images(config)) == shards.load_manifest(str(split_shards)).counts["val"]  # all (< 8) of val
+    assert len(batches.load_val_images(config)) == reader.load_manifest(str(split_shards)).counts["val"]  # all (< 8) of val
     assert read == ["train", "val"] and set(read) <= set(TRAINING_SPLITS)
     with pytest.raises(ValueError, match="never 'test'"):
         training_split("test")
@@ -56,12 +57,13 @@ def test_a_training_job_never_reads_test(split_shards: Path, tmp_path: Path, mon
 
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny untrained checkpoint (24 timesteps: the exact bound is 24 forward passes)."""
-    torch.manual_seed(0)
+    """A tiny untrained checkpoint (24 timesteps: the exact bound is 24 forward passes) holding
+    ``computing_unet`` weights, so that the Ray actors' figures are compared with this process's
+    on a network whose output depends on its input."""
     unet = UNetConfig(image_size=28, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
                       num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_groups=4)
     folder = tmp_path_factory.mktemp("untrained") / "checkpoint"
-    save_checkpoint(folder, UNet(unet).state_dict(), unet, DiffusionConfig(num_timesteps=24))
+    save_checkpoint(folder, computing_unet(unet, seed=0).state_dict(), unet, DiffusionConfig(num_timesteps=24))
     return folder
 
 
@@ -131,6 +133,9 @@ def test_evaluate_scores_a_whole_split_over_ray_actors(train_sandbox, ray_local,
     images = torch.from_numpy(read_split_numpy(str(split_shards), "test")[0])
     local = summarize_estimate(bound_blocks(loaded.diffusion, loaded.model, images, 4, 3, 5), 24, 4)
     assert metrics["eval_bpd_estimate"] == pytest.approx(local["bpd"], rel=1e-5)
+    zero_output = UNet(loaded.unet_config).eval()  # the actors' figures are the checkpoint network's
+    zero = summarize_estimate(bound_blocks(loaded.diffusion, zero_output, images, 4, 3, 5), 24, 4)
+    assert abs(zero["bpd"] - local["bpd"]) > 1e-3 * local["bpd"]
     assert metrics["eval_bpd_estimate_stderr"] == pytest.approx(local["bpd_stderr"], rel=1e-4)
     parts = [metrics[f"eval_bpd_estimate_{name}"] for name in ("prior", "terms", "decoder")]
     assert sum(parts) == pytest.approx(metrics["eval_bpd_estimate"], rel=1e-5)

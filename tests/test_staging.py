@@ -15,7 +15,8 @@ import pytest
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from pipelines.data import shards, staging_gate, storage
+from pipelines.data import staging_gate, storage
+from pipelines.data.shards.writer import ShardTarget, write_shards
 
 
 def _block(n: int = 4) -> pa.Table:
@@ -35,7 +36,7 @@ def _files(root: Path) -> list[str]:
 
 def test_without_a_gate_the_shards_are_written_and_reported(tmp_path: Path) -> None:
     tmp = storage.resolve(str(tmp_path / "out.tmp-1"))
-    report = shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2))).to_pylist()
+    report = write_shards(_block(), ShardTarget(tmp, (1, 2, 2))).to_pylist()
     written = sorted(r["path"] for r in report if r["path"])
     assert [r["file"] for r in report if r["file"]] == ["f3.png"]
     assert len(written) == 2 and all(p.startswith(("train/part-000003-", "val/part-000003-")) for p in written)
@@ -46,11 +47,11 @@ def test_an_open_gate_admits_writers_and_a_closed_one_refuses_them(ray_local, tm
     gate = staging_gate.start_gate()
     try:
         tmp = storage.resolve(str(tmp_path / "out.tmp-2"))
-        report = shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2), gate)).to_pylist()
+        report = write_shards(_block(), ShardTarget(tmp, (1, 2, 2), gate)).to_pylist()
         assert len([r for r in report if r["path"]]) == 2  # admitted: both splits written
         assert staging_gate.close_and_drain(gate, timeout_s=5) == 0
         storage.remove_tree(tmp)
-        late = shards.write_shards(_block(), shards.ShardTarget(tmp, (1, 2, 2), gate)).to_pylist()
+        late = write_shards(_block(), ShardTarget(tmp, (1, 2, 2), gate)).to_pylist()
         assert [r for r in late if r["path"]] == [] and [r["file"] for r in late if r["file"]] == ["f3.png"]
         assert not (tmp_path / "out.tmp-2").exists()  # a task after the close writes nothing
     finally:

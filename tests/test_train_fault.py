@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.launcher import run
-from pipelines.training.loop import RESUMED_FROM_TAG
+from pipelines.training.tags import RESUMED_FROM_TAG
 
 pytestmark = pytest.mark.slow
 TOTAL, EVERY, EXTENDED = 12, 4, 14

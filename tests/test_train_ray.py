@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from diffusion_core.checkpoint import load_checkpoint
-from pipelines.data.shards import read_split_numpy
+from pipelines.data.shards.reader import read_split_numpy
 from pipelines.evaluation.metrics import estimate_bpd, exact_bpd
 from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.tracking_uri import resolve_tracking_uri

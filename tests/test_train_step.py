@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from diffusion_core.diffusion import GaussianDiffusion
+from pipelines.training.checkpointing import gather_replicas
 from pipelines.training.config import load_config
-from pipelines.training.loop import (
-    TrainingDivergedError,
-    Window,
-    Worker,
-    build_optimizer,
-    build_trainee,
-    configure_torch,
-    gather_replicas,
-    train_step,
-)
+from pipelines.training.step import TrainingDivergedError, train_step
+from pipelines.training.trainee import build_optimizer, build_trainee
+from pipelines.training.window import Window
+from pipelines.training.worker import Worker, configure_torch
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 CPU = Worker(rank=0, world_size=1, device=torch.device("cpu"))

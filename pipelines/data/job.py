@@ -1,13 +1,12 @@
 """A preprocessing job: list a source, read, decode and transform it in Ray Data tasks that each
 write their own Parquet shard into a staging folder, then publish the folder with its manifest
-atomically (``pipelines/data/shards.py`` has the layout and the commit protocol).
+atomically (``pipelines/data/shards/__init__.py`` has the layout and the commit protocol).
 ``pipelines/preprocess.py`` is the command line around :func:`run_preprocess`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,9 +15,16 @@ from typing import Literal
 
 import ray
 
-from pipelines.data import shards, sources, staging_gate, storage
-from pipelines.data.transforms import DEFAULT_MAX_PIXELS, RESAMPLE_FILTERS, BadImageError, ImageSpec, SplitSpec
-from pipelines.ray_auth import connect_ray
+from pipelines.common.ray_auth import connect_ray
+from pipelines.data import staging_gate, storage
+from pipelines.data.shards.commit import output_exists, publish
+from pipelines.data.shards.manifest import NORMALIZATION, SCHEMA_VERSION, SPLITS, Manifest, ShardFile
+from pipelines.data.shards.writer import ShardTarget, write_shards
+from pipelines.data.sources.blocks import ReadOptions
+from pipelines.data.sources.dataset import build_dataset
+from pipelines.data.sources.detect import list_source
+from pipelines.data.sources.listing import SourceListing
+from pipelines.data.transforms import DEFAULT_MAX_PIXELS, BadImageError, ImageSpec, SplitSpec
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +80,7 @@ class PreprocessConfig:
         SplitSpec(self.val_fraction, self.seed)  # validates val_fraction and seed
 
 
-def _image_spec(config: PreprocessConfig, listing: sources.SourceListing) -> ImageSpec:
+def _image_spec(config: PreprocessConfig, listing: SourceListing) -> ImageSpec:
     if config.size is not None:
         height, width = (int(s) for s in config.size)
     elif listing.kind in ("idx", "cifar10"):
@@ -88,14 +94,14 @@ def _image_spec(config: PreprocessConfig, listing: sources.SourceListing) -> Ima
     return ImageSpec(height, width, mode, config.resample, config.max_pixels)
 
 
-def _check_output(config: PreprocessConfig, listing: sources.SourceListing) -> storage.Location:
+def _check_output(config: PreprocessConfig, listing: SourceListing) -> storage.Location:
     final = storage.resolve(config.output)
     if final.is_s3 and "/" not in final.path:
         raise ValueError(f"output must be s3://bucket/prefix (a prefix inside the bucket), got {final.uri}")
     root = listing.root.uri
     if final.uri == root or final.uri.startswith(root + "/") or root.startswith(final.uri + "/"):
         raise ValueError(f"output {final.uri} overlaps the source {root}; choose a separate location")
-    if shards.output_exists(final) and not config.overwrite:
+    if output_exists(final) and not config.overwrite:
         raise FileExistsError(
             f"output {final.uri} already exists; pass --overwrite to replace it "
             "(the old output is replaced only after the new one is complete)"
@@ -112,7 +118,7 @@ def ray_session() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    connect_ray()  # a local cluster with token authentication on (pipelines/ray_auth.py)
+    connect_ray()  # a local cluster with token authentication on (pipelines/common/ray_auth.py)
     try:
         yield
     finally:
@@ -135,40 +141,40 @@ def _find_bad_image(error: BaseException) -> BadImageError | None:
 
 
 def _run_job(
-    listing: sources.SourceListing, options: sources.ReadOptions, target: shards.ShardTarget, config: PreprocessConfig
-) -> tuple[dict[str, tuple[shards.ShardFile, ...]], list[dict[str, str]]]:
+    listing: SourceListing, options: ReadOptions, target: ShardTarget, config: PreprocessConfig
+) -> tuple[dict[str, tuple[ShardFile, ...]], list[dict[str, str]]]:
     """Run the Ray Data job into ``target``; return (shard files per split, rejected items)."""
     num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    dataset = sources.build_dataset(
+    dataset = build_dataset(
         listing, options, num_cpus=num_cpus, target_block_bytes=int(config.target_block_mib * 2**20)
     )
-    report = dataset.map_batches(shards.write_shards, batch_size=None, batch_format="pyarrow", fn_kwargs={"target": target})
+    report = dataset.map_batches(write_shards, batch_size=None, batch_format="pyarrow", fn_kwargs={"target": target})
     # This dataset only: BadImageError reaches us unwrapped.
     report.context.raise_original_map_exception = True
     # This dataset only: no per-operator resource reservation. The plan is one fused operator
     # (read -> transform -> write) whose output is a few bytes per task, so there is nothing to
     # balance, and with the reservation on a small cluster starts by running one task alone
-    # (README, "Preprocessing").
+    # (benchmarks/RESULTS.md, "Preprocessing").
     report.context.op_resource_reservation_enabled = False
     rows = report.take_all()
     files = {
-        split: tuple(sorted((shards.ShardFile(r["path"], r["rows"]) for r in rows if r["split"] == split), key=lambda s: s.path))
-        for split in shards.SPLITS
+        split: tuple(sorted((ShardFile(r["path"], r["rows"]) for r in rows if r["split"] == split), key=lambda s: s.path))
+        for split in SPLITS
     }
     rejected = sorted(({"file": r["file"], "reason": r["reason"]} for r in rows if r["file"]), key=lambda r: r["file"])
     return files, rejected
 
 
 def _run_gated_job(
-    listing: sources.SourceListing, options: sources.ReadOptions, tmp: storage.Location, config: PreprocessConfig
-) -> tuple[dict[str, tuple[shards.ShardFile, ...]], list[dict[str, str]]]:
+    listing: SourceListing, options: ReadOptions, tmp: storage.Location, config: PreprocessConfig
+) -> tuple[dict[str, tuple[ShardFile, ...]], list[dict[str, str]]]:
     """``_run_job`` into ``tmp`` with its shard writers behind a ``StagingGate``: when the job fails,
     the gate is closed and its admitted writers waited for, so no task writes into ``tmp`` after this
     returns or raises (``pipelines.data.staging_gate``); a failure caused by a bad image is re-raised
     as that ``BadImageError``."""
     gate = staging_gate.start_gate()
     try:
-        return _run_job(listing, options, shards.ShardTarget(tmp, options.spec.shape, gate), config)
+        return _run_job(listing, options, ShardTarget(tmp, options.spec.shape, gate), config)
     except Exception as error:
         still_writing = staging_gate.close_and_drain(gate)
         if still_writing:
@@ -181,7 +187,7 @@ def _run_gated_job(
         ray.kill(gate)
 
 
-def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
+def run_preprocess(config: PreprocessConfig) -> Manifest:
     """List the source, convert every item with Ray Data, and commit shards + manifest at ``config.output``.
 
     Images become float32 [C, H, W] with values exactly k/127.5 - 1 (uint8 k), labels int64
@@ -190,21 +196,21 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
     their identity. The manifest's ``splits`` records where each split came from.
 
     Returns:
-        the committed :class:`pipelines.data.shards.Manifest`.
+        the committed ``pipelines.data.shards.manifest.Manifest``.
 
     Raises:
-        sources.SourceError: missing or empty source (before any Ray work).
+        SourceError: missing or empty source (before any Ray work).
         FileExistsError: the output exists and ``overwrite`` is False (before any Ray work).
         BadImageError: with ``on_error="fail"``, naming the first bad file; nothing is written.
         ValueError: bad settings (size, mode, overlapping input/output, ...), or no item at all
             could be converted (nothing is written).
     """
     fail = config.on_error == "fail"
-    listing = sources.list_source(config.input, limit=config.limit, fail_on_error=fail)
+    listing = list_source(config.input, limit=config.limit, fail_on_error=fail)
     spec = _image_spec(config, listing)
     final = _check_output(config, listing)
     carved = 0.0 if listing.has_own_val else config.val_fraction  # a source's own val is used as is
-    options = sources.ReadOptions(listing.root, spec, SplitSpec(carved, config.seed), fail)
+    options = ReadOptions(listing.root, spec, SplitSpec(carved, config.seed), fail)
     tmp = final.temporary_sibling()
     logger.info("converting %d items from %s into %s (staging in %s)", listing.num_items, listing.root.uri, final.uri, tmp.uri)
     published = False
@@ -212,11 +218,11 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
         with ray_session():
             files, rejected = _run_gated_job(listing, options, tmp, config)
         rejected = list(listing.rejected) + rejected
-        if not any(files[split] for split in shards.SPLITS):
+        if not any(files[split] for split in SPLITS):
             examples = "; ".join(f"{r['file']}: {r['reason']}" for r in rejected[:3])
             raise ValueError(f"none of the {listing.num_items} items could be converted (e.g. {examples})")
         manifest = _manifest(config, listing, spec, files, rejected)
-        shards.publish(tmp, final, manifest)
+        publish(tmp, final, manifest)
         published = True
         return manifest
     finally:
@@ -224,34 +230,34 @@ def run_preprocess(config: PreprocessConfig) -> shards.Manifest:
             storage.remove_tree(tmp)
 
 
-def split_origins(config: PreprocessConfig, listing: sources.SourceListing) -> dict[str, dict]:
-    """The manifest's ``splits``: where each split came from (``pipelines/data/shards.py``, "Splits")."""
+def split_origins(config: PreprocessConfig, listing: SourceListing) -> dict[str, dict]:
+    """The manifest's ``splits``: where each split came from (``pipelines/data/shards/__init__.py``, "Splits")."""
     def where(relpath: str) -> str:
         return listing.root.join(relpath).uri if relpath else listing.root.uri
 
     splits = {
         split: {"rule": "source", "sources": [where(r) for r in listing.split_sources[split]]}
-        for split in shards.SPLITS if split in listing.split_sources
+        for split in SPLITS if split in listing.split_sources
     }
     if "val" not in splits and "train" in splits:
         splits["val"] = {"rule": "hash", "from": "train", "fraction": float(config.val_fraction), "seed": int(config.seed)}
-    return {split: splits[split] for split in shards.SPLITS if split in splits}
+    return {split: splits[split] for split in SPLITS if split in splits}
 
 
 def _manifest(
     config: PreprocessConfig,
-    listing: sources.SourceListing,
+    listing: SourceListing,
     spec: ImageSpec,
-    files: dict[str, tuple[shards.ShardFile, ...]],
+    files: dict[str, tuple[ShardFile, ...]],
     rejected: list[dict[str, str]],
-) -> shards.Manifest:
-    counts = {split: sum(s.rows for s in files[split]) for split in shards.SPLITS}
-    return shards.Manifest(
-        schema_version=shards.SCHEMA_VERSION,
+) -> Manifest:
+    counts = {split: sum(s.rows for s in files[split]) for split in SPLITS}
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
         image_shape=spec.shape,
         counts=counts,
         has_labels=listing.has_labels,
-        normalization=dict(shards.NORMALIZATION),
+        normalization=dict(NORMALIZATION),
         source=storage.resolve(config.input).uri,
         command=config.command or repr(config),
         source_checksum=listing.checksum,

@@ -24,6 +24,7 @@ import signal
 import threading
 import uuid
 from typing import Any, Iterator
+
 import ray
 
 
@@ -108,8 +109,8 @@ def admitted(gate: Any | None) -> Iterator[bool]:
     with deferred_interrupts():
         try:
             # Waited for as a future, not with ray.get: a task blocked in ray.get lends its CPU back
-            # to the raylet, which then starts extra worker processes for queued tasks (README,
-            # "Preprocessing", has the measurement).
+            # to the raylet, which then starts extra worker processes for queued tasks
+            # (benchmarks/RESULTS.md, "Preprocessing", has the measurement).
             yield gate.enter.remote(token).future().result()
         finally:
             # Sent even if the enter raised (e.g. an interrupted wait after the actor admitted us),

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
-from pipelines.ray_auth import connect_ray
+from pipelines.common.ray_auth import connect_ray
 
 
 def checkpoint_files(checkpoint: str | Path) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 from pipelines.data.storage import resolve
 from pipelines.evaluation.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
 from pipelines.registry.feature_store import log_feature_net_run

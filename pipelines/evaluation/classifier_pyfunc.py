@@ -16,11 +16,20 @@ from pipelines.evaluation.classifier import ClassifierFeatures, load_classifier
 
 
 class ClassifierFeaturesModel(PythonModel):
-    """``predict(float32 images [N, C, H, W] in [-1, 1])`` -> float64 features ``[N, D]``."""
+    """``predict(images)`` -> float64 features ``[N, D]``: ``images`` is a list of N images, each
+    nested lists ``[C][H][W]`` of floats in [-1, 1] (a float32 array ``[N, C, H, W]`` as
+    ``.tolist()`` gives it). ``predict`` is typed (MLflow 3's type-hint signatures: a ``list[...]``
+    of instances), so MLflow infers the signature and checks every request against it."""
 
     def load_context(self, context: Any) -> None:
         model, _ = load_classifier(context.artifacts["weights"])
         self.net = ClassifierFeatures(model)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context: Any, model_input: list[list[list[list[float]]]],
+                params: dict[str, Any] | None = None) -> np.ndarray:
+        """The classifier's features of ``model_input`` (see the class docstring), float64 ``[N, D]``.
+
+        Raises:
+            ValueError: if the images are not of the classifier's ``(C, H, W)``.
+        """
         return self.net.features(np.asarray(model_input, dtype=np.float32))

@@ -34,8 +34,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import scipy.linalg
 
-from pipelines.data.shards import load_manifest, read_split_numpy
-from pipelines.paths import PROJECT_ROOT
+from pipelines.common.paths import PROJECT_ROOT
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 
 #: Where reference statistics are cached when no folder is given.
 DEFAULT_CACHE_DIR = PROJECT_ROOT / "outputs" / "fd_cache"

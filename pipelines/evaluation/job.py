@@ -21,8 +21,9 @@ from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.generate import SamplerSettings
+from diffusion_core.inference_network import build_inference_network
 from diffusion_core.validation import check_choice, check_int_in_range, check_positive_int
-from pipelines.data.shards import load_manifest, read_split_numpy
+from pipelines.data.shards.reader import load_manifest, read_split_numpy
 from pipelines.data.storage import resolve
 from pipelines.evaluation.fd_eval import FDSettings, run_fd
 from pipelines.evaluation.features import build_feature_net
@@ -134,25 +135,22 @@ def load_validation(
 
 def compiled_network(model: torch.nn.Module, image_shape: tuple[int, int, int],
                      device: str | torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``torch.compile(model)`` (inductor), compiled now on one image so that a failure shows here;
-    the eager ``model`` itself when compiling fails (e.g. no C++ compiler for inductor's CPU
-    code), with a warning on stderr saying why: both compute the same network (outputs within
-    float32 rounding, ``tests/test_compile.py``).
+    """The UNet through ``torch.compile`` (inductor, a dynamic batch size;
+    ``diffusion_core.inference_network``, mode "compiled"), compiled now on one image so that a
+    failure shows here; the eager ``model`` itself when compiling fails (e.g. no C++ compiler for
+    inductor's CPU code), with a warning on stderr saying why: both compute the same network
+    (outputs within float32 rounding, ``tests/test_compile.py``).
 
     Args:
         model: the UNet in eval mode on ``device``; image_shape: (C, H, W) of its images.
     """
-    print("compiling the UNet with torch.compile (inductor); the first call of each new batch size "
-          "compiles again", file=sys.stderr, flush=True)
-    compiled = torch.compile(model)
-    try:
-        with torch.no_grad():
-            compiled(torch.zeros(1, *image_shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    except Exception as err:  # noqa: BLE001 - any compiler failure: the eager module computes the same outputs
-        print(f"warning: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); using the eager network",
-              file=sys.stderr, flush=True)
-        return model
-    return compiled
+    print("compiling the UNet with torch.compile (inductor); the first batch of two or more images "
+          "compiles once more (one graph for every larger batch size)", file=sys.stderr, flush=True)
+    built = build_inference_network(model, "compiled", image_shape, device, warmup=(1,))
+    if built.reason is not None:
+        print(f"warning: torch.compile failed ({built.reason}); using the eager network", file=sys.stderr, flush=True)
+    return built.forward
+
 
 def eval_method(args: EvalSettings) -> str:
     """The ``eval.method`` tag: how the bound was computed."""

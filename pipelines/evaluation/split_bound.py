@@ -4,7 +4,8 @@ The scored images are put once in Ray's object store; blocks of ``block_size`` c
 are computed by ``metrics.bound_blocks`` on a pool of actors (``block_pool.map_blocks``: one CPU
 each, or one GPU each when the cluster has GPUs), and the per-image rows come back in image order.
 Each block seeds its own generator, so the figures equal :func:`metrics.bound_blocks` run in one
-process on all blocks (``tests/test_split_bound.py``), whatever the number of actors.
+process on all blocks, whatever the number of actors
+(``tests/test_split_consumers.py::test_evaluate_scores_a_whole_split_over_ray_actors``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 import ray
 import torch
 
+from pipelines.common.ray_auth import connect_ray
 from pipelines.evaluation.block_pool import ModelActor, checkpoint_files, map_blocks
 from pipelines.evaluation.blocks import num_blocks
 from pipelines.evaluation.metrics import bound_blocks
-from pipelines.ray_auth import connect_ray
 
 
 class _BoundActor(ModelActor):

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import mlflow
 
 from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint_config
-from pipelines.data.shards import MANIFEST_NAME
+from pipelines.data.shards.manifest import MANIFEST_NAME
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 MODEL_NAME = "model"
@@ -92,7 +92,7 @@ def read_manifest_summary(checkpoint_dir: str | Path) -> dict[str, Any] | None:
 
 
 def _manifest_dict(manifest: Any) -> dict[str, Any]:
-    """A data manifest as a plain dict: a ``pipelines.data.shards.Manifest`` (``to_dict``), a mapping,
+    """A data manifest as a plain dict: a ``pipelines.data.shards.manifest.Manifest`` (``to_dict``), a mapping,
     or a path to a ``manifest.json`` file / a shard folder holding one."""
     if hasattr(manifest, "to_dict"):
         return dict(manifest.to_dict())

@@ -1,8 +1,10 @@
 """The MLflow pyfunc of a trained DDPM: ``mlflow.pyfunc.load_model(uri).predict(...)`` draws samples.
 
 The pyfunc is logged with MLflow's models-from-code (``pyfunc_entry.py``), so no Python object is
-pickled; its one artifact is the core checkpoint folder. Its ``predict`` is typed, so MLflow infers
-the signature and validates every request against ``PyfuncSampleRequest`` before ``predict`` runs.
+pickled; its one artifact is the core checkpoint folder. Its ``predict`` is typed (``model_input:
+list[PyfuncSampleRequest]``, MLflow 3's type-hint signatures), so MLflow infers the signature and
+validates every request against ``PyfuncSampleRequest`` before ``predict`` runs. The request's
+sampler fields are generated from the sampler registry (``diffusion_core.samplers.registry``).
 """
 
 from __future__ import annotations
@@ -11,49 +13,60 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.pyfunc import PythonModel
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate, seeded_generator
+from diffusion_core.samplers.registry import DEFAULT_SAMPLER, NUM_STEPS, PARAMETERS
 from pipelines.registry.model_store import find_checkpoint_dir
 
 MAX_IMAGES = 256
 
 
-class PyfuncSampleRequest(BaseModel):
-    """One sampling request to the pyfunc.
-
-    Attributes:
-        num_images: N in [1, ``MAX_IMAGES``].
-        seed: seed of the CPU ``torch.Generator`` (the same seed gives the same images).
-        num_steps: the sampler's steps, in [1, T] (all T for "ddpm").
-        sampler: "ddpm", "ddim" (default), "pc", "langevin" or "dpm_solver".
-        eta, spacing, corrector_steps, snr, order, algorithm: the sampler's parameters
-            (``diffusion_core.generate.SamplerSettings``; ``spacing`` "" takes the sampler's default).
-    """
+class _SampleRequestBase(BaseModel):
+    """What every pyfunc request is: strict about unknown fields, and turned into ``SamplerSettings``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_images: int = Field(4, ge=1, le=MAX_IMAGES)
-    seed: int = Field(0, ge=0)
-    num_steps: int = Field(50, ge=1)
-    sampler: str = "ddim"
-    eta: float = 0.0
-    spacing: str = ""
-    corrector_steps: int = 1
-    snr: float = 0.16
-    order: int = 2
-    algorithm: str = "dpmsolver++"
-
     def settings(self) -> SamplerSettings:
-        """The ``SamplerSettings`` of this request.
+        """The ``SamplerSettings`` of this request (``spacing`` "" is the sampler's default).
 
         Raises:
             ValueError: naming the field of an invalid sampler setting.
         """
-        return SamplerSettings(sampler=self.sampler, num_steps=self.num_steps, eta=self.eta,
-                               spacing=self.spacing or None, corrector_steps=self.corrector_steps, snr=self.snr,
-                               order=self.order, algorithm=self.algorithm)
+        parameters = {name: getattr(self, name) for name in PARAMETERS}
+        return SamplerSettings(sampler=self.sampler, **{**parameters, "spacing": self.spacing or None})
+
+
+def _sampler_fields() -> dict[str, tuple[type, object]]:
+    """One field per parameter of the sampler registry, with its kind and default; ``num_steps`` is
+    at least 1 and ``spacing`` is "" (the sampler's own) unless given. The other ranges are
+    ``SamplerSettings``' to check (a ``ValueError`` naming the field)."""
+    fields: dict[str, tuple[type, object]] = {name: (p.kind, p.default) for name, p in PARAMETERS.items()}
+    fields["num_steps"] = (int, Field(NUM_STEPS.default, ge=NUM_STEPS.low))
+    fields["spacing"] = (str, "")
+    return fields
+
+
+PyfuncSampleRequest = create_model(
+    "PyfuncSampleRequest",
+    __base__=_SampleRequestBase,
+    __module__=__name__,
+    num_images=(int, Field(4, ge=1, le=MAX_IMAGES)),
+    seed=(int, Field(0, ge=0)),
+    sampler=(str, DEFAULT_SAMPLER),
+    **_sampler_fields(),
+)
+PyfuncSampleRequest.__doc__ = """One sampling request to the pyfunc, with the fields of the sampler registry
+(``diffusion_core.samplers.registry``).
+
+Attributes:
+    num_images: N in [1, ``MAX_IMAGES``].
+    seed: seed of the CPU ``torch.Generator`` (the same seed gives the same images).
+    sampler: a name of the registry ("ddim" by default).
+    num_steps, eta, spacing, corrector_steps, snr, order, algorithm: the sampler's parameters with
+        the registry's defaults (``SamplerSettings``; ``spacing`` "" takes the sampler's default).
+"""
 
 
 class DDPMCheckpointModel(PythonModel):

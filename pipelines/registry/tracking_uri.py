@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipelines.paths import DEFAULT_TRACKING_DB
+from pipelines.common.paths import DEFAULT_TRACKING_DB
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 #: MLflow 3's experiment-kind tag and its value for classical model training (the UI reads it).

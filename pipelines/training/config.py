@@ -27,7 +27,7 @@ from diffusion_core.validation import (
     check_number_in,
     check_optional_str,
 )
-from pipelines.paths import DEFAULT_STORAGE_PATH
+from pipelines.common.paths import DEFAULT_STORAGE_PATH
 from pipelines.training.timestep_sampler import TimestepSamplerName
 
 OptimizerName = Literal["adam", "adamw"]

@@ -5,21 +5,22 @@ worker starts, open (or resume) the MLflow run, and run Ray Train's ``TorchTrain
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from pipelines.common.ray_auth import connect_ray, init_local_ray
 from pipelines.data import storage
-from pipelines.data.shards import load_manifest, read_split
+from pipelines.data.shards.reader import load_manifest, read_split
 from pipelines.evaluation.classifier import load_classifier
-from pipelines.ray_auth import connect_ray
 from pipelines.registry.feature_store import fetch_feature_net
 from pipelines.registry.runs import end_run, open_run, run_folder
 from pipelines.registry.tracking_uri import resolve_tracking_uri, run_location
@@ -88,14 +89,18 @@ def check_fd(config: TrainConfig) -> None:
                 "with pipelines/train_classifier.py, or set train.fd_every=0") from err
 
 
-def build_trainer(config: TrainConfig, loop_config: dict[str, Any]) -> Any:
-    """The ``TorchTrainer``: scaling, run (name, storage, failures, checkpoints), datasets."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # keep job logs readable
+def build_trainer(config: TrainConfig, loop_config: dict[str, Any],
+                  train_loop: Callable[[dict[str, Any]], None] = train_func) -> Any:
+    """The ``TorchTrainer`` of ``train_loop`` (Ray Train's ``train_loop_per_worker``): scaling, run
+    (name, storage, failures, checkpoints), datasets."""
+    data_context = ray.data.DataContext.get_current()  # keep job logs readable:
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False  # no plan lines at every epoch of the train split
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     ordered = config.data.local_shuffle_buffer == 0
     return TorchTrainer(
-        train_func,
+        train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -112,6 +117,23 @@ def build_trainer(config: TrainConfig, loop_config: dict[str, Any]) -> Any:
             datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=ordered)
         ),
     )
+
+
+def connect_cluster(num_cpus: int | None) -> bool:
+    """Connect to Ray as ``common.ray_auth.connect_ray`` does, except that a local instance started
+    here (no ``RAY_ADDRESS``) runs Ray's default dashboard process (``include_dashboard`` left to
+    Ray: all its modules when ``ray[default]`` is installed) on 127.0.0.1, the first free port
+    from 8265 up, with token authentication on. Ray Train's placement-group cleaner asks the State
+    API, which that process serves, whether the train controller is alive, once a second, and
+    logs a warning each time it cannot.
+
+    Returns:
+        True when this call started a local instance (a cluster of fixed size), else False.
+    """
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return connect_ray(num_cpus)
+    init_local_ray(num_cpus=num_cpus, dashboard_host="127.0.0.1")
+    return True
 
 
 def check_resources(config: TrainConfig, fixed_size: bool) -> None:
@@ -138,8 +160,10 @@ def check_resources(config: TrainConfig, fixed_size: bool) -> None:
     print(f"warning: {message}; waiting for the cluster to grow", file=sys.stderr)
 
 
-def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
-    """Check the inputs, open (or resume) the MLflow run, train, and return where things went:
+def run(config: TrainConfig, num_cpus: int | None = None,
+        train_loop: Callable[[dict[str, Any]], None] = train_func) -> dict[str, Any]:
+    """Check the inputs, open (or resume) the MLflow run, train with ``train_loop`` on every worker
+    (``training.loop.train_func``; tests wrap it), and return where things went:
     ``{"run_name", "run_folder", "mlflow_run_id", "tracking_uri", "mlflow_run_at", "checkpoint",
     "metrics", "resumed"}`` (``mlflow_run_at``: the run's UI page on a tracking server, else the
     tracking URI; ``registry.tracking_uri.run_location``). The MLflow run ends FINISHED when
@@ -154,14 +178,14 @@ def run(config: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
     """
     manifest = check_data(config)
     check_fd(config)
-    started_locally = connect_ray(num_cpus)
+    started_locally = connect_cluster(num_cpus)
     check_resources(config, fixed_size=started_locally)
     tracking_uri = resolve_tracking_uri()
     run_id, resumed = open_run(config, tracking_uri, manifest)
     loop_config = {"config": config.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                    "manifest": manifest}
     try:
-        result = build_trainer(config, loop_config).fit()
+        result = build_trainer(config, loop_config, train_loop).fit()
     except KeyboardInterrupt:
         end_run(tracking_uri, run_id, "KILLED")
         raise

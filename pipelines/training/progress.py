@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 def format_duration(seconds: float) -> str:
@@ -27,16 +27,24 @@ class ProgressLog:
         start_step: the step this start resumed from (0 for a fresh run); the ETA extrapolates the
             steps per second since then.
         stream: where lines go (stdout by default; Ray captures it into the job log).
-        budget_ends_at: ``time.monotonic()`` at which ``train.max_minutes`` runs out (``None``:
-            no budget); the ETA is never later than that.
+        clock: seconds of a monotonic clock (``time.monotonic``; tests pass their own).
+        started: ``clock()`` at this start (default: when the log is made).
+        budget_ends_at: ``clock()`` at which ``train.max_minutes`` runs out (``None``: no
+            budget); the ETA is never later than that.
     """
 
     total_steps: int
     start_step: int = 0
     stream: TextIO = field(default_factory=lambda: sys.stdout)
-    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    started: float | None = None
     last_val_bpd: float | None = None
     budget_ends_at: float | None = None
+
+    def __post_init__(self) -> None:
+        """Start the ETA's clock now unless ``started`` was given."""
+        if self.started is None:
+            self.started = self.clock()
 
     def emit(self, line: str) -> None:
         """Write one line and flush it (a job log should show it at once). Written to the stream
@@ -50,11 +58,12 @@ class ProgressLog:
     def step(self, step: int, loss: float, images_per_s: float) -> None:
         """``step 120/3000  loss 0.0412  68.3 images/s  elapsed 0:05:12  eta 1:02:00  val_bpd 3.71``
         (``val_bpd``: the last held-out bits/dim estimate, ``-`` before the first)."""
-        elapsed = time.monotonic() - self.started
+        now = self.clock()
+        elapsed = now - self.started
         done = step - self.start_step
         eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
         if self.budget_ends_at is not None:
-            eta = min(eta, max(0.0, self.budget_ends_at - time.monotonic())) if eta == eta else eta
+            eta = min(eta, max(0.0, self.budget_ends_at - now)) if eta == eta else eta
         val = f"{self.last_val_bpd:.3f}" if self.last_val_bpd is not None else "-"
         eta_text = format_duration(eta) if eta == eta else "-"
         self.emit(f"step {step}/{self.total_steps}  loss {loss:.4f}  {images_per_s:.1f} images/s  "

@@ -1,6 +1,6 @@
 """Which splits of the shards a training job may read: "train" (the Ray Train dataset) and "val"
 (held-out bits/dim during training). The source's "test" split is never read by training; it is
-scored by ``pipelines/evaluate.py --split test`` (``pipelines/data/shards.py``, "Splits").
+scored by ``pipelines/evaluate.py --split test`` (``pipelines/data/shards/__init__.py``, "Splits").
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class TrainState:
         mlflow_run_id: the run that tracks this training.
         pending_metrics: ``{step: {name: value}}`` logged to MLflow only once this checkpoint is
             reported (keys are ints; each entry's ``tracking.TIME_KEY`` is its measurement time).
-        replicas: every rank's summary at this step (``loop.gather_replicas``).
+        replicas: every rank's summary at this step (``checkpointing.gather_replicas``).
         timestep_sampler: the importance sampler's state (``None``: uniform timesteps).
         train_seconds: training wall-clock seconds up to this step, over all attempts of the run
             (``training.time_budget``; rank 0's clock).

@@ -10,6 +10,7 @@ alone would leave the others waiting in an all-reduce).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,29 +22,33 @@ class TimeBudget:
     Args:
         max_minutes: the budget in minutes (>= 0; 0 disables it).
         seconds_before: training seconds of earlier attempts of this run (from its checkpoint).
+        clock: seconds of a monotonic clock (``time.monotonic``; tests pass their own).
     """
 
-    def __init__(self, max_minutes: float, seconds_before: float = 0.0) -> None:
+    def __init__(self, max_minutes: float, seconds_before: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_seconds = 60.0 * float(max_minutes)
         self.seconds_before = float(seconds_before)
-        self._start = time.monotonic()
+        self.clock = clock
+        self._start = clock()
 
     def start(self) -> None:
         """Start this attempt's clock now (the training loop's first line): set-up time before
         the loop (building the model, opening the MLflow run) is not training time."""
-        self._start = time.monotonic()
+        self._start = self.clock()
 
     def seconds(self) -> float:
         """Training seconds so far: the earlier attempts' plus this one's."""
-        return self.seconds_before + time.monotonic() - self._start
+        return self.seconds_before + self.clock() - self._start
 
     def ends_at(self) -> float | None:
-        """The ``time.monotonic()`` value at which the budget runs out (``None``: no budget)."""
+        """The ``clock()`` value at which the budget runs out (``None``: no budget)."""
         return self._start + self.max_seconds - self.seconds_before if self.max_seconds else None
 
     def spent(self, world_size: int) -> bool:
         """Whether the budget is used up, by rank 0's clock on every rank (a collective when
-        ``world_size`` > 1 and the budget is on: every rank must call it at the same step)."""
+        ``world_size`` > 1, the budget is on and ``torch.distributed`` is initialized: every rank
+        must call it at the same step)."""
         if not self.max_seconds:
             return False
         flag = torch.tensor([1 if self.seconds() >= self.max_seconds else 0], dtype=torch.int64)

@@ -1,0 +1,161 @@
+"""Request models of the DDPM Serve app: strict pydantic bodies of ``/sample`` and ``/likelihood`` (no Ray, no torch).
+
+``SampleRequest`` and ``LikelihoodOptions`` / ``LikelihoodJsonRequest`` reject unknown fields,
+wrong types, NaN/inf, non-positive counts and unknown choices with the field's name (a 422 through
+``deploy.errors.request_error_from_validation``). The cost of a request is checked against the
+limits in ``deploy.limits``; uploaded images are decoded by ``deploy.decoding``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from deploy.errors import field_error
+from diffusion_core.samplers.registry import DEFAULT_SAMPLER, ETA, PARAMETERS, SAMPLERS, Parameter, SamplerName, takers
+
+MAX_SEED = 2**63 - 1
+"""Largest accepted ``seed`` (seeds are 0 <= seed <= 2**63 - 1, the range of torch.Generator)."""
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+"""pydantic config of every request, limit and ``user_config`` model: unknown fields, type coercion
+and NaN/inf are refused, and a validated model is immutable."""
+
+SampleFormat = Literal["png", "grid", "npy"]
+LikelihoodMethod = Literal["estimate", "exact"]
+
+SAMPLER_PARAMETERS: dict[str, tuple[str, ...]] = {
+    name: tuple(p for p in spec.parameters if p != "num_steps") for name, spec in SAMPLERS.items()
+}
+"""The request fields each sampler takes besides ``num_steps``: the sampler registry's
+(``diffusion_core.samplers.registry``, torch-free)."""
+
+OPTIONAL_PARAMETERS = tuple(name for name in PARAMETERS if name not in ("num_steps", "eta"))
+"""The request fields that are ``None`` unless given (each taken by some samplers only)."""
+
+DEFAULT_NUM_STEPS: dict[str, int] = {
+    name: spec.default_num_steps for name, spec in SAMPLERS.items() if spec.default_num_steps is not None
+}
+"""``num_steps`` of a request that omits it (capped at the model's T), the registry's per sampler
+(20 for "dpm_solver", else 50). "ddpm" always runs all T steps."""
+
+MAX_ETA = 1.0
+"""Largest ``eta`` a request may give (the HTTP API's bound; the core's is ``inf``)."""
+
+
+class _SampleRequestBase(BaseModel):
+    """The fields of ``POST /sample`` before the sampler parameters, and the checks across fields."""
+
+    model_config = STRICT
+
+    num_images: int = Field(1, gt=0)
+    sampler: SamplerName = DEFAULT_SAMPLER
+    num_steps: int | None = Field(None, gt=0)
+    eta: float = Field(ETA.default, ge=ETA.low, le=MAX_ETA)
+
+    @model_validator(mode="after")
+    def _parameters_fit_the_sampler(self) -> "_SampleRequestBase":
+        spec = SAMPLERS[self.sampler]
+        given = [name for name in OPTIONAL_PARAMETERS if getattr(self, name) is not None]
+        for name in (["eta"] if self.eta != ETA.default else []) + given:
+            if name not in spec.parameters:
+                raise field_error(name, f"{name} applies to sampler {' / '.join(map(repr, takers(name)))} only; "
+                                        f"omit it for {self.sampler!r}")
+        corrector_steps = getattr(self, "corrector_steps", None)
+        if corrector_steps is not None and corrector_steps < spec.min_corrector_steps:
+            raise field_error("corrector_steps", f"sampler {self.sampler!r} needs corrector_steps >= "
+                                                 f"{spec.min_corrector_steps} (its only steps are corrector steps); "
+                                                 "use sampler 'pc' for none")
+        return self
+
+    def sampler_parameters(self) -> dict[str, Any]:
+        """The sampler parameters this request sets (``eta`` for "ddim", and each of ``spacing``,
+        ``corrector_steps``, ``snr``, ``order``, ``algorithm`` that is given), as keyword arguments of
+        ``SamplerSettings``; what is left out takes the core's defaults."""
+        given = {name: getattr(self, name) for name in OPTIONAL_PARAMETERS}
+        eta = {"eta": float(self.eta)} if "eta" in SAMPLERS[self.sampler].parameters else {}
+        return {**eta, **{name: value for name, value in given.items() if value is not None}}
+
+
+def _optional_field(parameter: Parameter) -> tuple[Any, Any]:
+    """The request field of a sampler parameter: ``None`` unless given, else of the parameter's
+    type (its choices as a ``Literal``) within its range (an infinite end is no bound)."""
+    kind = Literal[parameter.choices] if parameter.choices else parameter.kind
+    bounds = {}
+    if parameter.low is not None:
+        bounds["gt" if parameter.low_open else "ge"] = parameter.kind(parameter.low)
+    if parameter.high is not None and parameter.high != float("inf"):
+        bounds["lt" if parameter.high_open else "le"] = parameter.kind(parameter.high)
+    return Optional[kind], Field(None, **bounds)
+
+
+SampleRequest = create_model(
+    "SampleRequest",
+    __base__=_SampleRequestBase,
+    __module__=__name__,
+    **{name: _optional_field(PARAMETERS[name]) for name in OPTIONAL_PARAMETERS},
+    seed=(int | None, Field(None, ge=0, le=MAX_SEED)),
+    clip_denoised=(bool, True),
+    format=(SampleFormat, "png"),
+)
+SampleRequest.__doc__ = """JSON body of ``POST /sample``; the sampler fields are the sampler registry's
+(``diffusion_core.samplers.registry``: names, ranges and which sampler takes which).
+
+Attributes:
+    num_images: N >= 1 images to draw (at most ``Limits.max_num_images``).
+    sampler: "ddpm" (ancestral sampling over all T steps, Ho et al. 2020 Alg. 2), "ddim"
+        (Song et al. 2021 eq. 12), "pc" (predictor-corrector: ancestral predictor and
+        Langevin corrector, Song et al. 2021, SDEs), "langevin" (annealed Langevin dynamics,
+        Song & Ermon 2019) or "dpm_solver" (DPM-Solver++ 1/2M, Lu et al. 2022).
+    num_steps: S, the sampler's steps (noise levels), 1 <= S <= T; omitted: ``DEFAULT_NUM_STEPS``
+        (at most T). For "ddpm" it must be omitted or equal T.
+    eta: DDIM stochasticity in [0, 1] (0: deterministic DDIM; 1: DDPM-like variance); "ddim"
+        only (any other sampler refuses a non-zero eta).
+    spacing: which timesteps the S steps visit, "uniform", "quadratic" or "logsnr"; not for
+        "ddpm"; omitted: the sampler's default ("logsnr" for "dpm_solver", else "uniform").
+    corrector_steps: M, Langevin corrector steps per level, >= 0 for "pc" and >= 1 for
+        "langevin" (only those); omitted: the core's default.
+    snr: the Langevin step's signal-to-noise ratio, > 0 ("pc", "langevin" only); omitted: the core's default.
+    order: DPM-Solver++ order, 1 or 2 ("dpm_solver" only); omitted: the core's default.
+    algorithm: "dpmsolver++" (the ODE) or "sde-dpmsolver++" (the reverse SDE, stochastic)
+        ("dpm_solver" only); omitted: the core's default.
+    seed: 0 <= seed <= 2**63-1; the same seed gives the same images. Omitted: a random
+        seed is drawn and returned.
+    clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
+    format: "png" (JSON with one base64 PNG per image), "grid" (one PNG, ``image/png``) or
+        "npy" (``application/octet-stream``: ``np.save`` of uint8 ``[N, H, W, C]``).
+
+A parameter given for a sampler that does not take it is a 422 naming that parameter.
+"""
+
+
+class LikelihoodOptions(BaseModel):
+    """Options of ``POST /likelihood`` (JSON fields, or form fields beside multipart ``files``).
+
+    Attributes:
+        method: "estimate" (default; unbiased stratified estimate of the bound from K timesteps
+            per image, with its standard error) or "exact" (all T terms, ``calc_bpd_loop``).
+        num_samples: K >= 2 timesteps of the estimate (at most ``Limits.max_num_samples``;
+            ignored by "exact").
+        seed: 0 <= seed <= 2**63-1 for the noise (and timesteps) of the bound; omitted: random.
+        breakdown: also return the per-term values (bits/dim).
+    """
+
+    model_config = STRICT
+
+    method: LikelihoodMethod = "estimate"
+    num_samples: int = Field(16, ge=2)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    breakdown: bool = False
+
+
+class LikelihoodJsonRequest(LikelihoodOptions):
+    """JSON body of ``POST /likelihood``: the options plus ``pixels``.
+
+    ``pixels`` holds uint8 values (integers in [0, 255]) shaped ``[N, H, W, C]``, or ``[N, H, W]``
+    for a one-channel model.
+    """
+
+    pixels: list[Any] = Field(min_length=1)
+
