@@ -34,8 +34,8 @@ from pipelines.registry.model_identity import ModelIdentity
 SCHEDULE = (8, 8, 3, 8, 1, 5, 8, 2, 8, 6)
 """Batch sizes (one-image requests per ``sample_many`` call) of one round: mostly full batches of
 ``max_batch_size`` 8, with the ragged ones that arrive between them."""
-NOTE = ("measured on a 2-core machine shared with other agents' jobs at the same time: absolute numbers "
-        "depend on their load; compare only the ratios within this run (modes interleaved per round)")
+NOTE = ("absolute numbers depend on the machine's load (see machine.load_average_1m); compare only the ratios "
+        "within one run (modes interleaved per round)")
 
 
 def computing_model(config: Path) -> tuple[UNet, UNetConfig, DiffusionConfig]:

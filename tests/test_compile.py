@@ -58,12 +58,13 @@ def test_compiled_training_step_matches_eager_and_saves_plain_weights() -> None:
         torch.testing.assert_close(compiled_weights[key], eager_weights[key], atol=ATOL, rtol=RTOL)
 
 
-def test_compiled_serving_network_samples_like_the_eager_one() -> None:
+@pytest.mark.parametrize("network", ["compiled", "exported"])
+def test_compiled_serving_network_samples_like_the_eager_one(network: str) -> None:
     loaded = LoadedModel(computing_unet(UNET, seed=0), GaussianDiffusion(DIFFUSION), UNET, DIFFUSION, {})
     torch._dynamo.reset()
-    compiled = ModelRunner(loaded, ModelIdentity(uri="mem"), network="compiled")
+    compiled = ModelRunner(loaded, ModelIdentity(uri="mem"), network=network)
     eager = ModelRunner(loaded, ModelIdentity(uri="mem"), network="eager")
-    assert compiled.describe()["network"] == "compiled" and eager.describe()["network"] == "eager"
+    assert compiled.describe()["network"] == network and eager.describe()["network"] == "eager"
     settings = SamplerSettings("ddim", 5)
     with torch.no_grad():
         ours = generate(loaded.diffusion, compiled.network, (3, 1, 8, 8), settings, seeded_generator(2))

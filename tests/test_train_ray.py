@@ -77,7 +77,9 @@ def test_checkpoint_holds_the_full_training_state(tiny_runs) -> None:
     assert loaded.unet_config == run.config.model
     optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
     assert len(optimizer["rng_states"]) == 2
-    assert all(s["step"] == STEPS for s in optimizer["optimizer"]["state"].values())
+    optimizer_state = optimizer["optimizer"]["state"]
+    assert len(optimizer_state) == len(list(loaded.model.parameters()))  # one Adam state per parameter
+    assert all(s["step"] == STEPS for s in optimizer_state.values())
     raw = load_file(str(folder / "raw_model.safetensors"))
     ema_differs = any(not torch.equal(raw[k], v) for k, v in loaded.model.state_dict().items())
     assert ema_differs, "EMA weights should lag behind the raw weights"
