@@ -75,7 +75,7 @@ def test_compiled_serving_network_samples_like_the_eager_one(network: str) -> No
     torch._dynamo.reset()
 
 
-def test_evaluation_network_is_compiled_or_falls_back_to_eager(monkeypatch, capsys) -> None:
+def test_evaluation_network_is_compiled_or_falls_back_to_eager(capsys) -> None:
     import torch._inductor.config as inductor_config
 
     from pipelines.evaluation.job import compiled_network
@@ -90,9 +90,10 @@ def test_evaluation_network_is_compiled_or_falls_back_to_eager(monkeypatch, caps
     assert "compiling the UNet with torch.compile" in capsys.readouterr().err
     # a machine whose C++ compiler inductor cannot run: the evaluation goes on with the eager module
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     fallback_model = UNet(UNET).eval()
-    assert compiled_network(fallback_model, UNET.image_shape, "cpu") is fallback_model
+    # inductor's own config.patch: it restores the keys afterwards (monkeypatch's undo deletes a config
+    # key it did not find in the module's __dict__, and every later compile in the process then fails)
+    with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": ("/nonexistent/c++",)}):
+        assert compiled_network(fallback_model, UNET.image_shape, "cpu") is fallback_model
     assert "warning: torch.compile failed" in capsys.readouterr().err
     torch._dynamo.reset()

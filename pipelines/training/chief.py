@@ -50,8 +50,20 @@ class ChiefDuties:
         self.buffer = MetricBuffer()
         self.progress = progress or ProgressLog(config.train.total_steps, start_step)
         tracker.resume_pending(pending)
+        self.logged_through = tracker.last_logged_step()
+        """The last step whose metrics the run holds when this start begins: a start that resumed from
+        an earlier checkpoint re-runs the steps after it, and those already logged are not logged again."""
         self.floor_logged = bool(config.train.fd_every) and tracker.has_metric_any("fd_floor")
         """Whether the run already holds ``fd_floor`` (logged once, also across restarts)."""
+
+    def flush_through(self, step: int) -> None:
+        """Log the buffered metrics of the steps through ``step`` (called once that step's checkpoint
+        is reported), leaving out the steps the run already holds: Ray Train restarts from the last
+        checkpoint its controller registered, which can be one before the last that rank 0 reported
+        and flushed when a worker dies in between, so a restart re-runs steps MLflow has; each step is
+        logged once."""
+        taken = self.buffer.take_through(step)
+        self.tracker.log_steps({s: values for s, values in taken.items() if s > self.logged_through})
 
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the model."""

@@ -177,4 +177,4 @@ def checkpoint(ctx: RunContext, trainee: Trainee, metrics: dict[str, float], loc
                       local_loss, ctx.budget.seconds())
     if chief is not None:
         chief.progress.checkpoint(trainee.step, checkpoint_path(ctx.config, trainee.step))
-        chief.tracker.log_steps(chief.buffer.take_through(trainee.step))
+        chief.flush_through(trainee.step)
