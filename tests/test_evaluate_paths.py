@@ -10,20 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _eval_helpers import latest_run, save_computing_checkpoint
 from _inception_standin import save_stand_in
-from _unet_helpers import computing_unet
 from mlflow import MlflowClient
 
-from diffusion_core.checkpoint import save_checkpoint
-from diffusion_core.config import DiffusionConfig, UNetConfig
 from pipelines.evaluate import main
 from pipelines.evaluation.fd import reference_and_floor_slices
 from pipelines.registry.tracking_uri import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "ddpm-eval-paths-test"
-UNET_28 = UNetConfig(image_size=28, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
-                     num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_groups=4)
 COMMON = ["--samples", "0", "--threads", "1", "--seed", "3", "--experiment", EXPERIMENT]
 #: inductor's fused float32 kernels reorder sums (network outputs within 1e-4, tests/test_compile.py);
 #: the bound averages T + 1 terms of squared output differences, so it agrees to this relative tolerance
@@ -33,12 +29,7 @@ BOUND_RTOL = 1e-4
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("eval-paths") / "checkpoint"
-    return save_checkpoint(folder, computing_unet(UNET_28).state_dict(), UNET_28, DiffusionConfig(num_timesteps=24))
-
-
-def _latest_run(client: MlflowClient):
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return save_computing_checkpoint(folder)
 
 
 def test_compiled_bound_in_process_matches_the_eager_ray_actors(
@@ -52,11 +43,11 @@ def test_compiled_bound_in_process_matches_the_eager_ray_actors(
     err = capsys.readouterr().err
     assert "compiling the UNet with torch.compile" in err and "torch.compile failed" not in err, err[-2000:]
     client = MlflowClient(resolve_tracking_uri())
-    compiled = _latest_run(client)
+    compiled = latest_run(client, EXPERIMENT)
     # with --workers and no sample grid the network runs only on the actors, which load it eagerly
     assert main([*bound, "--workers", "2"]) == 0
     assert "compiling the UNet" not in capsys.readouterr().err
-    actors = _latest_run(client)
+    actors = latest_run(client, EXPERIMENT)
     assert actors.info.run_id != compiled.info.run_id
     assert compiled.data.tags["eval.method"] == "exact calc_bpd_loop"
     assert actors.data.tags["eval.method"] == "exact calc_bpd_loop over 2 Ray actors"
@@ -76,7 +67,7 @@ def test_fd_reference_flags_choose_the_reference_and_fail_clearly(
             "--fd-floor-split", "train", "--fd-cache", str(cache), "--fd-workers", "1", "--fd-block", "4"]
     assert main(argv) == 0, capsys.readouterr().err
     capsys.readouterr()
-    run = _latest_run(MlflowClient(resolve_tracking_uri()))
+    run = latest_run(MlflowClient(resolve_tracking_uri()), EXPERIMENT)
     params = run.data.params
     assert (params["fd_reference_split"], params["fd_reference_images"]) == ("val", "6")
     assert (params["fd_floor_split"], params["fd_floor_start"], params["fd_features"]) == ("train", "0", "inception")

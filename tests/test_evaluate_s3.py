@@ -9,12 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _eval_helpers import latest_run, save_computing_checkpoint
 from _inception_standin import save_stand_in
-from _unet_helpers import computing_unet
 from mlflow import MlflowClient
 
-from diffusion_core.checkpoint import save_checkpoint
-from diffusion_core.config import DiffusionConfig, UNetConfig
 from pipelines.data.job import PreprocessConfig, run_preprocess
 from pipelines.evaluate import main as evaluate_main
 from pipelines.registry.tracking_uri import resolve_tracking_uri
@@ -24,8 +22,6 @@ from tooling.s3_server import S3Server, s3_server_fixture
 pytestmark = pytest.mark.slow
 BUCKET = "ddpm-eval"
 EXPERIMENT = "ddpm-eval-s3-test"
-UNET_28 = UNetConfig(image_size=28, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
-                     num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_groups=4)
 COMMON = ["--samples", "0", "--threads", "1", "--seed", "3", "--experiment", EXPERIMENT, "--no-compile"]
 s3 = s3_server_fixture(scope="module")
 
@@ -44,12 +40,7 @@ def shards(ray_local, s3: S3Server, fashion_mnist_dir: Path, tmp_path_factory: p
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("s3-eval") / "checkpoint"
-    return save_checkpoint(folder, computing_unet(UNET_28).state_dict(), UNET_28, DiffusionConfig(num_timesteps=24))
-
-
-def _latest_run(client: MlflowClient):
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return save_computing_checkpoint(folder)
 
 
 def test_whole_test_split_from_s3_scores_as_from_disk(train_sandbox, shards: dict, checkpoint: Path, capsys) -> None:
@@ -57,9 +48,9 @@ def test_whole_test_split_from_s3_scores_as_from_disk(train_sandbox, shards: dic
     argv = ["--model", str(checkpoint), "--split", "test", "--images", "all", "--estimate", "2", "--batch-size", "6",
             *COMMON]
     assert evaluate_main([*argv, "--shards", shards["s3"]]) == 0, capsys.readouterr().err
-    from_s3 = _latest_run(client)
+    from_s3 = latest_run(client, EXPERIMENT)
     assert evaluate_main([*argv, "--shards", str(shards["local"])]) == 0, capsys.readouterr().err
-    from_disk = _latest_run(client)
+    from_disk = latest_run(client, EXPERIMENT)
     assert from_s3.data.tags["eval.shards"] == shards["s3"] and from_s3.data.tags["eval.images"] == "12"
     assert from_disk.data.tags["eval.images"] == "12"
     assert from_s3.data.metrics == from_disk.data.metrics  # same images, seeds and process: the same numbers
@@ -73,11 +64,11 @@ def test_fd_statistics_of_s3_shards_are_cached_and_reused(train_sandbox, shards:
             "--fd", "3", "--fd-features", "inception", "--inception-weights", str(weights),
             "--fd-cache", str(tmp_path / "cache"), "--fd-workers", "1", "--fd-block", "3"]
     assert evaluate_main([*argv, "--shards", shards["s3"]]) == 0, capsys.readouterr().err
-    first = _latest_run(client)
+    first = latest_run(client, EXPERIMENT)
     assert first.data.tags["fd.reference_cache_hit"] == "false"
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # reference (train) + floor (val[:3])
     assert evaluate_main([*argv, "--shards", str(shards["local"])]) == 0, capsys.readouterr().err
-    second = _latest_run(client)
+    second = latest_run(client, EXPERIMENT)
     assert second.data.tags["fd.reference_cache_hit"] == "true"
     assert second.data.metrics["fd_floor"] == first.data.metrics["fd_floor"]
     assert second.data.metrics["fd"] == first.data.metrics["fd"]  # same seed, same samples, same statistics
