@@ -56,10 +56,11 @@ def init_local_ray(**kwargs: Any) -> None:
     ray.init(address="local", **kwargs)
 
 
-def connect_ray(num_cpus: int | None = None) -> bool:
+def connect_ray(num_cpus: int | None = None, dashboard_host: str | None = None) -> bool:
     """Connect this process to Ray unless it is already: ``$RAY_ADDRESS`` when set (e.g. under
-    ``ray job submit``), else a new local instance with ``num_cpus`` logical CPUs (no dashboard) and
-    token authentication on (``init_local_ray``).
+    ``ray job submit``), else a new local instance with ``num_cpus`` logical CPUs and token
+    authentication on (``init_local_ray``): without a dashboard, or with Ray's default dashboard
+    process on ``dashboard_host`` when given (Ray Train's controller polls the State API it serves).
 
     Returns:
         True when this call started a local instance (a cluster of fixed size), else False.
@@ -70,5 +71,8 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     if address != "local":
         ray.init(address=address)
         return False
-    init_local_ray(num_cpus=num_cpus, include_dashboard=False)
+    if dashboard_host is None:
+        init_local_ray(num_cpus=num_cpus, include_dashboard=False)
+    else:
+        init_local_ray(num_cpus=num_cpus, dashboard_host=dashboard_host)
     return True

@@ -5,7 +5,6 @@ worker starts, open (or resume) the MLflow run, and run Ray Train's ``TorchTrain
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.common.ray_auth import connect_ray, init_local_ray
+from pipelines.common.ray_auth import connect_ray
 from pipelines.data import storage
 from pipelines.data.shards.reader import load_manifest, read_split
 from pipelines.evaluation.classifier import load_classifier
@@ -130,10 +129,7 @@ def connect_cluster(num_cpus: int | None) -> bool:
     Returns:
         True when this call started a local instance (a cluster of fixed size), else False.
     """
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return connect_ray(num_cpus)
-    init_local_ray(num_cpus=num_cpus, dashboard_host="127.0.0.1")
-    return True
+    return connect_ray(num_cpus, dashboard_host="127.0.0.1")
 
 
 def check_resources(config: TrainConfig, fixed_size: bool) -> None:
