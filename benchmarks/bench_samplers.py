@@ -1,7 +1,7 @@
 """Sample quality against cost: the FD of each sampler at a number of network evaluations per image.
 
 For one trained model (``--model``: ``models:/...``, ``runs:/...``, ``s3://...`` or a checkpoint
-folder; the benchmark of the issue is the model that ``configs/fashion_mnist.yaml`` trains), each
+folder; for example the model that ``configs/fashion_mnist.yaml`` trains), each
 sampler of ``--samplers`` is run at each budget E of ``--evals`` network evaluations per image
 (``SamplerSettings.network_evaluations`` checks the count):
 
@@ -26,7 +26,7 @@ is the FD of N real val images against the same reference. Prints a table, write
     python benchmarks/bench_samplers.py --model models:/ddpm-fashion-mnist/1 \\
         --classifier models:/fd-classifier-fashion-mnist/1 --shards data/fashion-mnist-shards
 
-The defaults (N = 2,000; E = 10, 20, 50, 100, 1000; all six samplers) are the issue's full grid;
+The defaults (N = 2,000; E = 10, 20, 50, 100, 1000; all six samplers) are the full grid;
 on a 2-core CPU a 1,000-evaluation cell of 2,000 images alone takes hours, so ``--images`` and
 ``--evals`` choose a smaller one (each cell says its N).
 """

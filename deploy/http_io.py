@@ -3,7 +3,8 @@
 * ``read_body``: the request body, refused (413/411) before reading when ``Content-Length`` is
   over the upload limit.
 * ``parse_sample_request`` / ``parse_likelihood_request``: JSON or multipart bodies into the
-  pydantic models of ``deploy.request_models`` and uint8 images ``[N, H, W, C]``.
+  pydantic models of ``deploy.request_models`` and uint8 images ``[N, H, W, C]`` (a multipart
+  ``class_label`` of decimal digits is a class index, any other text a class name).
 * ``sample_response``: float images ``[N, C, H, W]`` in [-1, 1] as JSON with base64 PNGs, one
   PNG grid (``image/png``) or an ``.npy`` file (``application/octet-stream``, uint8
   ``[N, H, W, C]``).
@@ -118,6 +119,9 @@ async def _parse_multipart(request: Request, limits: Limits) -> LikelihoodInput:
         if any(not isinstance(value, str) for value in fields.values()):
             bad = next(key for key, value in fields.items() if not isinstance(value, str))
             raise RequestError(422, bad, f"unexpected file upload; images go in the {FILES_FIELD!r} field")
+        label = fields.get("class_label")
+        if isinstance(label, str) and label.strip().isdecimal():  # a form field is text: digits are an index
+            fields["class_label"] = int(label)
         try:
             options = LikelihoodOptions.model_validate(fields, strict=False)
         except ValidationError as err:

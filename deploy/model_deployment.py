@@ -103,26 +103,31 @@ class DDPMModel:
 
     async def sample(self, request: SampleRequest, seed: int, max_num_steps: int) -> dict[str, Any] | RequestError:
         """Samples for one validated request: ``{"images": float32 [N, C, H, W], "num_steps": int,
-        "settings": SamplerSettings.params() dict, "network_evaluations": int (per image),
-        "model": ModelSource dict}``, or the ``RequestError`` explaining why not."""
+        "settings": SamplerSettings.params() dict, "network_evaluations": int (per image, guidance's
+        doubled batch counted), "class_labels": the request's labels as class indices, one per image
+        (``None`` for an image without), or ``None`` when it gives none, "model": ModelSource dict}``,
+        or the ``RequestError`` explaining why not."""
         runner = self._require_runner()
         try:
             job = runner.make_sample_job(request, seed, max_num_steps)
+            labels = runner.resolve_class_labels(request.class_label, request.num_images)
         except RequestError as err:
             return err
         result = await self._sample_batch(job)
         if isinstance(result, Exception):
             return as_request_error(result)
-        settings = job.sampler_settings
-        return {"images": result.numpy(), "num_steps": job.num_steps, "settings": settings.params(),
-                "network_evaluations": settings.network_evaluations(runner.num_timesteps),
+        return {"images": result.numpy(), "num_steps": job.num_steps, "settings": job.sampler_settings.params(),
+                "network_evaluations": job.network_evaluations(runner.num_timesteps),
+                "class_labels": None if labels is None else [None if label < 0 else label for label in labels],
                 "model": runner.source.to_dict()}
 
     async def likelihood(
         self, options: LikelihoodOptions, pixels: np.ndarray, seed: int, images_field: str, max_num_steps: int
     ) -> dict[str, Any] | RequestError:
-        """Bits/dim of uint8 ``pixels`` [N, H, W, C]: ``{"results": [per-image dict], "model": ...}``
-        (see ``ModelRunner.likelihood_group``), or the ``RequestError`` explaining why not."""
+        """Bits/dim of uint8 ``pixels`` [N, H, W, C]: ``{"results": [per-image dict], "class_labels":
+        per image the class index its bound is conditioned on (``None``: none) or ``None`` when no
+        image has one, "model": ...}`` (see ``ModelRunner.likelihood_group``), or the ``RequestError``
+        explaining why not."""
         runner = self._require_runner()
         try:
             job = runner.make_likelihood_job(options, pixels, seed, images_field, max_num_steps)
@@ -131,7 +136,9 @@ class DDPMModel:
         result = await self._likelihood_batch(job)
         if isinstance(result, Exception):
             return as_request_error(result)
-        return {"results": result, "model": runner.source.to_dict()}
+        labels = job.class_labels
+        return {"results": result, "model": runner.source.to_dict(),
+                "class_labels": None if labels is None else [None if label < 0 else label for label in labels]}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _sample_batch(self, jobs: list[SampleJob]) -> list[torch.Tensor | Exception]:

@@ -10,11 +10,18 @@ No Ray here, so it is tested directly. A ``ModelRunner`` holds a ``LoadedModel``
   result (an ``Exception``) and never affects the other jobs.
 
 Jobs with equal settings (for sampling, the sampler and every parameter it uses, as
-``SamplerSettings.params()``; method and K for the likelihood) form one group, computed by one
+``SamplerSettings.params()``, and the classifier-free guidance scale; method and K for the
+likelihood) form one group, computed by one
 call of ``diffusion_core.generate.generate`` (the core's unchanged samplers) or of
 ``calc_bpd_estimate`` / ``calc_bpd_loop`` on all their images at once, with a ``diffusion_core.RowGenerators`` that gives each job's rows its own
 generator: every job gets exactly the random draws it would get alone, and the network runs once
 per step for the whole group.
+
+Class-conditional models (``UNetConfig.num_classes``): class labels may differ from row to row of
+a group (each job's labels, -1 for a job without one), the guidance scale may not, since it changes
+every labelled row's output. A job's scale is what acts on it: a job without labels, or at scale 0,
+runs as the unconditional model at scale 1 (the same output, ``diffusion_core.guidance``), so it
+shares its batch with every unguided job.
 """
 
 from __future__ import annotations
@@ -36,10 +43,12 @@ from deploy.limits import check_exact_cost, check_network_evaluations, resolve_n
 from deploy.request_models import LikelihoodOptions, SampleRequest
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.generate import SamplerName, SamplerSettings, generate
+from diffusion_core.guidance import guidance_evaluations, with_class_labels
 from diffusion_core.images import uint8_to_float
-from diffusion_core.inference_network import NetworkMode, build_inference_network
+from diffusion_core.inference_network import InferenceNetwork, NetworkMode, build_inference_network
 from diffusion_core.rng import RowGenerators
 from diffusion_core.samplers.registry import SAMPLERS
+from pipelines.registry.class_labels import NO_LABEL, describe_classes, model_class_names, resolve_class_labels
 from pipelines.registry.model_identity import ModelIdentity, describe_model
 from pipelines.registry.model_store import fetch_checkpoint, read_manifest_summary
 
@@ -61,6 +70,11 @@ class SampleJob:
         clip_denoised: clamp the predicted x_0 to [-1, 1] at every step.
         spacing, corrector_steps, snr, order, algorithm: as in ``SamplerSettings`` (same defaults; ``spacing``
             None is the sampler's default).
+        class_labels: per image, the class label in [-1, K) of a class-conditional model (-1: no
+            label); ``None``: no image has one (every row of a conditional model gets -1).
+        guidance_scale: s of classifier-free guidance that acts on the labelled images (1: the
+            conditional model; ``ModelRunner.make_sample_job`` stores 1 for a job whose scale acts on
+            no image: no labels, or s = 0, whose labels it drops).
 
     Raises:
         ValueError: naming the field, on values ``SamplerSettings`` refuses.
@@ -77,9 +91,22 @@ class SampleJob:
     snr: float = SamplerSettings.snr
     order: int = SamplerSettings.order
     algorithm: str = SamplerSettings.algorithm
+    class_labels: tuple[int, ...] | None = None
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.sampler_settings  # noqa: B018 - validates the fields (ValueError naming the bad one)
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Jobs with an equal group run in one network batch: ``settings`` and ``guidance_scale``."""
+        return (self.settings, float(self.guidance_scale))
+
+    def network_evaluations(self, num_timesteps: int) -> int:
+        """Network evaluations per image for a model with T = ``num_timesteps``: the sampler's
+        (``SamplerSettings.network_evaluations``) times ``guidance_evaluations(guidance_scale)`` (2
+        for a guided job, whose every step runs the network on the doubled batch)."""
+        return self.sampler_settings.network_evaluations(num_timesteps) * guidance_evaluations(self.guidance_scale)
 
     @property
     def settings(self) -> tuple[tuple[str, Any], ...]:
@@ -104,6 +131,8 @@ class LikelihoodJob:
         num_samples: K of the estimate (unused by "exact").
         seed: seed of the job's torch.Generator (timesteps and noise of the bound).
         breakdown: also return per-term values.
+        class_labels: per image, the class label in [-1, K) of a class-conditional model (the bound
+            on -log p(x | y); -1: on -log p(x)); ``None``: no image has one.
     """
 
     pixels: np.ndarray
@@ -111,6 +140,7 @@ class LikelihoodJob:
     num_samples: int
     seed: int
     breakdown: bool
+    class_labels: tuple[int, ...] | None = None
 
     @property
     def settings(self) -> tuple[str, int]:
@@ -164,13 +194,20 @@ class ModelRunner:
         self.manifest = manifest
         first = next(loaded.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        built = build_inference_network(loaded.model, network, self.image_shape, self.device)
+        self.num_classes: int | None = loaded.unet_config.num_classes
+        """K of a class-conditional model, ``None`` for an unconditional one."""
+        self.class_names: tuple[str, ...] | None = model_class_names(self.num_classes, loaded.metadata, manifest)
+        """The classes' names, name i = label i (``pipelines.registry.class_labels.model_class_names``),
+        ``None`` when the model carries none (its labels are then given as indices)."""
+        built = build_inference_network(loaded.model, network, self.image_shape, self.device,
+                                        num_classes=self.num_classes)
         if built.reason is not None:
             logger.warning("serving the eager model: building network %r failed (%s)", network, built.reason)
         self.network_mode: str = built.mode
         """The ``NetworkMode`` that runs: ``network``, or "eager" when building it failed."""
-        self.network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = built.forward
-        """What the samplers and bounds call: ``(x_t [N, C, H, W], t int64 [N]) -> [N, C_out, H, W]``."""
+        self.network: InferenceNetwork = built
+        """What the samplers and bounds call: ``(x_t [N, C, H, W], t int64 [N]) -> [N, C_out, H, W]``, and
+        for a class-conditional model also ``(x_t, t, class_labels int64 [N])`` (without labels: -1)."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -184,7 +221,9 @@ class ModelRunner:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description: name, version, alias, run_id, uri, config (unet, diffusion),
-        checkpoint metadata, data manifest summary, image_shape [C, H, W], device, parameter count."""
+        checkpoint metadata, data manifest summary, image_shape [C, H, W], device, parameter count,
+        ``num_classes`` (K, or ``None``) and ``classes`` (``[{"index": i, "name": name or None}]`` for a
+        class-conditional model, ``None`` for an unconditional one)."""
         return {
             **self.source.to_dict(),
             "config": {"unet": self.loaded.unet_config.to_dict(), "diffusion": self.loaded.diffusion_config.to_dict()},
@@ -194,29 +233,59 @@ class ModelRunner:
             "device": str(self.device),
             "network": self.network_mode,
             "num_parameters": sum(p.numel() for p in self.loaded.model.parameters()),
+            "num_classes": self.num_classes,
+            "classes": describe_classes(self.num_classes, self.class_names),
         }
+
+    def resolve_class_labels(self, value: Any, count: int) -> list[int] | None:
+        """A request's ``class_label`` as this model's labels, one per image (-1: none), or ``None``
+        when it gives none (``pipelines.registry.class_labels.resolve_class_labels``).
+
+        Raises:
+            RequestError: 422 naming ``class_label`` if the model is unconditional, a list does not
+                hold ``count`` labels, an index is not in [0, K) or a name is not one of the model's
+                classes (or the model has no class names).
+        """
+        try:
+            return resolve_class_labels(value, count, self.num_classes, self.class_names)
+        except ValueError as err:
+            raise RequestError(422, "class_label", str(err)) from err
 
     # ------------------------------------------------------------------ validation
     def make_sample_job(self, request: SampleRequest, seed: int, max_num_steps: int) -> SampleJob:
         """A ``SampleJob`` for ``request`` with ``seed`` (already resolved when the request had none).
 
+        The job's ``class_labels`` and ``guidance_scale`` are the ones that act (see ``SampleJob``):
+        a request without labels, or at scale 0, becomes a job without labels at scale 1.
+
         Raises:
             RequestError: 422 if ``num_steps`` does not fit the model (or a value the core
-                refuses), 413 if the network evaluations per image
-                (``SamplerSettings.network_evaluations``) exceed ``max_num_steps``, naming
-                ``num_steps``, or ``corrector_steps`` when the correctors are what goes over.
+                refuses), naming ``class_label`` if the labels do not fit the model
+                (``resolve_class_labels``), naming ``guidance_scale`` if an unconditional model is
+                asked for a scale other than 1; 413 if the network evaluations per image
+                (``SampleJob.network_evaluations``: the sampler's, twice over when guided) exceed
+                ``max_num_steps``, naming ``num_steps``, or ``corrector_steps`` when the correctors
+                are what goes over.
         """
+        labels = self.resolve_class_labels(request.class_label, request.num_images)
+        scale = float(request.guidance_scale)
+        if self.num_classes is None and scale != 1.0:
+            raise RequestError(422, "guidance_scale", f"{scale} asks for classifier-free guidance, but this model is "
+                                                      "unconditional (trained without class labels); omit guidance_scale")
+        if labels is None or scale == 0.0 or all(label == NO_LABEL for label in labels):
+            labels, scale = None, 1.0  # the unconditional model, whatever the scale (diffusion_core.guidance)
         steps = resolve_num_steps(request.sampler, request.num_steps, self.num_timesteps, max_num_steps)
         parameters = request.sampler_parameters()
         try:
             job = SampleJob(request.num_images, request.sampler, steps, parameters.pop("eta", 0.0), int(seed),
-                            request.clip_denoised, **parameters)
+                            request.clip_denoised, **parameters,
+                            class_labels=None if labels is None else tuple(labels), guidance_scale=scale)
             settings = job.sampler_settings
-            evaluations = settings.network_evaluations(self.num_timesteps)
+            evaluations = job.network_evaluations(self.num_timesteps)
             fewest = evaluations
             if "corrector_steps" in settings.uses():
                 least = SAMPLERS[settings.sampler].min_corrector_steps
-                fewest = dataclasses.replace(settings, corrector_steps=least).network_evaluations(self.num_timesteps)
+                fewest = dataclasses.replace(job, corrector_steps=least).network_evaluations(self.num_timesteps)
         except ValueError as err:  # the pydantic schema already checks each field; this is the core's word
             raise RequestError(422, "body", str(err)) from err
         check_network_evaluations(request.sampler, evaluations, fewest, max_num_steps)
@@ -229,10 +298,12 @@ class ModelRunner:
 
         Raises:
             RequestError: 422 naming ``images_field`` if the images do not match the model's
-                (C, H, W), 422 if ``num_samples`` is outside [2, 2T], 413 if the exact bound's T
+                (C, H, W), 422 if ``num_samples`` is outside [2, 2T], 422 naming ``class_label`` if
+                the labels do not fit the model (``resolve_class_labels``), 413 if the exact bound's T
                 network evaluations exceed ``max_num_steps``.
         """
         check_images_for_model(pixels, self.image_shape, images_field)
+        labels = self.resolve_class_labels(options.class_label, pixels.shape[0])
         if options.method == "exact":
             check_exact_cost(self.num_timesteps, max_num_steps)
         elif not 2 <= options.num_samples <= 2 * self.num_timesteps:
@@ -240,46 +311,58 @@ class ModelRunner:
                 422, "num_samples", f"{options.num_samples} must be in [2, {2 * self.num_timesteps}] "
                 f"(two draws per stratum of this model's T={self.num_timesteps} steps)",
             )
-        return LikelihoodJob(pixels, options.method, options.num_samples, int(seed), options.breakdown)
+        return LikelihoodJob(pixels, options.method, options.num_samples, int(seed), options.breakdown,
+                             None if labels is None else tuple(labels))
 
     # ------------------------------------------------------------------ sampling
     def sample_many(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor | Exception]:
         """Samples for every job, float32 [num_images, C, H, W] in [-1, 1] when clipped, on CPU.
 
-        Jobs with equal ``settings`` run as one batch (``sample_group``); each job's images equal
-        ``generate`` with the job's ``sampler_settings`` (the core sampler) run alone with
-        ``torch.Generator().manual_seed(seed)``
+        Jobs with equal ``group`` (settings and guidance scale) run as one batch (``sample_group``);
+        each job's images equal ``generate`` with the job's ``sampler_settings``, ``class_labels`` and
+        ``guidance_scale`` (the core sampler) run alone with ``torch.Generator().manual_seed(seed)``
         (up to float rounding of the larger network batch). A group that fails is retried job by
         job, so a failure is returned only for the job that causes it.
         """
-        return run_grouped(jobs, lambda job: job.settings, self.sample_group)
+        return run_grouped(jobs, lambda job: job.group, self.sample_group)
 
     @torch.no_grad()
     def sample_group(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor]:
-        """Run jobs of identical ``settings`` as one ``generate`` call (the core sampler the
-        settings name: ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``,
+        """Run jobs of identical ``group`` (settings and guidance scale) as one ``generate`` call (the
+        core sampler the settings name: ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``,
         ``langevin_sample_loop`` or ``dpm_solver_sample_loop``) on all their images, with one
-        generator per job (``RowGenerators``).
+        generator per job (``RowGenerators``) and, when any job has labels, every job's labels (-1
+        for a job without) under classifier-free guidance at the group's scale.
 
         Returns:
             per job, float32 [num_images, C, H, W] on CPU.
 
         Raises:
-            ValueError: if the jobs' settings differ, or from the core on bad values.
+            ValueError: if the jobs' groups differ, or from the core on bad values.
         """
-        first = self._one_settings(jobs)
+        first = self._one_group(jobs, lambda job: job.group)
         sizes = [job.num_images for job in jobs]
         generators = RowGenerators.from_seeds([job.seed for job in jobs], sizes, self.device)
         shape = (sum(sizes), *self.image_shape)
-        x = generate(self.loaded.diffusion, self.network, shape, first.sampler_settings, generators, self.device)
+        x = generate(self.loaded.diffusion, self.network, shape, first.sampler_settings, generators, self.device,
+                     class_labels=self._group_labels(jobs, sizes), guidance_scale=first.guidance_scale)
         return list(x.float().cpu().split(sizes))
 
     @staticmethod
-    def _one_settings(jobs: Sequence[SampleJob] | Sequence[LikelihoodJob]) -> Any:
-        """The first job, after checking that all jobs have the same ``settings`` (ValueError otherwise)."""
-        settings = {job.settings for job in jobs}
-        if len(settings) != 1:
-            raise ValueError(f"a group needs jobs with one settings tuple, got {sorted(map(repr, settings))}")
+    def _group_labels(jobs: Sequence[SampleJob] | Sequence[LikelihoodJob], sizes: Sequence[int]) -> list[int] | None:
+        """Every job's class labels in job order (-1 for each image of a job without labels), or
+        ``None`` when no job has any."""
+        if all(job.class_labels is None for job in jobs):
+            return None
+        return [label for job, size in zip(jobs, sizes)
+                for label in (job.class_labels if job.class_labels is not None else (NO_LABEL,) * size)]
+
+    @staticmethod
+    def _one_group(jobs: Sequence[_J], key: Callable[[_J], Any]) -> _J:
+        """The first job, after checking that all jobs have the same ``key(job)`` (ValueError otherwise)."""
+        groups = {key(job) for job in jobs}
+        if len(groups) != 1:
+            raise ValueError(f"a group needs jobs with one settings tuple, got {sorted(map(repr, groups))}")
         return jobs[0]
 
     # ------------------------------------------------------------------ likelihood
@@ -287,9 +370,11 @@ class ModelRunner:
         """Bits/dim of every job's images: per job a list with one dict per image (see
         ``likelihood_group``), or the ``Exception`` that job raised.
 
-        Jobs with equal ``settings`` run as one batch; each job's values equal ``calc_bpd_loop``
-        ("exact") or ``calc_bpd_estimate`` ("estimate") called alone with
-        ``torch.Generator().manual_seed(seed)`` (up to float rounding of the larger network batch).
+        Jobs with equal ``settings`` run as one batch (their class labels may differ); each job's
+        values equal ``calc_bpd_loop`` ("exact") or ``calc_bpd_estimate`` ("estimate") called alone
+        with ``torch.Generator().manual_seed(seed)``, on the network with the job's labels
+        (``diffusion_core.guidance.with_class_labels``) for a labelled job (up to float rounding of
+        the larger network batch).
         A group that fails is retried job by job.
         """
         return run_grouped(jobs, lambda job: job.settings, self.likelihood_group)
@@ -309,7 +394,7 @@ class ModelRunner:
             ValueError: if the jobs' settings differ, or from the core on bad values.
             RequestError: 422 if a job's images do not match the model (``check_images_for_model``).
         """
-        first = self._one_settings(jobs)
+        first = self._one_group(jobs, lambda job: job.settings)
         for job in jobs:  # as in make_likelihood_job: a compiled network would not name the bad field
             check_images_for_model(job.pixels, self.image_shape, "pixels")
         pixels = np.concatenate([job.pixels for job in jobs])
@@ -317,6 +402,9 @@ class ModelRunner:
         sizes = [job.pixels.shape[0] for job in jobs]
         generators = RowGenerators.from_seeds([job.seed for job in jobs], sizes, self.device)
         diffusion, model = self.loaded.diffusion, self.network
+        labels = self._group_labels(jobs, sizes)
+        if labels is not None:  # the bound on -log p(x | y) for labelled rows, on -log p(x) for the rest
+            model = with_class_labels(self.network, labels)
         if first.method == "exact":
             out = diffusion.calc_bpd_loop(model, x, generator=generators)
         else:

@@ -2,7 +2,9 @@
 
 ``SampleRequest`` and ``LikelihoodOptions`` / ``LikelihoodJsonRequest`` reject unknown fields,
 wrong types, NaN/inf, non-positive counts and unknown choices with the field's name (a 422 through
-``deploy.errors.request_error_from_validation``). The cost of a request is checked against the
+``deploy.errors.request_error_from_validation``). ``class_label`` and ``guidance_scale`` (class-conditional
+models, classifier-free guidance) are checked here for their form; whether a label fits the model
+(its classes, or that it has any) is checked on the replica (``deploy.model_runner``). The cost of a request is checked against the
 limits in ``deploy.limits``; uploaded images are decoded by ``deploy.decoding``.
 """
 
@@ -10,10 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from deploy.errors import field_error
 from diffusion_core.samplers.registry import DEFAULT_SAMPLER, ETA, PARAMETERS, SAMPLERS, Parameter, SamplerName, takers
+from pipelines.registry.class_labels import check_class_label_value
 
 MAX_SEED = 2**63 - 1
 """Largest accepted ``seed`` (seeds are 0 <= seed <= 2**63 - 1, the range of torch.Generator)."""
@@ -43,19 +47,46 @@ DEFAULT_NUM_STEPS: dict[str, int] = {
 MAX_ETA = 1.0
 """Largest ``eta`` a request may give (the HTTP API's bound; the core's is ``inf``)."""
 
+DEFAULT_GUIDANCE_SCALE = 1.0
+"""``guidance_scale`` of a request that omits it: s = 1 is the conditional model itself, unguided
+(diffusers' convention: s = 0 the unconditional model, s > 1 guides; Ho & Salimans' w = s - 1)."""
 
-class _SampleRequestBase(BaseModel):
-    """The fields of ``POST /sample`` before the sampler parameters, and the checks across fields."""
+ClassLabelField = int | str | list[int | str | None] | None
+"""A request's ``class_label``: a class index >= 0 or a class name (one label for every image), or a
+list of those with one entry per image (``null``: that image has no label), or absent (no label)."""
+
+
+class _ClassLabelMixin(BaseModel):
+    """The ``class_label`` field and its check of form (``pipelines.registry.class_labels``): a
+    bool, float, negative index, empty name or empty list is a 422 naming ``class_label``."""
 
     model_config = STRICT
+
+    class_label: ClassLabelField = None
+
+    @field_validator("class_label", mode="before")
+    @classmethod
+    def _class_label_form(cls, value: object) -> object:
+        try:
+            return check_class_label_value(value)
+        except ValueError as err:  # pydantic would prefix "Value error, "
+            raise PydanticCustomError("class_label", "{message}", {"message": str(err)}) from None
+
+
+class _SampleRequestBase(_ClassLabelMixin):
+    """The fields of ``POST /sample`` before the sampler parameters, and the checks across fields."""
 
     num_images: int = Field(1, gt=0)
     sampler: SamplerName = DEFAULT_SAMPLER
     num_steps: int | None = Field(None, gt=0)
     eta: float = Field(ETA.default, ge=ETA.low, le=MAX_ETA)
+    guidance_scale: float = Field(DEFAULT_GUIDANCE_SCALE, ge=0.0)
 
     @model_validator(mode="after")
     def _parameters_fit_the_sampler(self) -> "_SampleRequestBase":
+        if isinstance(self.class_label, list) and len(self.class_label) != self.num_images:
+            raise field_error("class_label", f"{len(self.class_label)} labels for num_images={self.num_images}; "
+                                             "give one label per image, or a single label for all")
         spec = SAMPLERS[self.sampler]
         given = [name for name in OPTIONAL_PARAMETERS if getattr(self, name) is not None]
         for name in (["eta"] if self.eta != ETA.default else []) + given:
@@ -123,6 +154,16 @@ Attributes:
     seed: 0 <= seed <= 2**63-1; the same seed gives the same images. Omitted: a random
         seed is drawn and returned.
     clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
+    class_label: for a class-conditional model, the class to draw: an index in [0, K) or one of
+        the model's class names (``GET /model`` lists them; a name matches exactly, or else
+        case-insensitively), for every image; or a list of ``num_images`` of them, ``null`` for
+        an image without a label. Omitted: no label (the unconditional model). An unconditional
+        model refuses it (422).
+    guidance_scale: s of classifier-free guidance (Ho & Salimans 2022), finite and >= 0: s = 1
+        (default) the conditional model, s = 0 the unconditional one, s > 1 guides harder
+        (``eps_u + s (eps_c - eps_u)``). A scale other than 0 and 1 costs 2 network evaluations per
+        image per step. It acts on labelled images only; an unconditional model refuses a scale
+        other than 1 (422).
     format: "png" (JSON with one base64 PNG per image), "grid" (one PNG, ``image/png``) or
         "npy" (``application/octet-stream``: ``np.save`` of uint8 ``[N, H, W, C]``).
 
@@ -130,10 +171,14 @@ A parameter given for a sampler that does not take it is a 422 naming that param
 """
 
 
-class LikelihoodOptions(BaseModel):
+class LikelihoodOptions(_ClassLabelMixin):
     """Options of ``POST /likelihood`` (JSON fields, or form fields beside multipart ``files``).
 
     Attributes:
+        class_label: for a class-conditional model, the bound on -log p(x | y) for the class y (an
+            index in [0, K) or a class name) of every image, or a list with one label per image
+            (``null``: that image's bound is on -log p(x)); omitted: -log p(x) for every image. In a
+            multipart form it is one text field: a class name, or a decimal index.
         method: "estimate" (default; unbiased stratified estimate of the bound from K timesteps
             per image, with its standard error) or "exact" (all T terms, ``calc_bpd_loop``).
         num_samples: K >= 2 timesteps of the estimate (at most ``Limits.max_num_samples``;
@@ -141,8 +186,6 @@ class LikelihoodOptions(BaseModel):
         seed: 0 <= seed <= 2**63-1 for the noise (and timesteps) of the bound; omitted: random.
         breakdown: also return the per-term values (bits/dim).
     """
-
-    model_config = STRICT
 
     method: LikelihoodMethod = "estimate"
     num_samples: int = Field(16, ge=2)

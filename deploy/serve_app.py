@@ -11,12 +11,16 @@ request, 503 with ``Retry-After`` when the model replica holding the request die
 * ``POST /sample`` JSON ``SampleRequest`` (sampler "ddpm", "ddim", "pc", "langevin" or
   "dpm_solver" with its parameters): images as base64 PNGs in JSON, one PNG grid, or an ``.npy``
   (uint8 [N, H, W, C]); the same ``seed`` gives the same images. The JSON answer also carries the
-  sampler's resolved parameters and its ``network_evaluations`` per image.
+  sampler's resolved parameters and its ``network_evaluations`` per image. A class-conditional model
+  takes ``class_label`` (a class index or name, or one per image) and ``guidance_scale``
+  (classifier-free guidance); the answer gives ``class_labels`` (the indices) and ``guidance_scale``.
 * ``POST /likelihood``: PNG/JPEG uploads (multipart field ``files``; options as form fields) or
   JSON ``{"pixels": uint8 [N, H, W, C] or [N, H, W], "method", "num_samples", "seed",
-  "breakdown"}``; bits/dim per image (exact bound or stratified estimate with standard error).
+  "breakdown", "class_label"}``; bits/dim per image (exact bound or stratified estimate with standard
+  error), for a class-conditional model given ``class_label`` the bound on -log p(x | y).
 * ``GET /healthz``: 200 ``{"status": "ok", ...}`` once a model is loaded.
-* ``GET /model``: name, version, alias, MLflow run id, configs, data manifest summary, replica.
+* ``GET /model``: name, version, alias, MLflow run id, configs, data manifest summary, replica, and
+  ``num_classes`` / ``classes`` (``[{"index", "name"}]``; ``null`` for an unconditional model).
 
 With the ingress ``user_config.api_key_env`` naming a set environment variable, every endpoint but
 ``/healthz`` needs ``Authorization: Bearer <its value>`` (else 401; ``deploy/api_key.py``).
@@ -127,6 +131,7 @@ class DDPMIngress:
         metadata = {
             "seed": seed, "sampler": sample.sampler, "num_steps": result["num_steps"], "eta": sample.eta,
             **result["settings"], "network_evaluations": result["network_evaluations"],
+            "class_labels": result["class_labels"], "guidance_scale": sample.guidance_scale,
             "model": _model_ref(result["model"]),
         }
         return sample_response(result["images"], sample.format, metadata)
@@ -141,7 +146,7 @@ class DDPMIngress:
             parsed.options, parsed.pixels, seed, parsed.images_field, limits.max_num_steps
         ))
         return JSONResponse({
-            "unit": "bits/dim", "method": parsed.options.method, "seed": seed,
+            "unit": "bits/dim", "method": parsed.options.method, "seed": seed, "class_labels": result["class_labels"],
             "num_samples": parsed.options.num_samples if parsed.options.method == "estimate" else None,
             "results": result["results"], "model": _model_ref(result["model"]),
         })

@@ -10,7 +10,8 @@ Samplers, all methods of ``GaussianDiffusion``, described once in ``diffusion_co
 "logsnr"), ``pc_sample_loop`` (predictor-corrector, Song et al. 2021), ``langevin_sample_loop``
 (annealed Langevin dynamics, Song & Ermon 2019) and ``dpm_solver_sample_loop`` (DPM-Solver++
 multistep, Lu et al. 2022); ``network_evaluations`` gives the model calls of each.
-Predictions: "eps", "x_start", "v" and "score".
+Predictions: "eps", "x_start", "v" and "score". Class-conditional models (``UNetConfig.num_classes``)
+and classifier-free guidance (Ho & Salimans 2022): ``diffusion_core.guidance``.
 This package imports neither Ray nor MLflow and does no I/O beyond the checkpoints it is handed.
 Names are resolved lazily (PEP 562) so that ``import diffusion_core.images`` stays light.
 """

@@ -10,6 +10,11 @@ The bound (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, eqs. 4-7, 13) for one 
 
 Bits/dim = nats / (C * H * W * ln 2). Written on ``diffusion_core.process.DiffusionProcess``; called
 through the GaussianDiffusion methods of the same names.
+
+A class-conditional network is passed as ``diffusion_core.guidance.with_class_labels(model, y)``:
+the bound is then on -log p(x | y), and with every label -1 on -log p(x). Their difference
+estimates the label's information log p(y | x) - log p(y); it is not a bound (both are upper
+bounds with unequal gaps), see ``diffusion_core.guidance``.
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ def calc_bpd_loop(
 
     Args:
         process: the diffusion process.
-        model: callable (x_t, t) -> [N, C or 2C, H, W].
+        model: callable (x_t, t) -> [N, C or 2C, H, W] (a conditional network through
+            ``guidance.with_class_labels``: the bound on -log p(x | y); labels -1: on -log p(x)).
         x_start: x_0, float32 [N, C, H, W], pixels k/127.5 - 1.
         clip_denoised: clamp pred_xstart to [-1, 1] in every term.
         generator: torch.Generator on x_start's device (same seed -> same result), or a
@@ -208,7 +214,8 @@ def calc_bpd_estimate(
 
     Args:
         process: the diffusion process.
-        model: callable (x_t, t) -> [N, C or 2C, H, W].
+        model: callable (x_t, t) -> [N, C or 2C, H, W] (a conditional network through
+            ``guidance.with_class_labels``: the bound on -log p(x | y); labels -1: on -log p(x)).
         x_start: x_0, float32 [N, C, H, W], pixels k/127.5 - 1.
         num_samples: K, number of network calls per image; 2 <= K <= 2T.
         clip_denoised: clamp pred_xstart to [-1, 1] in every term.

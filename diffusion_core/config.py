@@ -112,6 +112,11 @@ class UNetConfig:
         dropout: dropout probability inside residual blocks (0.1 for CIFAR-10).
         num_groups: GroupNorm groups (32 in Ho et al.); must divide every channel count.
         num_heads: attention heads; must divide the channel count where attention is applied.
+        num_classes: None (an unconditional model, ``model(x_t, t)``) or K >= 1 for a
+            class-conditional model ``model(x_t, t, class_labels)`` with labels in [0, K) and -1 =
+            "no label": a learned class embedding of K + 1 rows (row K = "no label") is added to
+            the timestep embedding (Dhariwal & Nichol 2021, improved-diffusion's ``label_emb``), so
+            one network learns p(x | y) and p(x) for classifier-free guidance (Ho & Salimans 2022).
     """
 
     image_size: int = 32
@@ -124,10 +129,13 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     num_heads: int = 1
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_size", "model_channels", "num_res_blocks", "num_groups", "num_heads"):
             check_positive_int(name, getattr(self, name))
+        if self.num_classes is not None:
+            check_positive_int("num_classes", self.num_classes)
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels={self.in_channels!r} must be 1 or 3")
         if self.out_channels not in (self.in_channels, 2 * self.in_channels):
@@ -164,9 +172,19 @@ class UNetConfig:
         """The shape of one image, ``(C, H, W)`` = ``(in_channels, image_size, image_size)``."""
         return (self.in_channels, self.image_size, self.image_size)
 
+    @property
+    def conditional(self) -> bool:
+        """True for a class-conditional model (``num_classes`` is set)."""
+        return self.num_classes is not None
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (tuples become lists in JSON/YAML)."""
-        return dataclasses.asdict(self)
+        """Plain-dict form (tuples become lists in JSON/YAML). ``num_classes`` is left out when it is
+        None, so an unconditional model's ``config.json`` and logged parameters have the same keys
+        whether or not the reader knows the field; :meth:`from_dict` reads a missing key as None."""
+        data = dataclasses.asdict(self)
+        if data["num_classes"] is None:
+            del data["num_classes"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":

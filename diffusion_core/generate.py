@@ -9,10 +9,11 @@ defaults, cost and ``GaussianDiffusion`` method), so a sampler added there is of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from diffusion_core.guidance import as_class_labels, check_guidance_scale, classifier_free_guidance, model_num_classes
 from diffusion_core.rng import Generator
 from diffusion_core.samplers.common import network_evaluations
 from diffusion_core.samplers.registry import (
@@ -124,29 +125,50 @@ class SamplerSettings:
 def generate(
     diffusion, model: Model, shape: tuple[int, int, int, int], settings: SamplerSettings,
     generator: Generator = None, device: torch.device | str | None = None,
+    class_labels: torch.Tensor | Sequence[int] | None = None, guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Draw ``shape`` = [N, C, H, W] images with ``settings``, without gradients.
 
     Calls the sampler's ``GaussianDiffusion`` method (the registry's ``SamplerSpec.method``:
     ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``, ``langevin_sample_loop`` or
     ``dpm_solver_sample_loop``) with the parameters that sampler uses, by keyword; the result is
-    exactly that call's.
+    exactly that call's. With ``class_labels`` the model is first wrapped in
+    ``diffusion_core.guidance.classifier_free_guidance(model, class_labels, guidance_scale,
+    diffusion.process)`` (Ho & Salimans 2022): each model call of the sampler then costs
+    ``guidance_evaluations(guidance_scale)`` (1 for s in {0, 1}, else 2) network evaluations per
+    image, i.e. ``settings.network_evaluations(T) * guidance_evaluations(guidance_scale)`` in all.
 
     Args:
         diffusion: a ``GaussianDiffusion``.
-        model: the network ``model(x_t, t)``, in eval mode, on ``device``.
+        model: the network ``model(x_t, t)`` (or ``model(x_t, t, class_labels)`` for a
+            class-conditional one), in eval mode, on ``device``.
         shape: [N, C, H, W] of the result.
         settings: the sampler and its parameters.
         generator: a ``torch.Generator`` or a ``RowGenerators`` (one generator per group of rows);
             the same seed gives the same images on the same hardware.
         device: where to sample (default: the sampler's default).
+        class_labels: ``None`` (unlabelled: ``model(x_t, t)``, which a conditional model reads as
+            "no label" for every row) or int64 [N] (or N ints) in [-1, K) for a conditional model,
+            -1 = no label (those rows are sampled unconditionally whatever the scale).
+        guidance_scale: s, finite and >= 0, diffusers' convention: 1 = the conditional model,
+            0 = the unconditional one, > 1 guides (Ho & Salimans' w = s - 1). Checked always; it
+            has no effect without ``class_labels``.
 
     Returns:
         float32 [N, C, H, W] (in [-1, 1] when ``clip_denoised``), on ``device``.
 
     Raises:
-        ValueError: from the sampler on values that do not fit the diffusion (e.g. num_steps > T).
+        ValueError: from the sampler on values that do not fit the diffusion (e.g. num_steps > T);
+            naming ``guidance_scale`` if it is not finite and >= 0; naming ``class_labels`` if they
+            are out of range, are not N, or are given for an unconditional model.
     """
+    check_guidance_scale(guidance_scale)
+    if class_labels is not None:
+        labels = as_class_labels(class_labels, model_num_classes(model))
+        if labels.shape[0] != shape[0]:
+            raise ValueError(f"class_labels has {labels.shape[0]} labels but shape {tuple(shape)} asks for "
+                             f"N = {shape[0]} images; give one label per image")
+        model = classifier_free_guidance(model, labels, guidance_scale, diffusion.process)
     loop = getattr(diffusion, SAMPLERS[settings.sampler].method)
     parameters = {name: getattr(settings, name) for name in settings.uses()}
     with torch.no_grad():

@@ -31,12 +31,25 @@ as ``sample_*`` params.
 reference split's (``fd``, statistics cached on disk) and the floor (``fd_floor``: N real held-out
 images against the same reference); ``--fd-features`` is ``classifier`` (``--fd-classifier``, made by
 ``pipelines/train_classifier.py``) or ``inception`` (``--inception-weights``, a local file).
+
+A class-conditional model (trained with ``model.num_classes``) is scored with and without labels:
+``eval_bpd*`` with no label (the bound on -log p(x)) and ``eval_*_cond`` with the split's true
+labels (-log p(x | y)). ``--class-label LABEL ...`` (indices or the manifest's class names; ``all``,
+the default, is every class) picks the classes of the grid (one row each) and of the FD's
+class-balanced samples, drawn with classifier-free guidance at ``--guidance-scale S`` (1: the
+conditional model; 0: the unconditional one; other values cost two network evaluations per step).
+With ``--fd-features classifier`` the classifier's predictions of those samples give the class
+accuracy, per class and overall (``sample_class_accuracy*``):
+
+    python pipelines/evaluate.py --model models:/ddpm-fashion-mnist-cond/1 --shards ... --split test \
+        --class-label Sandal Sneaker --guidance-scale 2 --fd 1000 --fd-classifier models:/fd-classifier-fashion-mnist/1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Sequence
 
@@ -76,6 +89,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "the cluster of $RAY_ADDRESS, else a local one); 0: in this process")
     parser.add_argument("--samples", type=int, default=16, help="images in the sample grid (0: none)")
     add_sampler_arguments(parser)
+    parser.add_argument("--class-label", nargs="+", default=None, metavar="LABEL",
+                        help="class-conditional models: the classes to sample (label indices or class names of "
+                             "the shards' manifest), or 'all' (default); an error for an unconditional model")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="S",
+                        help="class-conditional models: classifier-free guidance scale s >= 0 of the samples "
+                             "(1: conditional, 0: unconditional, > 1 guides; s not in {0, 1} costs 2 network "
+                             "evaluations per step)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bound's noise and the samples")
     parser.add_argument("--experiment", default=None,
@@ -121,6 +141,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, low in minimums.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        parser.error(f"--guidance-scale={args.guidance_scale} must be a finite number >= 0")
     try:
         sampler_settings_from_args(args)
     except ValueError as err:  # names the field: corrector_steps, snr, order
@@ -174,11 +196,14 @@ BOUND_METRICS = (
 )
 
 
-def describe_bound(metrics: dict[str, float]) -> list[str]:
+def describe_bound(metrics: dict[str, float], suffix: str = "", given: str = "") -> list[str]:
     """Human lines for the bound's metrics (bits/dim): the total with its standard errors and its
-    split into L_T (prior), the sum of L_t for t >= 1 and L_0 (decoder)."""
+    split into L_T (prior), the sum of L_t for t >= 1 and L_0 (decoder); ``suffix`` "_cond" reads
+    a conditional model's bound given the labels (``given`` is then said after the label)."""
     lines = []
-    for label, total, stderr, stderr_images, prior, terms, decoder in BOUND_METRICS:
+    for names in BOUND_METRICS:
+        label = names[0] + given
+        total, stderr, stderr_images, prior, terms, decoder = (None if n is None else n + suffix for n in names[1:])
         if total not in metrics:
             continue
         line = f"{label} bound: {metrics[total]:.4f} bits/dim"
@@ -227,7 +252,26 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         sampling=sampler_settings_from_args(args), batch_size=args.batch_size, seed=args.seed,
         experiment=args.experiment, device=args.device, threads=args.threads, compile=args.compile,
         fd=fd_settings_from_args(args), split=args.split,
+        class_labels=tuple(args.class_label) if args.class_label else None, guidance_scale=args.guidance_scale,
     )
+
+
+def describe_conditional(metrics: dict[str, float], class_names: dict[int, str]) -> list[str]:
+    """Human lines for a class-conditional model: the bound without and with labels and their
+    difference (an estimate of the label's information in bits/dim, not a bound), and the class
+    accuracy of the samples per class and overall."""
+    lines = []
+    for name in ("eval_bpd", "eval_bpd_estimate"):
+        if name in metrics and f"{name}_cond" in metrics:
+            lines.append(f"{name}: {metrics[name]:.4f} bits/dim without a label (-log p(x)), "
+                         f"{metrics[name + '_cond']:.4f} with the true labels (-log p(x|y)); difference "
+                         f"{metrics[name] - metrics[name + '_cond']:.4f} (an estimate of the label's information, "
+                         "not a bound)")
+    if "sample_class_accuracy" in metrics:
+        per_class = ", ".join(f"{class_names.get(k, k)} {metrics[f'sample_class_accuracy_{k}']:.3f}"
+                              for k in class_names if f"sample_class_accuracy_{k}" in metrics)
+        lines.append(f"class accuracy of the samples: {metrics['sample_class_accuracy']:.3f} overall; {per_class}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps(outcome["metrics"], indent=2))
     for line in describe_bound(outcome["metrics"]):
+        print(line)
+    for line in describe_bound(outcome["metrics"], "_cond", " (given the true labels)"):
+        print(line)
+    for line in describe_conditional(outcome["metrics"], outcome.get("class_names", {})):
         print(line)
     print(f"MLflow run {outcome['run_id']} (experiment {outcome['experiment_id']}) at {outcome['run_at']}")
     print(f"artifacts: {outcome['artifact_uri']}")

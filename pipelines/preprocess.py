@@ -1,7 +1,7 @@
 """Turn an image source into [-1, 1] Parquet shards with Ray Data (the command line; the job is ``pipelines.data.job``).
 
     python pipelines/preprocess.py --input SRC --output DST [--size H W] [--mode L|RGB]
-        [--val-fraction F] [--seed S] [--overwrite] [--on-error skip|fail] [--limit N]
+        [--val-fraction F] [--seed S] [--overwrite] [--on-error skip|fail] [--limit N] [--class-names NAME ...]
     ray job submit --working-dir . -- python pipelines/preprocess.py --input ... --output ...
 
 SRC: a folder or ``s3://bucket/prefix`` of MNIST-family IDX files, of CIFAR-10 binary batches or
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="bad files: list and skip, or stop")
     parser.add_argument("--limit", type=int, help="use only the first N items of each split of the source (sorted listing)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images (default 50e6)")
+    parser.add_argument("--class-names", nargs="+", metavar="NAME",
+                        help="names of labels 0..K-1 for IDX sources (recorded as the manifest's classes), e.g. "
+                             "T-shirt/top Trouser Pullover Dress Coat Sandal Shirt Sneaker Bag 'Ankle boot'")
     parser.add_argument("--resample", choices=sorted(RESAMPLE_FILTERS), default="bicubic", help="Pillow resize filter")
     return parser
 
@@ -64,6 +67,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> PreprocessCon
         limit=args.limit,
         max_pixels=args.max_pixels,
         resample=args.resample,
+        class_names=tuple(args.class_names) if args.class_names else None,
         command=shlex.join(["python", "pipelines/preprocess.py", *argv]),
     )
 

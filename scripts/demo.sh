@@ -175,6 +175,7 @@ preprocess() {
     step "Preprocessing Fashion-MNIST from $FMNIST with Ray Data (ray job submit)"
     ray job submit --address "$DASHBOARD" --working-dir "$REPO" --runtime-env-json "$(job_env_json)" -- \
         python pipelines/preprocess.py --input "$FMNIST" --output "$SHARDS" "${overwrite[@]}" \
+        --class-names T-shirt/top Trouser Pullover Dress Coat Sandal Shirt Sneaker Bag "Ankle boot" \
         2>&1 | tee "$LOGS/preprocess.log"
 }
 

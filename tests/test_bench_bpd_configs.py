@@ -1,6 +1,6 @@
-"""benchmarks/bench_bpd_configs.py: a row trains under its wall-time budget, is scored on the test
-split, and lands in the JSON; rows already measured are skipped; the fourth row takes the better of
-hybrid and vlb_is with the other schedule."""
+"""benchmarks/bench_bpd_configs.py: the study is the sweep configs/sweeps/bpd_configs.yaml (one trial per
+row and schedule), each trial's model is scored on the test split and lands in the JSON; rows already
+measured are left out of the next sweep."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from _bench_helpers import load_bench
 from _train_helpers import FAST, TINY_CONFIG
 
@@ -18,14 +19,20 @@ from pipelines.training.config import load_config
 bench = load_bench("bench_bpd_configs")
 
 
-def test_the_fourth_row_flips_the_schedule_of_the_better_row() -> None:
-    base = load_config(TINY_CONFIG)  # linear
-    done = {"hybrid": {"test_bpd": 4.0}, "vlb_is": {"test_bpd": 3.9}}
-    assert bench.row_overrides("other_schedule", done, base) == {**bench.ROWS["vlb_is"], "diffusion.schedule": "cosine"}
-    done["hybrid"]["test_bpd"] = 3.5
-    assert bench.row_overrides("other_schedule", done, base)["diffusion.loss"] == "hybrid"
-    with pytest.raises(ValueError, match="needs the hybrid and vlb_is rows first"):
-        bench.row_overrides("other_schedule", {"hybrid": done["hybrid"]}, base)
+def test_the_study_is_every_row_times_every_schedule_less_the_rows_done() -> None:
+    raw = yaml.safe_load(bench.SWEEP.read_text())
+    spec = bench.study_spec(raw, None, None, [], minutes=30, max_steps=10**6)
+    assert list(spec.variants) == ["simple-linear", "simple-cosine", "hybrid-linear", "hybrid-cosine",
+                                   "vlb_is-linear", "vlb_is-cosine"]
+    assert spec.variants["vlb_is-cosine"] == {**raw["variants"]["vlb_is"], "diffusion.schedule": "cosine"}
+    assert dict(spec.budget) == {"train.max_minutes": 30, "train.total_steps": 10**6} and not spec.search_space
+    spec.check_against(load_config(TINY_CONFIG))
+    left = bench.study_spec(raw, ["hybrid", "vlb_is"], ["cosine"], ["hybrid-cosine"], minutes=1, max_steps=5)
+    assert list(left.variants) == ["vlb_is-cosine"]
+    with pytest.raises(ValueError, match=r"--rows \['other'\] are not variants"):
+        bench.study_spec(raw, ["other"], None, [], minutes=1, max_steps=5)
+    with pytest.raises(ValueError, match="in the results already"):
+        bench.study_spec(raw, ["simple"], ["linear"], ["simple-linear"], minutes=1, max_steps=5)
 
 
 @pytest.mark.slow
@@ -37,16 +44,17 @@ def test_one_row_end_to_end(ray_local, train_sandbox: Path, fashion_mnist_dir: P
     fast = [f"{key}={value}" for key, value in FAST.items() if key != "train.total_steps"]
     monkeypatch.chdir(tmp_path)  # relative paths, as in docs/training.md's command: the workers run elsewhere
     argv = ["--config", str(TINY_CONFIG), "--shards", "shards", "--storage", "runs",
-            "--rows", "vlb_is", "--minutes", "0.001", "--test-images", "6", "--estimate", "4", "--workers", "1",
-            "--output", str(output), "--set", *fast]
+            "--rows", "vlb_is", "--schedules", "linear", "--minutes", "0.001", "--test-images", "6",
+            "--estimate", "4", "--workers", "1", "--output", str(output), "--name", "bpd-test", "--set", *fast]
     bench.main(argv)
-    row = json.loads(output.read_text())["figures"]["rows"][0]
-    assert (row["row"], row["loss"], row["variance"], row["timestep_sampler"]) == (
-        "vlb_is", "vlb", "learned_range", "loss_second_moment")
-    assert row["steps"] == 1  # 60 ms of budget: spent at the first log step
+    figures = json.loads(output.read_text())["figures"]
+    row = figures["rows"][0]
+    assert (row["row"], row["loss"], row["variance"], row["timestep_sampler"], row["schedule"]) == (
+        "vlb_is-linear", "vlb", "learned_range", "loss_second_moment", "linear")
+    assert row["steps"] == 1 and row["outcome"] == "finished"  # 60 ms of budget: spent at the first log step
     assert math.isfinite(row["test_bpd"]) and row["test_bpd_stderr_images"] > 0 and row["test_images"] == 6
     assert row["prior_bpd"] + row["terms_bpd"] + row["decoder_bpd"] == pytest.approx(row["test_bpd"], rel=1e-5)
-    assert row["model_uri"].startswith("models:/ddpm-test-bpd-vlb_is/")
-    bench.main(argv)  # measured already: skipped, the JSON unchanged
-    assert "vlb_is: already in" in capsys.readouterr().out
+    assert row["model_uri"] == f"runs:/{row['train_run_id']}/model" and figures["sweep_name"] == "bpd-test"
+    with pytest.raises(ValueError, match="in the results already"):  # measured already: nothing to run
+        bench.main(argv)
     assert json.loads(output.read_text())["figures"]["rows"] == [row]

@@ -1,9 +1,12 @@
 """The compile switches (``scaling.compile``, ``evaluate.py --compile``, Serve's ``network: compiled``):
 ``torch.compile`` (inductor) on CPU gives the eager network's outputs, losses and gradients within
-float32 rounding, and saved weights carry no wrapper prefixes. A minimal UNet keeps the compilation
+float32 rounding, and saved weights carry no wrapper prefixes; a class-conditional model's exported
+network takes its class labels. A minimal UNet keeps the compilation
 short on 2 cores."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from diffusion_core.checkpoint import LoadedModel
 from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.generate import SamplerSettings, generate, seeded_generator
+from diffusion_core.inference_network import CHECK_TOLERANCE, build_inference_network
 from diffusion_core.unet import UNet
 from pipelines.registry.model_identity import ModelIdentity
 from pipelines.training.config import TrainConfig
@@ -72,6 +76,29 @@ def test_compiled_serving_network_samples_like_the_eager_one(network: str) -> No
         zero = generate(loaded.diffusion, UNet(UNET).eval(), (3, 1, 8, 8), settings, seeded_generator(2))
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
     assert (theirs - zero).abs().max() > 1e-2  # the network's output shapes the samples compared
+    torch._dynamo.reset()
+
+
+def test_exported_network_of_a_conditional_model_takes_class_labels() -> None:
+    """torch.export with three inputs (x_t, t, class_labels) and one dynamic batch size: the network
+    agrees with the eager module on labels that include -1 ("no label") rows, at batch sizes it was
+    not exported at, and under classifier-free guidance (the doubled batch)."""
+    config = dataclasses.replace(UNET, num_classes=3)
+    model = computing_unet(config, seed=0)
+    torch._dynamo.reset()
+    built = build_inference_network(model, "exported", config.image_shape, "cpu")
+    assert (built.mode, built.reason, built.num_classes) == ("exported", None, 3)
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([0, 10, 49, 3, 3]), torch.tensor([-1, 2, 0, 1, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(built(x, t, y), model(x, t, y), atol=CHECK_TOLERANCE, rtol=CHECK_TOLERANCE)
+        torch.testing.assert_close(built(x[:3], t[:3]), model(x[:3], t[:3], torch.full((3,), -1)),
+                                   atol=CHECK_TOLERANCE, rtol=CHECK_TOLERANCE)
+        assert (model(x, t, y) - model(x, t)).abs().max() > 1e-3  # the labels shape the outputs compared
+        settings, diffusion = SamplerSettings("ddim", 4), GaussianDiffusion(DIFFUSION)
+        ours, theirs = (generate(diffusion, network, (3, 1, 8, 8), settings, seeded_generator(2),
+                                 class_labels=[0, 2, -1], guidance_scale=2.5) for network in (built, model))
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
     torch._dynamo.reset()
 
 

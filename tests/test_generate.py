@@ -168,3 +168,48 @@ def test_jobs_differing_in_one_parameter_give_different_images(diffusion, first,
         a = generate(diffusion, model, shape, first, generator=seeded_generator(1))
         b = generate(diffusion, model, shape, second, generator=seeded_generator(1))
     assert float((a - b).abs().max()) > 1e-3, (first.params(), second.params())
+
+
+# ------------------------------------------------------------------ class labels and guidance
+
+
+def _conditional_unet():
+    return computing_unet(dataclasses.replace(SMALL_UNET, in_channels=1, out_channels=1, image_size=8,
+                                              num_classes=2))
+
+
+def test_generate_with_class_labels_is_the_guided_sampler(diffusion) -> None:
+    from diffusion_core.guidance import classifier_free_guidance
+
+    model, shape = _conditional_unet(), (3, 1, 8, 8)
+    settings = SamplerSettings("ddim", 5)
+    labels = torch.tensor([1, -1, 0])
+    for scale in (0.0, 1.0, 2.0):
+        got = generate(diffusion, model, shape, settings, seeded_generator(3), class_labels=labels,
+                       guidance_scale=scale)
+        guided = classifier_free_guidance(model, labels, scale, diffusion.process)
+        want = diffusion.ddim_sample_loop(guided, shape, num_steps=5, generator=seeded_generator(3))
+        assert torch.equal(got, want)
+    # without labels a conditional model is sampled unlabelled, as model(x_t, t); the scale has no effect
+    plain = diffusion.ddim_sample_loop(model, shape, num_steps=5, generator=seeded_generator(3))
+    assert torch.equal(generate(diffusion, model, shape, settings, seeded_generator(3), guidance_scale=4.0), plain)
+    unlabelled = generate(diffusion, model, shape, settings, seeded_generator(3), class_labels=[-1, -1, -1],
+                          guidance_scale=4.0)
+    torch.testing.assert_close(unlabelled, plain)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"class_labels": [0, 1], "guidance_scale": 2.0}, "class_labels has 2 labels"),
+    ({"class_labels": [0, 1, 2]}, r"class_labels has the value 2; labels must be in \[-1, 2\)"),
+    ({"class_labels": [0, 1, 0], "guidance_scale": -1.0}, "guidance_scale"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+])
+def test_generate_rejects_bad_labels_and_scales(diffusion, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate(diffusion, _conditional_unet(), (3, 1, 8, 8), SamplerSettings("ddim", 2), **kwargs)
+
+
+def test_generate_rejects_labels_for_an_unconditional_model(diffusion) -> None:
+    model = computing_unet(dataclasses.replace(SMALL_UNET, in_channels=1, out_channels=1, image_size=8))
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        generate(diffusion, model, (2, 1, 8, 8), SamplerSettings("ddim", 2), class_labels=[0, 1])

@@ -196,3 +196,42 @@ def test_registered_model_lists_the_version_with_its_run(browser, mlflow_server:
                  f"link from version {version} to run {run_id}")
     assert link.text.strip() == "ddp-2"
     _save(browser, screenshots, "model_version.png")
+
+
+@pytest.fixture(scope="module")
+def sweep_runs_page(mlflow_server: str, ray_local, fmnist_shards: Path, train_sandbox: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
+    """A real 2-trial sweep (pipelines/sweep.py, FIFO, 2 steps per trial) in the session's store; returns
+    the UI page of its experiment's runs, the parent's name and its children's names."""
+    from test_sweep import QUICK, cli_args, write_sweep
+
+    from pipelines import sweep
+    from pipelines.tuning.tracking import children, find_parent
+
+    spec = {"metric": "loss", "max_concurrent_trials": 1, "budget": {"train.total_steps": 2},
+            "search_space": {"optimizer.lr": {"grid_search": [1.0e-3, 2.0e-3]}}}
+    folder = tmp_path_factory.mktemp("ui-sweep")
+    args = cli_args(fmnist_shards, train_sandbox / "ui-sweep-runs", write_sweep(folder, "ui", spec), "ui-sweep")
+    assert sweep.main(args) == 0
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(QUICK["tracking.experiment_name"])
+    parent = find_parent(client, experiment.experiment_id, "ui-sweep")
+    names = [run.info.run_name for run in children(client, experiment.experiment_id, parent.info.run_id)]
+    page = f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    return page, parent.info.run_name, names
+
+
+def test_sweep_parent_unfolds_its_trials(browser, sweep_runs_page: tuple[str, str, list[str]], screenshots) -> None:
+    page, parent, trials = sweep_runs_page
+    assert len(trials) == 2
+    browser.get(page)
+    name = _wait(browser, EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{parent}']")),
+                 f"parent run {parent} in the runs table")
+    _close_assistant(browser)
+    assert not any(e.is_displayed() for t in trials for e in browser.find_elements(By.XPATH, f"//a[normalize-space()='{t}']"))
+    # the run-name cell holds the expander button (MLflow nests runs by the mlflow.parentRunId tag)
+    name.find_element(By.XPATH, "./ancestor::div[.//button][1]//button").click()
+    for trial in trials:
+        _wait(browser, EC.visibility_of_element_located((By.XPATH, f"//a[normalize-space()='{trial}']")),
+              f"child run {trial} under {parent}")
+    _save(browser, screenshots, "sweep_runs.png")

@@ -197,3 +197,50 @@ def test_pyfunc_predict_takes_any_sampler() -> None:
         assert np.abs(got - expected(other, 1, 4 if other.sampler == "dpm_solver" else 5)).max() > 1e-3
     with pytest.raises(ValueError, match="snr=0"):
         wrapper.predict(None, [PyfuncSampleRequest(sampler="pc", snr=0)])
+
+
+COND_UNET = UNetConfig(
+    image_size=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2),
+    num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, num_groups=4, num_heads=1, num_classes=3,
+)
+CLASSES = ["Top", "Sandal", "Bag"]
+
+
+def test_pyfunc_of_a_conditional_model_takes_class_label_and_guidance_scale(tracking: str, tmp_path: Path) -> None:
+    """A class-conditional model logged with its data manifest (``classes``): the loaded pyfunc resolves
+    class names from it and samples like ``generate`` with those labels and that guidance scale;
+    MLflow refuses a bad scale, ``predict`` a bad label, naming the field."""
+    model = computing_unet(COND_UNET, seed=0)
+    folder = save_checkpoint(tmp_path / "cond", model.state_dict(), COND_UNET, TINY_DIFFUSION, {"step": 1})
+    ref = _log(folder, tracking, registered_model_name="ddpm-pyfunc-cond", manifest={**MANIFEST, "classes": CLASSES})
+    pyfunc = mlflow.pyfunc.load_model(ref.model_uri)
+    request = {"num_images": 2, "seed": 5, "num_steps": 4, "class_label": "Sandal", "guidance_scale": 2.0}
+    named, listed = pyfunc.predict([request, {**request, "class_label": [1, None]}])
+    diffusion = GaussianDiffusion(TINY_DIFFUSION)
+
+    def expected(labels: list[int], scale: float) -> np.ndarray:
+        return generate(diffusion, model, (2, 1, 8, 8), SamplerSettings("ddim", 4), seeded_generator(5),
+                        class_labels=labels, guidance_scale=scale).numpy()
+
+    np.testing.assert_allclose(np.asarray(named, dtype=np.float32), expected([1, 1], 2.0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(listed, dtype=np.float32), expected([1, -1], 2.0), rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(named, dtype=np.float32) - expected([1, 1], 1.0)).max() > 1e-3  # the scale acts
+    assert np.abs(np.asarray(named, dtype=np.float32) - expected([2, 2], 2.0)).max() > 1e-3  # the label acts
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(mlflow.exceptions.MlflowException, match="guidance_scale"):
+            pyfunc.predict([{**request, "guidance_scale": bad}])
+    for label, message in (("Sneaker", "not a class of this model"), (3, "out of range"), ([1], "1 labels for 2")):
+        with pytest.raises(ValueError, match=f"class_label.*{message}"):
+            pyfunc.predict([{**request, "class_label": label}])
+
+
+def test_pyfunc_predict_refuses_labels_and_guidance_for_an_unconditional_model() -> None:
+    wrapper = DDPMCheckpointModel()
+    wrapper.loaded = LoadedModel(computing_unet(TINY_UNET, seed=0), GaussianDiffusion(TINY_DIFFUSION), TINY_UNET,
+                                 TINY_DIFFUSION, {})
+    with pytest.raises(ValueError, match="class_label: this model is unconditional"):
+        wrapper.predict(None, [PyfuncSampleRequest(num_images=1, num_steps=2, class_label=0)])
+    with pytest.raises(ValueError, match="guidance_scale: 3.0 asks for classifier-free guidance"):
+        wrapper.predict(None, [PyfuncSampleRequest(num_images=1, num_steps=2, guidance_scale=3)])
+    (images,) = wrapper.predict(None, [PyfuncSampleRequest(num_images=1, num_steps=2, guidance_scale=1)])
+    assert np.asarray(images).shape == (1, 1, 8, 8)

@@ -1,5 +1,5 @@
 """The command-line flags of ``python pipelines/preprocess.py`` (``--val-fraction``, ``--overwrite``,
-``--on-error``, ``--max-pixels``, ``--resample``), each driven through the real entry point
+``--class-names``, ``--on-error``, ``--max-pixels``, ``--resample``), each driven through the real entry point
 (``preprocess.main(argv)``, on the tests' Ray instance) on real files, checked on what the run
 wrote: manifest.json, shard rows and pixel values."""
 
@@ -94,6 +94,36 @@ def test_overwrite_flag_refuses_without_and_replaces_with(ray_local, fashion_mni
         images, _ = read_split_numpy(str(output), split)
         np.testing.assert_array_equal(images, to_unit(expected[split][:, None]))
     assert leftovers(output) == []
+
+
+# ----------------------------------------------------------------------------- --class-names
+
+FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot")
+
+
+def test_class_names_flag_names_idx_labels_in_the_manifest(ray_local, fashion_mnist_dir: Path, tmp_path: Path, capsys):
+    output = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--input", fashion_mnist_dir, "--output", output, "--limit", 40,
+                           "--class-names", *FASHION_NAMES)
+    assert code == 0, err
+    manifest = load_manifest(str(output))
+    assert manifest.classes == FASHION_NAMES and manifest.has_labels
+    _, labels = read_split_numpy(str(output), "test")
+    assert labels.min() >= 0 and labels.max() < len(FASHION_NAMES)
+
+
+def test_class_names_flag_is_refused_for_repeated_names_and_unlabelled_sources(
+        ray_local, fashion_mnist_dir: Path, tmp_path: Path, capsys):
+    code, _, err = run_cli(capsys, "--input", fashion_mnist_dir, "--output", tmp_path / "a", "--class-names", "Bag", "Bag")
+    assert code == 1 and "class_names must be distinct" in err, err
+    unlabelled = tmp_path / "images-only"
+    unlabelled.mkdir()
+    (unlabelled / f"{TRAIN_IDX}.gz").write_bytes((fashion_mnist_dir / f"{TRAIN_IDX}.gz").read_bytes())
+    code, _, err = run_cli(capsys, "--input", unlabelled, "--output", tmp_path / "b", "--limit", 10,
+                           "--class-names", *FASHION_NAMES)
+    assert code == 1 and "has no labels" in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # ----------------------------------------------------------------------------- --on-error

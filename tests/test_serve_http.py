@@ -15,11 +15,21 @@ import numpy as np
 import pytest
 import requests
 import torch
-from _serve_helpers import MODEL_NAME, RegisteredModels, read_idx_images, register_tiny_models
+from _serve_helpers import (
+    COND_MODEL_NAME,
+    FASHION_MNIST_CLASSES,
+    MODEL_NAME,
+    ConditionalModel,
+    RegisteredModels,
+    read_idx_images,
+    register_tiny_conditional_model,
+    register_tiny_models,
+)
 from PIL import Image
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate
+from diffusion_core.guidance import with_class_labels
 from diffusion_core.images import encode_png, images_to_pngs, uint8_to_float
 from tooling.local_cluster import LocalRayCluster, derive_serve_config
 
@@ -86,9 +96,9 @@ def _wait_for(http: str, done: Callable[[requests.Response, requests.Response], 
 
 
 def _serves_version(version: str) -> Callable[[requests.Response, requests.Response], bool]:
-    """``_wait_for`` condition: healthy, and /model reports registered ``version``."""
+    """``_wait_for`` condition: healthy, and /model reports registered ``version`` of ``MODEL_NAME``."""
     return lambda health, model: (health.status_code == 200 and model.status_code == 200
-                                  and model.json().get("version") == version)
+                                  and model.json().get("name") == MODEL_NAME and model.json().get("version") == version)
 
 
 def _restore_v1(served, models: RegisteredModels) -> None:
@@ -116,6 +126,7 @@ def test_healthz_and_model_info(http: str, models: RegisteredModels) -> None:
     assert info["config"]["diffusion"]["num_timesteps"] == T and info["image_shape"] == [1, 28, 28]
     assert info["data_manifest"]["counts"] == {"train": 512, "val": 0}
     assert info["replica"]["torch_threads"] == 1 and info["batching"]["max_batch_size"] == 8
+    assert (info["num_classes"], info["classes"]) == (None, None)  # an unconditional model
 
 
 def test_sampling_returns_seeded_pngs_for_ddim_and_ddpm(http: str, local_v1) -> None:
@@ -265,6 +276,16 @@ def _bad_requests(http: str, image: np.ndarray) -> dict[str, tuple[Callable[[], 
         "wrong size pixels": (pixels([[row[:20] for row in grey[:20]]]), 422, "pixels"),
         "upload too large": (upload(b"\0" * 400_000), 413, "body"),
         "too many samples": (pixels([grey], num_samples=33), 413, "num_samples"),
+        "label on an unconditional model": (sample({"class_label": 1}), 422, "class_label"),
+        "name on an unconditional model": (sample({"class_label": "Sandal"}), 422, "class_label"),
+        "guidance on an unconditional model": (sample({"guidance_scale": 2}), 422, "guidance_scale"),
+        "negative guidance": (sample({"guidance_scale": -1}), 422, "guidance_scale"),
+        "nan guidance": (sample(b'{"guidance_scale": NaN}', raw=True), 422, "guidance_scale"),
+        "infinite guidance": (sample(b'{"guidance_scale": Infinity}', raw=True), 422, "guidance_scale"),
+        "string guidance": (sample({"guidance_scale": "2"}), 422, "guidance_scale"),
+        "negative label": (sample({"class_label": -1}), 422, "class_label"),
+        "label list of another length": (sample({"num_images": 2, "class_label": [1]}), 422, "class_label"),
+        "likelihood label on an unconditional model": (pixels([grey], class_label=1), 422, "class_label"),
     }
 
 
@@ -352,3 +373,99 @@ def test_healthz_answers_503_when_no_model_replica_can_serve(served, models: Reg
     finally:
         _restore_v1(served, models)
     assert requests.get(f"{cluster.http}/healthz", timeout=30).json()["model"]["version"] == "1"
+
+
+# ---------------------------------------------------------------- a class-conditional model
+
+
+@pytest.fixture(scope="module")
+def conditional(models: RegisteredModels, tmp_path_factory: pytest.TempPathFactory,
+                fashion_mnist_dir: Path) -> ConditionalModel:
+    """The tiny class-conditional model, registered in the same store as ``models`` (Fashion-MNIST class names)."""
+    return register_tiny_conditional_model(tmp_path_factory.mktemp("serve-cond"), models.tracking_uri,
+                                           fashion_mnist_dir)
+
+
+def _decoded(pngs: list[bytes]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in pngs]).astype(int)
+
+
+def _png_pixels(images: torch.Tensor) -> np.ndarray:
+    """Float images [N, 1, H, W] as the uint8 pixels of their PNGs, int [N, H, W]."""
+    return _decoded(images_to_pngs(images))
+
+
+def test_conditional_model_over_http(served, models: RegisteredModels, conditional: ConditionalModel,
+                                     test_images: np.ndarray) -> None:
+    """A class-conditional model served by name: /model lists its classes; /sample takes a class name or
+    index (or one per image) and a guidance scale and draws the core sampler's images; guided and
+    unguided requests sent together give the images each gives alone; labels that do not fit the model
+    get 422 naming class_label; /likelihood takes a class_label."""
+    cluster, deploy = served
+    http = cluster.http
+    torch.set_num_threads(1)
+    local = load_checkpoint(conditional.checkpoint)
+    try:
+        deploy(conditional.ref.model_uri)
+        _, model = _wait_for(http, lambda health, info: health.status_code == 200 and info.status_code == 200
+                             and info.json().get("name") == COND_MODEL_NAME, "the conditional model served")
+        info = model.json()
+        assert info["num_classes"] == 10 and info["network"] == "exported"
+        assert info["classes"] == [{"index": i, "name": name} for i, name in enumerate(FASHION_MNIST_CLASSES)]
+
+        sandal = {"num_images": 2, "num_steps": 4, "seed": 31, "class_label": "Sandal", "guidance_scale": 2}
+        response = requests.post(f"{http}/sample", json=sandal, timeout=120)
+        body = response.json()
+        assert (body["class_labels"], body["guidance_scale"], body["network_evaluations"]) == ([5, 5], 2.0, 8)
+        expected = generate(local.diffusion, local.model, (2, 1, 28, 28), SamplerSettings("ddim", 4),
+                            torch.Generator().manual_seed(31), class_labels=[5, 5], guidance_scale=2.0)
+        assert np.abs(_decoded(_pngs(response)) - _png_pixels(expected)).max() <= 1
+        unguided = generate(local.diffusion, local.model, (2, 1, 28, 28), SamplerSettings("ddim", 4),
+                            torch.Generator().manual_seed(31), class_labels=[5, 5], guidance_scale=1.0)
+        assert np.abs(_png_pixels(unguided) - _png_pixels(expected)).max() > 1  # the guidance shaped the images
+        listed = requests.post(f"{http}/sample", json={**sandal, "num_images": 3, "class_label": ["Sandal", 0, None]},
+                               timeout=120)
+        assert listed.status_code == 200 and listed.json()["class_labels"] == [5, 0, None], listed.text
+
+        # guided and unguided requests together: each gets the images it gets alone
+        batch = [{"num_images": 2, "num_steps": 4, "seed": 41, "class_label": 8, "guidance_scale": 3},
+                 {"num_images": 1, "num_steps": 4, "seed": 42, "class_label": 8},
+                 {"num_images": 2, "num_steps": 4, "seed": 43}]
+        alone = [_decoded(_pngs(requests.post(f"{http}/sample", json=r, timeout=120))) for r in batch]
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            together = list(pool.map(lambda r: requests.post(f"{http}/sample", json=r, timeout=120), batch))
+        for request, one, response in zip(batch, alone, together):
+            assert np.abs(_decoded(_pngs(response)) - one).max() <= 1, request
+        assert np.abs(alone[0][:1] - alone[1]).max() > 1  # another seed and scale: other images
+
+        for body, status in [({"class_label": "Spaceship"}, 422), ({"class_label": 10}, 422),
+                             ({"num_images": 2, "class_label": ["Bag", 12]}, 422),
+                             ({"num_images": 3, "class_label": ["Bag", "Coat"]}, 422),
+                             ({"class_label": "Bag", "guidance_scale": -2}, 422)]:
+            bad = requests.post(f"{http}/sample", json={"num_steps": 2, **body}, timeout=120)
+            field = "guidance_scale" if "guidance_scale" in body else "class_label"
+            assert bad.status_code == status and bad.json()["field"] == field, (body, bad.text)
+        assert "Spaceship' is not a class of this model" in requests.post(
+            f"{http}/sample", json={"class_label": "Spaceship"}, timeout=120).json()["error"]
+
+        # the bound on -log p(x | y): JSON with a name, multipart with an index, the core's numbers
+        x = _to_float(test_images[:2])
+        reference = local.diffusion.calc_bpd_estimate(with_class_labels(local.model, [5, 5]), x, num_samples=8,
+                                                      generator=torch.Generator().manual_seed(4))
+        as_json = requests.post(f"{http}/likelihood", json={"pixels": test_images[:2].tolist(), "num_samples": 8,
+                                                            "seed": 4, "class_label": "Sandal"}, timeout=120)
+        assert as_json.status_code == 200 and as_json.json()["class_labels"] == [5, 5], as_json.text
+        bpd = [r["bpd"] for r in as_json.json()["results"]]
+        np.testing.assert_allclose(bpd, reference["total_bpd"].numpy(), rtol=1e-4)
+        files = [("files", (f"{i}.png", encode_png(img[..., None]), "image/png")) for i, img in enumerate(test_images[:2])]
+        form = requests.post(f"{http}/likelihood", files=files, data={"num_samples": "8", "seed": "4", "class_label": "5"},
+                             timeout=120)
+        assert form.status_code == 200 and [r["bpd"] for r in form.json()["results"]] == bpd, form.text
+        unlabelled = requests.post(f"{http}/likelihood", json={"pixels": test_images[:2].tolist(), "num_samples": 8,
+                                                               "seed": 4}, timeout=120).json()
+        assert unlabelled["class_labels"] is None and [r["bpd"] for r in unlabelled["results"]] != bpd
+        bad = requests.post(f"{http}/likelihood", json={"pixels": test_images[:2].tolist(), "class_label": [1]},
+                            timeout=120)
+        assert bad.status_code == 422 and bad.json()["field"] == "class_label", bad.text
+    finally:
+        _restore_v1(served, models)

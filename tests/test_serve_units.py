@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
 from _unet_helpers import computing_unet
 from PIL import Image
 from ray.serve.schema import ServeDeploySchema
@@ -41,13 +42,6 @@ UNET = UNetConfig(image_size=8, in_channels=1, out_channels=1, model_channels=8,
 DIFFUSION = DiffusionConfig(num_timesteps=24)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One torch thread: OpenMP threads spinning on a shared 2-core machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 #: batched vs alone: the same float32 network on batches of other sizes (kernels may sum in another order)
@@ -144,9 +138,26 @@ def _png(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
         (b'{"sampler": "ddim", "order": 1}', "order"),
         (b'{"sampler": "dpm_solver", "snr": 0.1}', "snr"),
         (b'{"sampler": "ddim", "corrector_steps": 2}', "corrector_steps"),
+        (b'{"guidance_scale": -0.5}', "guidance_scale"),
+        (b'{"guidance_scale": NaN}', "guidance_scale"),
+        (b'{"guidance_scale": Infinity}', "guidance_scale"),
+        (b'{"guidance_scale": "2"}', "guidance_scale"),
+        (b'{"guidance_scale": null}', "guidance_scale"),
+        (b'{"class_label": -1}', "class_label"),
+        (b'{"class_label": true}', "class_label"),
+        (b'{"class_label": 1.0}', "class_label"),
+        (b'{"class_label": ""}', "class_label"),
+        (b'{"class_label": []}', "class_label"),
+        (b'{"class_label": {"name": "Sandal"}}', "class_label"),
+        (b'{"class_label": [1, [2]], "num_images": 2}', "class_label"),
+        (b'{"class_label": [1, 2], "num_images": 3}', "class_label"),
+        (b'{"class_label": ["Sandal"]}', None),
     ],
 )
-def test_sample_request_rejects_bad_fields_by_name(body: bytes, field: str) -> None:
+def test_sample_request_rejects_bad_fields_by_name(body: bytes, field: str | None) -> None:
+    if field is None:  # a well-formed body of the same family: accepted
+        parse_json_model(SampleRequest, body)
+        return
     err = _error(parse_json_model, SampleRequest, body)
     assert err.status == 422 and err.field == field
     assert err.body()["error"].startswith(f"{field}: ") and err.body()["field"] == field
@@ -162,6 +173,25 @@ def test_sample_request_defaults_and_limits() -> None:
     err = _error(check_sample_limits, too_many_steps, limits)
     assert (err.status, err.field) == (413, "num_steps")
     check_sample_limits(SampleRequest(num_images=2, num_steps=10), limits)  # at the limits: fine
+    assert (request.class_label, request.guidance_scale) == (None, 1.0)  # no label, the conditional model's scale
+
+
+def test_class_label_and_guidance_scale_take_indices_names_and_lists() -> None:
+    one = parse_json_model(SampleRequest, b'{"class_label": "Sandal", "guidance_scale": 2, "num_images": 3}')
+    assert (one.class_label, one.guidance_scale) == ("Sandal", 2.0)
+    listed = parse_json_model(SampleRequest, b'{"class_label": [5, "Bag", null], "guidance_scale": 0, "num_images": 3}')
+    assert (listed.class_label, listed.guidance_scale) == ([5, "Bag", None], 0.0)
+    assert parse_json_model(SampleRequest, b'{"class_label": 0}').class_label == 0
+    err = _error(parse_json_model, SampleRequest, b'{"class_label": [1, 2], "num_images": 3}')
+    assert err.message.startswith("2 labels for num_images=3")
+    err = _error(parse_json_model, SampleRequest, b'{"class_label": -1}')
+    assert "negative" in err.message and "null" in err.message
+    likelihood = parse_json_model(LikelihoodJsonRequest, b'{"pixels": [[[0]]], "class_label": [3]}')
+    assert likelihood.class_label == [3]
+    assert _error(parse_json_model, LikelihoodJsonRequest, b'{"pixels": [[[0]]], "class_label": 2.5}').field == \
+        "class_label"
+    assert _error(parse_json_model, LikelihoodJsonRequest, b'{"pixels": [[[0]]], "guidance_scale": 2}').field == \
+        "guidance_scale"  # the bound is unguided: no such field
 
 
 def test_sampler_parameters_are_taken_per_sampler() -> None:

@@ -152,3 +152,92 @@ def test_bf16_autocast_runs_and_is_close():
     assert torch.isfinite(out.float()).all()
     rel = (out.float() - reference).norm() / reference.norm()
     assert rel < 0.1
+
+
+# ------------------------------------------------------------------ class-conditional UNet
+
+COND = dataclasses.replace(SMALL, num_classes=3)
+
+
+def test_unconditional_model_has_no_label_parameters_and_the_same_state_dict_keys():
+    unconditional = UNet(SMALL)
+    assert not hasattr(unconditional, "label_emb")
+    keys = set(unconditional.state_dict())
+    conditional = UNet(COND)
+    assert set(conditional.state_dict()) - keys == {"label_emb.weight"}
+    emb_ch = 4 * SMALL.model_channels
+    assert conditional.label_emb.weight.shape == (COND.num_classes + 1, emb_ch)  # row K = "no label"
+    assert _num_params(conditional) - _num_params(unconditional) == (COND.num_classes + 1) * emb_ch
+
+
+def test_class_labels_change_the_output_and_none_means_no_label():
+    model = UNet(COND).eval()
+    _randomize_(model)
+    x = torch.randn(1, 3, 8, 8).expand(5, -1, -1, -1)
+    t = torch.full((5,), 7)
+    out = model(x, t, torch.tensor([0, 1, 2, -1, 0]))
+    for a, b in ((0, 1), (1, 2), (0, 3)):
+        assert (out[a] - out[b]).abs().max() > 1e-3
+    torch.testing.assert_close(out[0], out[4])
+    torch.testing.assert_close(model(x, t), model(x, t, torch.full((5,), -1)))
+    # -1 selects row K of the embedding, "no label"
+    assert torch.equal(model._label_embedding(torch.tensor([-1, 1]), t[:2]), model.label_emb.weight[[3, 1]])
+
+
+def test_gradient_reaches_the_label_embedding():
+    model = UNet(COND).train()
+    _randomize_(model)
+    model(torch.randn(3, 3, 8, 8), torch.tensor([3, 9, 1]), torch.tensor([0, -1, 2])).square().mean().backward()
+    grad = model.label_emb.weight.grad
+    assert grad is not None
+    assert [bool(grad[i].abs().sum() > 0) for i in range(4)] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("labels,match", [
+    (torch.tensor([0, 3]), r"class_labels has the value 3; labels must be in \[-1, 3\)"),
+    (torch.tensor([-2, 0]), r"class_labels has the value -2; labels must be in \[-1, 3\)"),
+    (torch.tensor([0, 1, 2]), r"class_labels must have shape \[N\] = \[2\]"),
+    (torch.tensor([0.0, 1.0]), "class_labels must be an integer"),
+])
+def test_bad_class_labels_raise_naming_the_range(labels, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(COND)(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), labels)
+
+
+def test_labels_on_an_unconditional_model_raise():
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        UNet(SMALL)(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, "10"])
+def test_num_classes_must_be_a_positive_int_or_none(value):
+    with pytest.raises(ValueError, match="num_classes"):
+        dataclasses.replace(SMALL, num_classes=value)
+
+
+def test_num_classes_round_trips_and_unconditional_dicts_have_no_such_key():
+    assert "num_classes" not in SMALL.to_dict()  # config.json and logged params of unconditional models unchanged
+    assert UNetConfig.from_dict(SMALL.to_dict()) == SMALL and not SMALL.conditional
+    data = COND.to_dict()
+    assert data["num_classes"] == 3 and COND.conditional
+    assert UNetConfig.from_dict(yaml.safe_load(yaml.safe_dump(data))) == COND
+
+
+def test_conditional_checkpoint_round_trip_and_unconditional_config_json_unchanged(tmp_path):
+    import json
+
+    from diffusion_core.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
+    from diffusion_core.config import DiffusionConfig
+
+    diffusion = DiffusionConfig(num_timesteps=50)
+    model = UNet(COND).eval()
+    _randomize_(model)
+    folder = save_checkpoint(tmp_path / "cond", model.state_dict(), COND, diffusion)
+    loaded = load_checkpoint(folder)
+    assert loaded.unet_config == COND
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 40]), torch.tensor([2, -1])
+    assert torch.equal(loaded.model(x, t, y), model(x, t, y))
+    plain = save_checkpoint(tmp_path / "plain", UNet(SMALL).state_dict(), SMALL, diffusion)
+    payload = json.loads((plain / CONFIG_NAME).read_text())
+    assert "num_classes" not in payload["unet"]
+    assert load_checkpoint(plain).model.config.num_classes is None

@@ -6,6 +6,7 @@ atomically (``pipelines/data/shards/__init__.py`` has the layout and the commit 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,9 @@ class PreprocessConfig:
         resample: Pillow resize filter (see ``transforms.RESAMPLE_FILTERS``).
         target_block_mib: upper bound on the float32 image MiB handled by one task / one shard.
         command: the command line recorded in the manifest (defaults to a repr of this config).
+        class_names: names of the labels 0..K-1 for a labelled source whose labels are bare
+            integers (IDX), recorded as the manifest's ``classes``; None keeps the source's own
+            names (class sub-folders, CIFAR-10's batches.meta) or none.
     """
 
     input: str
@@ -63,8 +67,13 @@ class PreprocessConfig:
     resample: str = "bicubic"
     target_block_mib: float = 64.0
     command: str | None = None
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.class_names is not None:
+            names = tuple(str(name).strip() for name in self.class_names)
+            if not names or any(not name for name in names) or len(set(names)) != len(names):
+                raise ValueError(f"class_names must be distinct non-empty names, got {list(self.class_names)!r}")
         if not str(self.input).strip() or not str(self.output).strip():
             raise ValueError(f"input and output must be non-empty, got {self.input!r} and {self.output!r}")
         if self.size is not None and (len(self.size) != 2 or any(int(s) < 1 for s in self.size)):
@@ -187,6 +196,22 @@ def _run_gated_job(
         ray.kill(gate)
 
 
+def _name_classes(listing: SourceListing, class_names: tuple[str, ...] | None) -> SourceListing:
+    """``listing`` with ``class_names`` as its classes (label i is ``class_names[i]``).
+
+    Raises:
+        ValueError: names given for a source without labels, or one that names its classes itself.
+    """
+    if class_names is None:
+        return listing
+    if not listing.has_labels:
+        raise ValueError(f"--class-names given, but the source {listing.root.uri} has no labels")
+    if listing.classes and tuple(listing.classes) != tuple(class_names):
+        raise ValueError(f"--class-names given, but the source {listing.root.uri} names its classes itself: "
+                         f"{list(listing.classes)}")
+    return dataclasses.replace(listing, classes=tuple(class_names))
+
+
 def run_preprocess(config: PreprocessConfig) -> Manifest:
     """List the source, convert every item with Ray Data, and commit shards + manifest at ``config.output``.
 
@@ -206,7 +231,7 @@ def run_preprocess(config: PreprocessConfig) -> Manifest:
             could be converted (nothing is written).
     """
     fail = config.on_error == "fail"
-    listing = list_source(config.input, limit=config.limit, fail_on_error=fail)
+    listing = _name_classes(list_source(config.input, limit=config.limit, fail_on_error=fail), config.class_names)
     spec = _image_spec(config, listing)
     final = _check_output(config, listing)
     carved = 0.0 if listing.has_own_val else config.val_fraction  # a source's own val is used as is

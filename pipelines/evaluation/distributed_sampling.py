@@ -7,12 +7,17 @@ Since every block is drawn by the same call with the same generator whichever ac
 however many blocks a Ray batch carries, the images depend only on (model, sampler settings, N,
 block_size, seed) and the hardware, not on how the work was split; :func:`sample_locally` is the
 one-process reference.
+
+A class-conditional model draws class-balanced samples: sample index i gets the label
+``classes[i % len(classes)]`` (``metrics.class_balanced_labels``), sampled with classifier-free
+guidance at ``guidance_scale`` (``diffusion_core.guidance``); the labels, like the noise, depend on
+the index alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +26,7 @@ from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate
 from pipelines.evaluation.block_pool import ModelActor, checkpoint_files, map_blocks
 from pipelines.evaluation.blocks import block_range, block_seed, num_blocks
+from pipelines.evaluation.metrics import class_balanced_labels
 
 __all__ = ["block_seed", "num_blocks", "sample_blocks", "sample_distributed", "sample_locally"]
 
@@ -28,31 +34,45 @@ __all__ = ["block_seed", "num_blocks", "sample_blocks", "sample_distributed", "s
 def sample_blocks(
     diffusion: Any, model: torch.nn.Module, image_shape: tuple[int, int, int], settings: SamplerSettings,
     num_images: int, block_size: int, seed: int, blocks: np.ndarray, device: str = "cpu",
+    classes: Sequence[int] | None = None, guidance_scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Draw the given blocks, one ``generate`` call each.
 
+    Args:
+        classes: for a class-conditional model, the labels to balance over (sample i gets
+            ``classes[i % len(classes)]``), drawn with guidance scale ``guidance_scale``;
+            ``None``: the model as it is (unconditional).
+
     Returns:
         ``{"index": int64 [M] sample indices, "image": float32 [M, C, H, W] (in [-1, 1] when
-        clipped)}`` for the M images of ``blocks``.
+        clipped)}`` for the M images of ``blocks``, plus ``"label": int64 [M]`` with ``classes``.
     """
-    indices, images = [], []
+    indices, images, labels = [], [], []
     for block in np.asarray(blocks, dtype=np.int64).tolist():
         start, count = block_range(block, block_size, num_images)
         generator = torch.Generator(device=device).manual_seed(block_seed(seed, block))
-        x = generate(diffusion, model, (count, *image_shape), settings, generator=generator, device=device)
+        block_labels = None if classes is None else class_balanced_labels(count, classes, start)
+        x = generate(diffusion, model, (count, *image_shape), settings, generator=generator, device=device,
+                     class_labels=block_labels, guidance_scale=guidance_scale)
         images.append(x.float().cpu().numpy())
         indices.append(np.arange(start, start + count, dtype=np.int64))
+        if block_labels is not None:
+            labels.append(block_labels.numpy())
     if not images:
-        return {"index": np.zeros((0,), np.int64), "image": np.zeros((0, *image_shape), np.float32)}
-    return {"index": np.concatenate(indices), "image": np.concatenate(images)}
+        empty = {"index": np.zeros((0,), np.int64), "image": np.zeros((0, *image_shape), np.float32)}
+        return empty if classes is None else {**empty, "label": np.zeros((0,), np.int64)}
+    out = {"index": np.concatenate(indices), "image": np.concatenate(images)}
+    return out if classes is None else {**out, "label": np.concatenate(labels)}
 
 
 def sample_locally(checkpoint: str | Path, settings: SamplerSettings, num_images: int, block_size: int, seed: int,
-                   device: str = "cpu") -> np.ndarray:
+                   device: str = "cpu", classes: Sequence[int] | None = None,
+                   guidance_scale: float = 1.0) -> np.ndarray:
     """The images :func:`sample_distributed` returns, drawn in this process: float32 ``[N, C, H, W]``."""
     loaded = load_checkpoint(checkpoint, device=device)
     out = sample_blocks(loaded.diffusion, loaded.model, loaded.unet_config.image_shape, settings, num_images,
-                        block_size, seed, np.arange(num_blocks(num_images, block_size)), device)
+                        block_size, seed, np.arange(num_blocks(num_images, block_size)), device, classes,
+                        guidance_scale)
     return out["image"]
 
 
@@ -60,18 +80,24 @@ class _SamplerActor(ModelActor):
     """A Ray Data actor holding one model; draws the blocks of each batch of block ids."""
 
     def __init__(self, files: dict[str, bytes], settings: SamplerSettings, num_images: int, block_size: int,
-                 seed: int, use_gpu: bool, threads: int | None) -> None:
+                 seed: int, use_gpu: bool, threads: int | None, classes: Sequence[int] | None = None,
+                 guidance_scale: float = 1.0) -> None:
         super().__init__(files, use_gpu, threads)
         self.settings, self.num_images, self.block_size, self.seed = settings, num_images, block_size, seed
+        self.classes, self.guidance_scale = classes, guidance_scale
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return sample_blocks(self.loaded.diffusion, self.loaded.model, self.loaded.unet_config.image_shape,
-                             self.settings, self.num_images, self.block_size, self.seed, batch["id"], self.device)
+        out = sample_blocks(self.loaded.diffusion, self.loaded.model, self.loaded.unet_config.image_shape,
+                            self.settings, self.num_images, self.block_size, self.seed, batch["id"], self.device,
+                            self.classes, self.guidance_scale)
+        out.pop("label", None)  # a function of the index alone: the caller knows it
+        return out
 
 
 def sample_distributed(
     checkpoint: str | Path, settings: SamplerSettings, num_images: int, *, block_size: int = 16, seed: int = 0,
     workers: int = 2, blocks_per_batch: int = 1, use_gpu: bool | None = None, threads: int | None = 1,
+    classes: Sequence[int] | None = None, guidance_scale: float = 1.0,
 ) -> np.ndarray:
     """Draw ``num_images`` samples of the checkpoint folder over Ray (see the module docstring).
 
@@ -82,6 +108,9 @@ def sample_distributed(
         blocks_per_batch: blocks per Ray Data batch (changes the split, not the images).
         use_gpu: one GPU per actor (``None``: when the cluster has GPUs).
         threads: torch intra-op threads per CPU actor.
+        classes: for a class-conditional model, the labels to balance over (sample i gets
+            ``classes[i % len(classes)]``, ``metrics.class_balanced_labels``), drawn with
+            classifier-free guidance at ``guidance_scale``; ``None``: unconditional.
 
     Returns:
         float32 ``[N, C, H, W]`` in sample-index order.
@@ -94,7 +123,8 @@ def sample_distributed(
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     kwargs = {"files": checkpoint_files(checkpoint), "settings": settings, "num_images": num_images,
-              "block_size": block_size, "seed": seed, "threads": threads}
+              "block_size": block_size, "seed": seed, "threads": threads,
+              "classes": None if classes is None else [int(c) for c in classes], "guidance_scale": guidance_scale}
     out = map_blocks(_SamplerActor, kwargs, num_blocks(num_images, block_size), num_images, workers=workers,
                      blocks_per_batch=blocks_per_batch, use_gpu=use_gpu)
     return out["image"].astype(np.float32, copy=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from diffusion_core.generate import SamplerSettings
 from pipelines.evaluation.distributed_sampling import sample_distributed
@@ -64,9 +64,12 @@ class FDSettings:
 
 def run_fd(
     checkpoint: str | Path, shards: str, net: FeatureNet, fd: FDSettings, sampling: SamplerSettings, seed: int,
-    threads: int | None = 1,
+    threads: int | None = 1, classes: Sequence[int] | None = None, guidance_scale: float = 1.0,
 ) -> dict[str, Any]:
-    """FD of N samples of ``checkpoint`` and the floor, against the reference of ``shards``.
+    """FD of N samples of ``checkpoint`` and the floor, against the reference of ``shards``; for a
+    class-conditional model the samples are class-balanced over ``classes`` (sample i of class
+    ``classes[i % len(classes)]``) and guided at ``guidance_scale``
+    (``distributed_sampling.sample_distributed``).
 
     Returns:
         ``{"fd": float, "fd_floor": float, "reference": RealSlice, "floor": RealSlice,
@@ -81,7 +84,8 @@ def run_fd(
     ref_stats, ref_hit = slice_stats(reference, net, cache)
     floor_stats, floor_hit = slice_stats(floor, net, cache)
     samples = sample_distributed(checkpoint, sampling, fd.images, block_size=fd.block_size, seed=seed,
-                                 workers=fd.workers, threads=threads)
+                                 workers=fd.workers, threads=threads, classes=classes,
+                                 guidance_scale=guidance_scale)
     return {"fd": images_fd(net, samples, ref_stats), "fd_floor": frechet_distance(floor_stats, ref_stats),
             "reference": reference, "floor": floor, "reference_cache_hit": ref_hit, "floor_cache_hit": floor_hit,
             "cache_folder": str(cache.folder), "samples": samples}

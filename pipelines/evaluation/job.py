@@ -5,6 +5,14 @@ The scored split is ``val`` (default, the one training reports on) or the source
 (``EvalSettings.split``, tagged and logged as ``eval.split``). The metrics are also linked to the
 logged model (MLflow 3 ``model_id``) and to the scored data (an MLflow dataset input), so they show on the model's page. ``pipelines/evaluate.py`` is the
 command line around :func:`evaluate`.
+
+A class-conditional model (``UNetConfig.num_classes`` = K) is scored twice on the same images and
+noise: ``eval_bpd*`` with every label -1 (the bound on -log p(x), comparable with an unconditional
+model's) and ``eval_*_cond`` with the split's true labels (the bound on -log p(x | y)). Its grid
+has one row per class of ``EvalSettings.class_labels`` and its FD samples are class-balanced over
+them (sample i of class ``classes[i % len(classes)]``), drawn with classifier-free guidance at
+``EvalSettings.guidance_scale``; with classifier features the FD classifier's predictions of those
+samples give the class accuracy (``conditioning.class_accuracy``).
 """
 
 from __future__ import annotations
@@ -21,14 +29,19 @@ from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.generate import SamplerSettings
+from diffusion_core.guidance import NO_LABEL, guidance_evaluations
 from diffusion_core.inference_network import build_inference_network
-from diffusion_core.validation import check_choice, check_int_in_range, check_positive_int
+from diffusion_core.validation import check_choice, check_int_in_range, check_number_in, check_positive_int
 from pipelines.data.shards.reader import load_manifest, read_split_numpy
 from pipelines.data.storage import resolve
+from pipelines.evaluation.classifier import ClassifierFeatures
+from pipelines.evaluation.conditioning import class_accuracy, class_names, predicted_classes, resolve_class_labels
 from pipelines.evaluation.fd_eval import FDSettings, run_fd
 from pipelines.evaluation.features import build_feature_net
 from pipelines.evaluation.metrics import (
     bound_blocks,
+    class_balanced_labels,
+    class_grid_labels,
     plot_bpd_terms,
     sample_grid,
     sampler_params,
@@ -72,6 +85,12 @@ class EvalSettings:
         fd: the Fréchet distance of ``fd.images`` samples drawn with ``sampling`` over Ray, and its
             floor (``fd_eval.FDSettings``); ``None``: no FD.
         split: "val" (default) or "test" (the source's own test split, when the shards have one).
+        class_labels: ``--class-label``'s values for a class-conditional model: "all", label
+            indices or class names of the manifest (``conditioning.resolve_class_labels``);
+            ``None``: every class. A label for an unconditional model is an error.
+        guidance_scale: s >= 0 of the grid's and the FD's classifier-free guidance (1: the
+            conditional model; 0: the unconditional one; else two network evaluations per step).
+            Only 1.0 for an unconditional model.
     """
 
     model: str
@@ -90,9 +109,12 @@ class EvalSettings:
     compile: bool = False
     fd: FDSettings | None = None
     split: EvalSplit = "val"
+    class_labels: tuple[str, ...] | None = None
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, EvalSplit)
+        check_number_in("guidance_scale", self.guidance_scale, 0.0, float("inf"), high_open=True)
         if self.images is not None:
             check_positive_int("images", self.images)
         check_int_in_range("exact_images", self.exact_images, 0)
@@ -112,7 +134,16 @@ def load_validation(
     shards: str, image_shape: tuple[int, int, int], limit: int | None, split: str = "val"
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The first ``limit`` images ``[N, C, H, W]`` (float32, [-1, 1]) of ``split`` (``None``: all)
-    and the manifest.
+    and the manifest (:func:`load_labelled_split` without the labels)."""
+    images, _, manifest = load_labelled_split(shards, image_shape, limit, split)
+    return images, manifest
+
+
+def load_labelled_split(
+    shards: str, image_shape: tuple[int, int, int], limit: int | None, split: str = "val"
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The first ``limit`` images ``[N, C, H, W]`` (float32, [-1, 1]) of ``split`` (``None``: all),
+    their labels (int64 ``[N]``, -1 where unknown) and the manifest.
 
     Raises:
         ValueError: (``ShardError``) on a bad shard folder, images of another shape than the
@@ -128,8 +159,8 @@ def load_validation(
         hint = (" (its source had no test split of its own: preprocess one that has, e.g. the IDX t10k files, "
                 "a test/ folder or CIFAR-10's test_batch.bin)" if split == "test" else "")
         raise ValueError(f"--shards {shards} has no {split} split: no {split} images (splits with images: {present}){hint}")
-    images, _ = read_split_numpy(shards, split, limit=limit)
-    return images, manifest.to_dict()
+    images, labels = read_split_numpy(shards, split, limit=limit)
+    return images, labels.astype(np.int64, copy=False), manifest.to_dict()
 
 
 
@@ -162,9 +193,12 @@ def eval_method(args: EvalSettings) -> str:
 
 
 def bound_metrics(args: EvalSettings, folder: Path, loaded: LoadedModel, network: Callable[..., torch.Tensor],
-                  images: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
+                  images: np.ndarray, labels: np.ndarray | None = None,
+                  suffix: str = "") -> tuple[dict[str, float], dict[str, Any]]:
     """The bound of ``images`` (estimated with K = ``args.estimate``, and/or exact), in this process
-    through ``network`` or over ``args.workers`` Ray actors (``split_bound``).
+    through ``network`` or over ``args.workers`` Ray actors (``split_bound``); for a class-conditional
+    model given ``labels`` (int64 ``[N]`` in [-1, K): -1 for the bound on -log p(x), the true labels
+    for -log p(x | y)), with ``suffix`` appended to every metric name and plot name ("_cond").
 
     Returns:
         ``(metrics, artifacts)``: metrics in bits/dim, "eval_bpd_estimate*" (total, its standard
@@ -174,11 +208,13 @@ def bound_metrics(args: EvalSettings, folder: Path, loaded: LoadedModel, network
         "terms" (the per-timestep JSON) and "exact_images" (how many had the exact bound).
     """
     def rows(num_samples: int, subset: np.ndarray) -> dict[str, np.ndarray]:
+        part = None if labels is None else labels[: len(subset)]
         if args.workers:
             return bound_distributed(folder, subset, num_samples, block_size=args.batch_size, seed=args.seed,
-                                     workers=args.workers, threads=args.threads or 1)
+                                     workers=args.workers, threads=args.threads or 1, class_labels=part)
         x = torch.from_numpy(subset).to(args.device)
-        return bound_blocks(loaded.diffusion, network, x, num_samples, args.seed, args.batch_size)
+        return bound_blocks(loaded.diffusion, network, x, num_samples, args.seed, args.batch_size,
+                            class_labels=None if part is None else torch.from_numpy(part))
 
     metrics: dict[str, float] = {}
     plots: dict[str, bytes] = {}
@@ -189,7 +225,7 @@ def bound_metrics(args: EvalSettings, folder: Path, loaded: LoadedModel, network
                  "eval_bpd_estimate_stderr_images": "bpd_stderr_images", "eval_bpd_estimate_prior": "prior_bpd",
                  "eval_bpd_estimate_decoder": "decoder_bpd", "eval_bpd_estimate_terms": "terms_bpd"}
         metrics.update({name: est[key] for name, key in named.items() if est[key] is not None and np.isfinite(est[key])})
-        plots["eval/bpd_per_timestep_estimate.png"] = plot_bpd_terms(
+        plots[f"eval/bpd_per_timestep_estimate{suffix}.png"] = plot_bpd_terms(
             est["per_t"], est["prior_bpd"], f"{args.model}: {est['bpd']:.3f} bits/dim (K={args.estimate}, per stratum)")
         terms.update(estimate_per_t_bpd=est["per_t"].tolist(), prior_bpd=est["prior_bpd"])
     exact_count = args.exact_images if args.estimate else len(images)
@@ -199,10 +235,64 @@ def bound_metrics(args: EvalSettings, folder: Path, loaded: LoadedModel, network
                        eval_terms_bpd=exact["terms_bpd"])
         if np.isfinite(exact["bpd_stderr_images"]):
             metrics["eval_bpd_stderr_images"] = exact["bpd_stderr_images"]
-        plots["eval/bpd_per_timestep.png"] = plot_bpd_terms(exact["vb_per_t"], exact["prior_bpd"],
+        plots[f"eval/bpd_per_timestep{suffix}.png"] = plot_bpd_terms(exact["vb_per_t"], exact["prior_bpd"],
                                                             f"{args.model}: {exact['bpd']:.3f} bits/dim")
         terms.update(vb_per_t_bpd=exact["vb_per_t"].tolist(), prior_bpd=exact["prior_bpd"])
-    return metrics, {"plots": plots, "terms": terms, "exact_images": exact_count}
+    return {f"{name}{suffix}": value for name, value in metrics.items()}, \
+        {"plots": plots, "terms": terms, "exact_images": exact_count}
+
+
+def resolve_conditioning(args: EvalSettings, num_classes: int | None,
+                         manifest: dict[str, Any]) -> tuple[tuple[int, ...] | None, tuple[str, ...]]:
+    """The labels to sample (``args.class_labels`` resolved against the manifest's class names;
+    every class when not given) and the names of labels 0..K-1; ``(None, ())`` for an
+    unconditional model.
+
+    Raises:
+        ValueError: naming ``--class-label`` or ``--guidance-scale`` for an unconditional model, or
+            on an unknown label (``conditioning.resolve_class_labels``).
+    """
+    if num_classes is None:
+        if args.guidance_scale != 1.0:
+            raise ValueError(f"--guidance-scale {args.guidance_scale:g}: this model is unconditional "
+                             "(UNetConfig.num_classes is null); there is nothing to guide")
+        resolve_class_labels(args.class_labels, None)
+        return None, ()
+    names = class_names(manifest.get("classes") or (), num_classes)
+    return resolve_class_labels(args.class_labels, num_classes, names), names
+
+
+def guidance_params(args: EvalSettings, classes: tuple[int, ...], sampling: dict[str, Any]) -> dict[str, Any]:
+    """MLflow params of a conditional model's samples: the labels, the guidance scale and the
+    network evaluations per image with guidance (``diffusion_core.guidance.guidance_evaluations``)."""
+    return {"class_labels": ",".join(str(k) for k in classes), "guidance_scale": args.guidance_scale,
+            "sample_guided_network_evaluations":
+                sampling["sample_network_evaluations"] * guidance_evaluations(args.guidance_scale)}
+
+
+def conditional_bounds(args: EvalSettings, folder: Path, loaded: LoadedModel, network: Callable[..., torch.Tensor],
+                       images: np.ndarray, labels: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
+    """A class-conditional model's two bounds on the same images and noise (:func:`bound_metrics`):
+    every label -1 (the bound on -log p(x): ``eval_bpd*``, comparable with an unconditional
+    model's) and, when every scored image has a label, the true labels (-log p(x | y): the same
+    names with ``_cond``). Their difference estimates the information the label carries about the
+    image (``diffusion_core.guidance``); it is not a bound.
+
+    Returns:
+        ``(metrics, artifacts)`` as :func:`bound_metrics`, the conditional per-timestep terms as
+        ``artifacts["terms_cond"]``.
+    """
+    metrics, artifacts = bound_metrics(args, folder, loaded, network, images,
+                                       np.full(len(images), NO_LABEL, dtype=np.int64))
+    if len(labels) and labels.min() < 0:
+        print("note: the scored split has unlabelled images: no conditional bound (eval_bpd*_cond)",
+              file=sys.stderr, flush=True)
+        return metrics, artifacts
+    cond, cond_artifacts = bound_metrics(args, folder, loaded, network, images, labels, suffix="_cond")
+    metrics.update(cond)
+    artifacts["plots"].update(cond_artifacts["plots"])
+    artifacts["terms_cond"] = cond_artifacts["terms"]
+    return metrics, artifacts
 
 
 def evaluate(args: EvalSettings) -> dict[str, Any]:
@@ -211,13 +301,17 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
 
     Returns:
         ``{"metrics": {name: bits/dim}, "run_id", "experiment_id", "tracking_uri", "run_at", "artifact_uri",
-        "model": ModelIdentity}`` (``run_at``: the run's UI page on a tracking server, else the
-        tracking URI; ``registry.tracking_uri.run_location``).
+        "model": ModelIdentity, "class_names": {label: name}}`` (``run_at``: the run's UI page on a
+        tracking server, else the tracking URI; ``registry.tracking_uri.run_location``;
+        ``class_names``: the classes sampled, empty for an unconditional model). A conditional
+        model's metrics add the ``*_cond`` bounds and, with classifier FD features,
+        ``sample_class_accuracy`` (overall) and ``sample_class_accuracy_<k>`` (per class), in [0, 1].
 
     Raises:
         ValueError / FileNotFoundError: on a bad model URI, a missing model or bad shards, or
             sampler settings that do not fit the model (``num_steps`` > T; checked before the
-            bound is computed, when samples are drawn).
+            bound is computed, when samples are drawn); naming ``--class-label`` or
+            ``--guidance-scale`` when given to an unconditional model, or on an unknown class.
     """
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,6 +319,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     client = MlflowClient(tracking_uri)
     folder = fetch_checkpoint(args.model)
     loaded = load_checkpoint(folder, device=args.device)
+    if loaded.unet_config.num_classes is None:  # flags an unconditional model cannot take fail first
+        resolve_conditioning(args, None, {})
     in_process = bool(args.samples) or not args.workers  # with workers and no grid, the actors run the network
     network = compiled_network(loaded.model, loaded.unet_config.image_shape, args.device) \
         if args.compile and in_process else loaded.model
@@ -233,19 +329,27 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     draws_samples = bool(args.samples) or args.fd is not None  # the sampler settings only matter then
     sampling_params = sampler_params(args.sampling, loaded.diffusion.num_timesteps) if draws_samples else {}
     shards = resolve(args.shards).uri
-    images, manifest = load_validation(shards, shape, args.images, args.split)
+    images, true_labels, manifest = load_labelled_split(shards, shape, args.images, args.split)
+    classes, names = resolve_conditioning(args, loaded.unet_config.num_classes, manifest)
+    if classes is not None and draws_samples:
+        sampling_params.update(guidance_params(args, classes, sampling_params))
     net = None
     if args.fd is not None:  # bad FD flags (classifier, weights file) fail before the bound is computed
         net = build_feature_net(args.fd.features, args.fd.classifier, args.fd.inception_weights, args.device)
         expected = getattr(net, "image_shape", None)
         if expected is not None and tuple(expected) != tuple(shape):
             raise ValueError(f"--fd-classifier takes images of shape {list(expected)}, the model makes {list(shape)}")
-    metrics, artifacts = bound_metrics(args, folder, loaded, network, images)
+    metrics, artifacts = conditional_bounds(args, folder, loaded, network, images, true_labels) \
+        if classes is not None else bound_metrics(args, folder, loaded, network, images)
     fd_params: dict[str, Any] = {}
     fd_tags: dict[str, str] = {}
     if args.fd is not None:
-        fd_out = run_fd(folder, shards, net, args.fd, args.sampling, args.seed, threads=args.threads or 1)
+        fd_out = run_fd(folder, shards, net, args.fd, args.sampling, args.seed, threads=args.threads or 1,
+                        classes=classes, guidance_scale=args.guidance_scale)
         metrics.update(fd=fd_out["fd"], fd_floor=fd_out["fd_floor"])
+        if classes is not None and isinstance(net, ClassifierFeatures):
+            asked = class_balanced_labels(args.fd.images, classes).numpy()
+            metrics.update(class_accuracy(predicted_classes(net.model, fd_out["samples"]), asked, classes))
         fd_params = {"fd_images": args.fd.images, "fd_features": args.fd.features,
                      "fd_reference_split": fd_out["reference"].split, "fd_reference_images": fd_out["reference"].count,
                      "fd_floor_split": fd_out["floor"].split, "fd_floor_start": fd_out["floor"].start,
@@ -253,8 +357,13 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         fd_tags = {"fd.features_identity": net.identity, "fd.cache": fd_out["cache_folder"],
                    "fd.reference_cache_hit": str(fd_out["reference_cache_hit"]).lower()}
     grid = None
-    if args.samples:
+    if args.samples and classes is None:
         grid = sample_grid(loaded.diffusion, network, shape, args.samples, args.sampling, args.seed)[1]
+    elif args.samples:  # one row per class
+        per_class = -(-args.samples // len(classes))
+        grid = sample_grid(loaded.diffusion, network, shape, per_class * len(classes), args.sampling, args.seed,
+                           class_labels=class_grid_labels(classes, per_class), guidance_scale=args.guidance_scale,
+                           nrow=per_class)[1]
 
     experiment = args.experiment
     if experiment is None and source.run_id:
@@ -281,8 +390,11 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
             log_png(client, run.info.run_id, png, name)
         if artifacts["terms"]:
             mlflow.log_dict(artifacts["terms"], "eval/bpd_terms.json")
+        if artifacts.get("terms_cond"):
+            mlflow.log_dict(artifacts["terms_cond"], "eval/bpd_terms_cond.json")
         if grid is not None:
             log_png(client, run.info.run_id, grid, "eval/samples.png")
     return {"metrics": metrics, "run_id": run.info.run_id, "experiment_id": experiment_id,
             "tracking_uri": tracking_uri, "run_at": run_location(tracking_uri, run.info.run_id, experiment_id),
-            "artifact_uri": run.info.artifact_uri, "model": source}
+            "artifact_uri": run.info.artifact_uri, "model": source,
+            "class_names": {} if classes is None else {k: names[k] for k in classes}}

@@ -7,7 +7,7 @@ batches, seeds and formats.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -15,13 +15,34 @@ from matplotlib.figure import Figure
 
 from diffusion_core.bound import strata_bounds
 from diffusion_core.generate import SamplerSettings, generate, seeded_generator
+from diffusion_core.guidance import with_class_labels
 from diffusion_core.images import encode_png, make_grid
 from pipelines.evaluation.blocks import block_range, block_seed, num_blocks
 
 
+def class_balanced_labels(num_images: int, classes: Sequence[int], start: int = 0) -> torch.Tensor:
+    """The labels of sample indices ``start .. start + num_images - 1`` of a class-balanced draw:
+    index i gets ``classes[i % len(classes)]``; int64 ``[num_images]`` on the CPU.
+
+    Raises:
+        ValueError: if ``classes`` is empty.
+    """
+    if len(classes) == 0:
+        raise ValueError("class_balanced_labels needs at least one class")
+    index = np.arange(start, start + num_images) % len(classes)
+    return torch.from_numpy(np.asarray(classes, dtype=np.int64)[index])
+
+
+def class_grid_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
+    """Labels of a grid with one row per class: ``per_class`` copies of each of ``classes`` in turn,
+    int64 ``[len(classes) * per_class]`` (tile it with ``nrow=per_class``)."""
+    return torch.as_tensor(list(classes), dtype=torch.int64).repeat_interleave(per_class)
+
+
 def sample_grid(
     diffusion: Any, model: torch.nn.Module, image_shape: tuple[int, int, int], num_images: int,
-    settings: SamplerSettings, seed: int,
+    settings: SamplerSettings, seed: int, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+    nrow: int | None = None,
 ) -> tuple[torch.Tensor, bytes]:
     """Draw ``num_images`` samples with ``settings`` (``diffusion_core.generate.generate``) and
     tile them.
@@ -34,17 +55,23 @@ def sample_grid(
         settings: the sampler and its parameters (``num_steps`` in [1, T]); training's and
             ``evaluate.py``'s default is ``SamplerSettings("ddim", S)``: DDIM, eta = 0, clipped.
         seed: seed of the CPU generator that draws the initial (and any per-step) noise.
+        class_labels: for a class-conditional model, int64 ``[N]`` in [-1, K), sampled with
+            classifier-free guidance at ``guidance_scale`` (``generate``'s, Ho & Salimans 2022: s = 1
+            the conditional model, s = 0 the unconditional one, else two network evaluations per
+            call); ``None``: the model as it is.
+        nrow: images per grid row (default ceil(sqrt(N))); a per-class grid uses its ``per_class``.
 
     Returns:
         ``(images, png)``: float32 ``[N, C, H, W]`` (in [-1, 1] when ``settings.clip_denoised``)
         on CPU, and the grid as PNG bytes.
 
     Raises:
-        ValueError: from the sampler on settings that do not fit the diffusion (num_steps > T).
+        ValueError: from the sampler on settings that do not fit the diffusion (num_steps > T),
+            or on bad labels or guidance scale.
     """
-    images = generate(diffusion, model, (num_images, *image_shape), settings,
-                      generator=seeded_generator(seed)).float().cpu()
-    return images, encode_png(make_grid(images))
+    images = generate(diffusion, model, (num_images, *image_shape), settings, generator=seeded_generator(seed),
+                      class_labels=class_labels, guidance_scale=guidance_scale).float().cpu()
+    return images, encode_png(make_grid(images, nrow=nrow))
 
 
 def sampler_params(settings: SamplerSettings, num_timesteps: int, prefix: str = "sample_") -> dict[str, Any]:
@@ -64,7 +91,7 @@ def sampler_params(settings: SamplerSettings, num_timesteps: int, prefix: str = 
 
 def bound_blocks(
     diffusion: Any, model: Any, images: torch.Tensor, num_samples: int, seed: int, block_size: int,
-    blocks: np.ndarray | None = None,
+    blocks: np.ndarray | None = None, class_labels: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """The bound of each image of the given blocks of ``images``, one core call per block.
 
@@ -79,6 +106,10 @@ def bound_blocks(
         num_samples: K >= 2 for the stratified estimate (``calc_bpd_estimate``, Ho et al. 2020
             eq. 5 with K of the T terms), 0 for the exact bound (``calc_bpd_loop``, all T terms).
         blocks: block ids (default: all blocks of ``images``).
+        class_labels: for a class-conditional model, int64 ``[M]`` in [-1, K), one per image: the
+            bound is then on -log p(x | y) for the labelled rows and on -log p(x) for rows of -1
+            (``diffusion_core.guidance.with_class_labels``, no guidance); ``None``: the model as it
+            is (a conditional model then sees "no label" everywhere, the bound on -log p(x)).
 
     Returns:
         numpy arrays, one row per image of the blocks, in block order: "index" int64 [n],
@@ -95,12 +126,14 @@ def bound_blocks(
         for block in ids.tolist():
             start, count = block_range(block, block_size, total)
             x = images[start : start + count]
+            network = model if class_labels is None else with_class_labels(
+                model, class_labels[start : start + count].to(x.device))
             generator = torch.Generator(device=x.device).manual_seed(block_seed(seed, block))
             if num_samples:
-                out = diffusion.calc_bpd_estimate(model, x, num_samples=num_samples, generator=generator)
+                out = diffusion.calc_bpd_estimate(network, x, num_samples=num_samples, generator=generator)
                 keys = ("total_bpd", "prior_bpd", "stderr", "stratum_bpd")
             else:
-                out = diffusion.calc_bpd_loop(model, x, generator=generator)
+                out = diffusion.calc_bpd_loop(network, x, generator=generator)
                 keys = ("total_bpd", "prior_bpd", "vb")
             parts.setdefault("index", []).append(np.arange(start, start + count, dtype=np.int64))
             for key in keys:
@@ -152,11 +185,13 @@ def summarize_exact(rows: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def estimate_bpd(
-    diffusion: Any, model: Any, images: torch.Tensor, num_samples: int, seed: int, batch_size: int = 64
+    diffusion: Any, model: Any, images: torch.Tensor, num_samples: int, seed: int, batch_size: int = 64,
+    class_labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The stratified K-sample estimate of the full bound (prior included; Ho et al. 2020 eq. 5)
     over ``images`` ``[N, C, H, W]`` in [-1, 1] (on the model's device), in blocks of
-    ``batch_size`` (:func:`bound_blocks`).
+    ``batch_size`` (:func:`bound_blocks`; ``class_labels`` [N] as there: the bound on
+    -log p(x | y) of a conditional model).
 
     Returns:
         :func:`summarize_estimate`'s dict: "bpd" (mean total bits/dim), "bpd_stderr" (from the
@@ -165,21 +200,23 @@ def estimate_bpd(
     Raises:
         ValueError: on K outside [2, 2T].
     """
-    rows = bound_blocks(diffusion, model, images, num_samples, seed, batch_size)
+    rows = bound_blocks(diffusion, model, images, num_samples, seed, batch_size, class_labels=class_labels)
     return summarize_estimate(rows, diffusion.num_timesteps, num_samples)
 
 
 def exact_bpd(
-    diffusion: Any, model: Any, images: torch.Tensor, seed: int, batch_size: int = 64
+    diffusion: Any, model: Any, images: torch.Tensor, seed: int, batch_size: int = 64,
+    class_labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The exact bound by ``calc_bpd_loop`` (all T terms + the prior; Ho et al. 2020 eq. 5) over
-    ``images`` ``[N, C, H, W]`` (on the model's device), in blocks of ``batch_size``.
+    ``images`` ``[N, C, H, W]`` (on the model's device), in blocks of ``batch_size``
+    (``class_labels`` [N] as in :func:`bound_blocks`).
 
     Returns:
         :func:`summarize_exact`'s dict: "bpd" (mean total bits/dim), "prior_bpd",
         "vb_per_t" (float64 numpy [T], index 0 = decoder L_0), the L_0 / sum L_t split, ...
     """
-    return summarize_exact(bound_blocks(diffusion, model, images, 0, seed, batch_size))
+    return summarize_exact(bound_blocks(diffusion, model, images, 0, seed, batch_size, class_labels=class_labels))
 
 
 def plot_bpd_terms(vb_per_t: np.ndarray, prior_bpd: float, title: str) -> bytes:

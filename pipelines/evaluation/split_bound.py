@@ -28,21 +28,22 @@ class _BoundActor(ModelActor):
     block of a batch of block ids."""
 
     def __init__(self, files: dict[str, bytes], images: list[Any], num_samples: int, block_size: int, seed: int,
-                 use_gpu: bool, threads: int | None) -> None:
+                 use_gpu: bool, threads: int | None, class_labels: np.ndarray | None = None) -> None:
         super().__init__(files, use_gpu, threads)
         # ``images`` is [ObjectRef]: wrapped in a list so that Ray hands the actor the reference, not a copy.
         # The object store's array is read-only; torch wants a writable one, so it is copied once here.
         self.images = torch.from_numpy(np.array(ray.get(images[0]), dtype=np.float32)).to(self.device)
+        self.labels = None if class_labels is None else torch.from_numpy(np.array(class_labels, dtype=np.int64))
         self.num_samples, self.block_size, self.seed = num_samples, block_size, seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return bound_blocks(self.loaded.diffusion, self.loaded.model, self.images, self.num_samples, self.seed,
-                            self.block_size, batch["id"])
+                            self.block_size, batch["id"], class_labels=self.labels)
 
 
 def bound_distributed(
     checkpoint: str | Path, images: np.ndarray, num_samples: int, *, block_size: int = 64, seed: int = 0,
-    workers: int = 2, use_gpu: bool | None = None, threads: int | None = 1,
+    workers: int = 2, use_gpu: bool | None = None, threads: int | None = 1, class_labels: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """``metrics.bound_blocks`` of every block of ``images``, computed over Ray.
 
@@ -53,6 +54,8 @@ def bound_distributed(
         block_size: images per block and forward pass (>= 1); seed: the base seed.
         workers: actors (>= 1), one CPU or GPU each; use_gpu: ``None``: when the cluster has GPUs.
         threads: torch intra-op threads per CPU actor.
+        class_labels: for a class-conditional model, int64 ``[M]`` in [-1, K), one per image (the
+            bound on -log p(x | y); -1: on -log p(x)); ``None``: the model as it is.
 
     Returns:
         the rows of ``bound_blocks`` for all M images, in image order.
@@ -66,6 +69,7 @@ def bound_distributed(
     files = checkpoint_files(checkpoint)
     connect_ray()
     kwargs = {"files": files, "images": [ray.put(np.ascontiguousarray(images, dtype=np.float32))],
-              "num_samples": num_samples, "block_size": block_size, "seed": seed, "threads": threads}
+              "num_samples": num_samples, "block_size": block_size, "seed": seed, "threads": threads,
+              "class_labels": class_labels}
     return map_blocks(_BoundActor, kwargs, num_blocks(images.shape[0], block_size), images.shape[0],
                       workers=workers, use_gpu=use_gpu)

@@ -56,6 +56,7 @@ class ModelRef:
 
 _MANIFEST_SUMMARY_KEYS = (
     "schema_version", "image_shape", "counts", "has_labels", "normalization", "source", "source_checksum", "created_at",
+    "classes",
 )
 
 
@@ -71,7 +72,8 @@ def read_manifest_summary(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     """Summary of the data manifest beside a fetched checkpoint (``None`` when there is none).
 
     Keeps schema_version, image_shape, counts, has_labels, normalization, source,
-    source_checksum and created_at, and replaces the list of rejected inputs by its length
+    source_checksum, created_at and classes (the class names, label i = classes[i], which a
+    class-conditional model is served with: ``pipelines.registry.class_labels``), and replaces the list of rejected inputs by its length
     (``num_rejected``).
 
     Raises:

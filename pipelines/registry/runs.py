@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow import MlflowClient
@@ -32,6 +33,7 @@ RUN_ID_FILE = "mlflow_run_id"
 LOSS_KEY = "loss"
 _BATCH_LIMIT = 1000  # MLflow's log_batch limit on metrics per call
 TIME_KEY = "timestamp_ms"  # in a buffered step entry: when it was measured (Unix ms); not a metric
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's tag of a nested run: the UI lists it under that run
 
 
 def run_folder(config: TrainConfig) -> storage.Location:
@@ -50,7 +52,8 @@ def _read_run_id(folder: storage.Location) -> str | None:
     return storage.read_bytes(marker).decode().strip() if storage.exists(marker) else None
 
 
-def open_run(config: TrainConfig, tracking_uri: str, manifest: Mapping[str, Any]) -> tuple[str, bool]:
+def open_run(config: TrainConfig, tracking_uri: str, manifest: Mapping[str, Any],
+             parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """The MLflow run of this training run: the existing one when the run folder names one that
     still exists (resume; the resubmitted config is logged as ``config/resubmitted-<time>.yaml``),
     else a new run with params, tags and the config file logged.
@@ -59,6 +62,9 @@ def open_run(config: TrainConfig, tracking_uri: str, manifest: Mapping[str, Any]
         config: resolved config with ``train.run_name`` set.
         tracking_uri: where MLflow is.
         manifest: the shard folder's manifest as a dict (``Manifest.to_dict()``).
+        parent_run_id: the MLflow run this one is nested under (tag ``mlflow.parentRunId``: a sweep's
+            trial under its sweep run, ``pipelines.tuning``); ``None`` for a top-level run.
+        tags: extra tags of a new run (a sweep's trial id); a resumed run keeps the tags it has.
 
     Returns:
         ``(run_id, resumed)``.
@@ -81,6 +87,8 @@ def open_run(config: TrainConfig, tracking_uri: str, manifest: Mapping[str, Any]
         "data.train_images": str(manifest.get("counts", {}).get("train", "")),
         "ray.run_name": config.train.run_name,
         "ray.run_folder": folder.uri,
+        **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}),
+        **dict(tags or {}),
     }
     run = client.create_run(experiment_id, run_name=config.train.run_name, tags=tags)
     run_id = run.info.run_id
@@ -105,6 +113,21 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
+@contextmanager
+def ending_run_on_error(tracking_uri: str, run_id: str) -> Iterator[None]:
+    """Around the work of run ``run_id``: when the block is interrupted (``KeyboardInterrupt``, which
+    ``ray job stop``'s SIGTERM becomes) the run ends KILLED, when it raises it ends FAILED, and the
+    exception propagates; the caller ends a run that returns FINISHED."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        end_run(tracking_uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+
+
 def log_png(client: MlflowClient, run_id: str, png: bytes, artifact_file: str) -> None:
     """Store PNG bytes (as made by ``diffusion_core.images.encode_png``) as the artifact
     ``artifact_file`` of run ``run_id``, unchanged."""
@@ -122,11 +145,19 @@ class MetricBuffer:
 
     def __init__(self, pending: Mapping[int, Mapping[str, float]] | None = None) -> None:
         self._entries: dict[int, dict[str, float]] = {int(s): dict(v) for s, v in (pending or {}).items()}
+        self._latest: dict[str, float] = {}
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         """Merge ``metrics`` into the entry of ``step`` (stamped with the current time if new)."""
         entry = self._entries.setdefault(int(step), {TIME_KEY: float(int(time.time() * 1000))})
         entry.update({k: float(v) for k, v in metrics.items()})
+        self._latest.update({k: float(v) for k, v in metrics.items()})
+
+    def latest(self) -> dict[str, float]:
+        """The last value added of every metric since this buffer was made (taken or not): what
+        a report to Ray Train (and so a Ray Tune scheduler) sees of metrics measured at their own
+        cadence, such as ``val_bpd`` or ``fd``."""
+        return dict(self._latest)
 
     def pending(self) -> dict[int, dict[str, float]]:
         """A copy of everything not yet taken."""

@@ -1,6 +1,12 @@
 """Rank 0's duties besides training: buffering and flushing MLflow metrics, sample grids, held-out
 bits/dim, the FD lines, and at the end the final model logged and registered
-(``pipelines.registry``)."""
+(``pipelines.registry``).
+
+For a class-conditional model (``model.num_classes`` = K) the grids have one row per class (drawn
+with classifier-free guidance at ``train.sample_guidance_scale``), and the held-out bound is
+measured twice on the same images and noise: ``val_bpd`` / ``val_bpd_exact`` with every label -1
+(the bound on -log p(x), comparable with an unconditional model's) and ``val_bpd_cond`` /
+``val_bpd_exact_cond`` with the true labels (the bound on -log p(x | y))."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import torch
 from diffusion_core.checkpoint import save_checkpoint
 from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.unet import UNet
-from pipelines.evaluation.metrics import estimate_bpd, exact_bpd, sample_grid
+from pipelines.evaluation.metrics import class_grid_labels, estimate_bpd, exact_bpd, sample_grid
 from pipelines.registry.model_store import log_checkpoint_model
 from pipelines.registry.runs import MetricBuffer, RunTracker
 from pipelines.training.config import TrainConfig
@@ -34,19 +40,23 @@ class ChiefDuties:
         config: the run's config.
         tracker: the open MLflow run.
         diffusion: the run's diffusion process.
-        val_images: the fixed validation subset [N, C, H, W] (``batches.load_val_images``).
+        val_images: the fixed validation subset [N, C, H, W] (``batches.load_val_subset``).
         pending: metrics of the restored checkpoint not yet confirmed in MLflow, ``{step: {key: value}}``.
         start_step: the step this start resumed from (0 for a fresh run).
         progress: the progress printer (default: stdout, ``time.monotonic``).
+        val_labels: the subset's labels, int64 [N] (for a class-conditional model's ``*_cond``
+            bounds; ``None`` or empty: none).
     """
 
     def __init__(self, config: TrainConfig, tracker: RunTracker, diffusion: GaussianDiffusion,
                  val_images: torch.Tensor, pending: dict[int, dict[str, float]], start_step: int = 0,
-                 progress: ProgressLog | None = None) -> None:
+                 progress: ProgressLog | None = None, val_labels: torch.Tensor | None = None) -> None:
         self.config = config
         self.tracker = tracker
         self.diffusion = diffusion
         self.val_images = val_images
+        self.val_labels = val_labels if config.model.num_classes is not None and val_labels is not None \
+            and len(val_labels) else None
         self.buffer = MetricBuffer()
         self.progress = progress or ProgressLog(config.train.total_steps, start_step)
         tracker.resume_pending(pending)
@@ -84,13 +94,27 @@ class ChiefDuties:
             result = estimate_bpd(self.diffusion, net, subset, train.bpd_samples, seed=train.seed)
             self.buffer.add(step, {"val_bpd": result["bpd"], "val_bpd_stderr": result["bpd_stderr"]})
             self.progress.val_bpd(step, result["bpd"], result["bpd_stderr"], len(subset), train.bpd_samples)
+            if self.val_labels is not None:
+                cond = estimate_bpd(self.diffusion, net, subset, train.bpd_samples, seed=train.seed,
+                                    class_labels=self.val_labels[: train.bpd_images].to(device))
+                self.buffer.add(step, {"val_bpd_cond": cond["bpd"], "val_bpd_cond_stderr": cond["bpd_stderr"]})
+                self.progress.emit(f"val_bpd_cond at step {step}: {cond['bpd']:.4f} +- {cond['bpd_stderr']:.4f} "
+                                   f"bits/dim (true labels; val_bpd above has no label) -> MLflow metric val_bpd_cond")
 
     def log_samples(self, net: UNet, step: int) -> None:
         """A grid of the EMA model drawn with ``train.sampler_settings`` as ``samples/step_<step>.png``
-        (same seed every time)."""
-        train = self.config.train
-        _, png = sample_grid(self.diffusion, net, self.image_shape(), train.sample_images, train.sampler_settings,
-                             train.seed)
+        (same seed every time). For a class-conditional model of K classes: K rows, row k holding
+        ceil(``train.sample_images`` / K) samples of class k, guided at ``train.sample_guidance_scale``."""
+        train, num_classes = self.config.train, self.config.model.num_classes
+        if num_classes is None:
+            _, png = sample_grid(self.diffusion, net, self.image_shape(), train.sample_images,
+                                 train.sampler_settings, train.seed)
+        else:
+            per_class = -(-train.sample_images // num_classes)
+            labels = class_grid_labels(range(num_classes), per_class)
+            _, png = sample_grid(self.diffusion, net, self.image_shape(), len(labels), train.sampler_settings,
+                                 train.seed, class_labels=labels, guidance_scale=train.sample_guidance_scale,
+                                 nrow=per_class)
         artifact = f"samples/step_{step:08d}.png"
         self.tracker.log_png(png, artifact)
         self.progress.samples(step, artifact, self.tracker.run_id)
@@ -107,16 +131,33 @@ class ChiefDuties:
         if train.final_bpd_images and len(self.val_images) and not self.tracker.has_metric("val_bpd_exact", step):
             subset = self.val_images[: train.final_bpd_images].to(device)
             result = exact_bpd(self.diffusion, net, subset, seed=train.seed)
-            self.tracker.log_steps({step: {"val_bpd_exact": result["bpd"], "val_prior_bpd": result["prior_bpd"]}})
+            metrics = {"val_bpd_exact": result["bpd"], "val_prior_bpd": result["prior_bpd"]}
+            if self.val_labels is not None:
+                cond = exact_bpd(self.diffusion, net, subset, seed=train.seed,
+                                 class_labels=self.val_labels[: train.final_bpd_images].to(device))
+                metrics["val_bpd_exact_cond"] = cond["bpd"]
+                self.progress.emit(f"val_bpd_exact_cond at step {step}: {cond['bpd']:.4f} bits/dim (true labels) "
+                                   "-> MLflow metric val_bpd_exact_cond")
+            self.tracker.log_steps({step: metrics})
             self.progress.exact_bpd(step, result["bpd"], len(subset))
         with tempfile.TemporaryDirectory(prefix="ddpm-final-") as folder:
             save_checkpoint(folder, trainee.ema.state_dict(), self.config.model, self.config.diffusion,
                             metadata={"step": step, "weights": "ema", "mlflow_run_id": self.tracker.run_id,
-                                      "run_name": train.run_name})
+                                      "run_name": train.run_name, **class_names_metadata(self.config, manifest)})
             ref = log_checkpoint_model(folder, registered_model_name=self.config.tracking.registered_model_name,
                                        manifest=manifest)
         self.tracker.set_tags({MODEL_URI_TAG: ref.model_uri, MODEL_STEP_TAG: str(step)})
         self.progress.model(step, ref.model_uri)
+
+
+def class_names_metadata(config: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``{"class_names": [...]}`` (name i = label i) for a class-conditional model whose shards'
+    manifest names exactly ``model.num_classes`` classes, for the checkpoint's metadata (Serve and
+    the pyfunc resolve class names from it); ``{}`` otherwise."""
+    classes = list(manifest.get("classes") or [])
+    if config.model.num_classes is None or len(classes) != config.model.num_classes:
+        return {}
+    return {"class_names": [str(name) for name in classes]}
 
 
 def measure_fd(fd: TrainingFD, trainee: Trainee, config: TrainConfig, diffusion: GaussianDiffusion,

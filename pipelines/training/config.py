@@ -149,6 +149,15 @@ class TrainSection:
         max_nonfinite_steps: consecutive steps with a non-finite loss or gradient after which
             training stops with an error (>= 1). Each such step is skipped: no optimizer or EMA
             update, counted in the ``skipped_steps`` metric.
+        label_dropout: p_uncond of classifier-free guidance (Ho & Salimans 2022, sec. 3.2; they
+            use 0.1-0.2), in [0, 1): the probability that a training image's class label is
+            replaced by -1 ("no label"), so that one network learns both p(x | y) and p(x). Drawn
+            per image from its own seeded generator (``example_noise.example_label_dropout``).
+            Used only by a class-conditional model (``model.num_classes`` set); ignored otherwise.
+        sample_guidance_scale: the guidance scale s (>= 0, finite) of a class-conditional model's
+            grids and FD samples (``diffusion_core.guidance``: s = 1 is the conditional model, one
+            network evaluation per step; s = 0 the unconditional one; any other s costs two
+            evaluations per step). Must stay 1.0 for an unconditional model.
     """
 
     total_steps: int = 1000
@@ -175,6 +184,8 @@ class TrainSection:
     max_nonfinite_steps: int = 10
     max_minutes: float = 0.0
     timestep_sampler: TimestepSamplerName = "uniform"
+    label_dropout: float = 0.1
+    sample_guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -197,6 +208,8 @@ class TrainSection:
             raise ValueError(f"train.fd_every={self.fd_every} needs train.fd_classifier (a model URI or folder of "
                              "pipelines/train_classifier.py)")
         check_choice("train.timestep_sampler", self.timestep_sampler, TimestepSamplerName)
+        check_number_in("train.label_dropout", self.label_dropout, 0.0, 1.0, high_open=True)
+        check_number_in("train.sample_guidance_scale", self.sample_guidance_scale, 0.0, float("inf"), high_open=True)
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"train.run_name={self.run_name!r} must be a plain folder name (no '/')")
         if not isinstance(self.storage_path, str) or not self.storage_path.strip():
@@ -288,7 +301,8 @@ class TrainConfig:
     Cross-section checks: ``model.out_channels`` must be ``2 * in_channels`` exactly when
     ``diffusion.variance`` is "learned_range", ``train.global_batch_size`` must be divisible by
     ``scaling.num_workers``, and ``train.sample_steps`` must be at most ``diffusion.num_timesteps``
-    (unless ``train.sample_sampler`` is "ddpm", which ignores it).
+    (unless ``train.sample_sampler`` is "ddpm", which ignores it). ``train.sample_guidance_scale``
+    other than 1.0 needs a class-conditional model (``model.num_classes`` set).
     """
 
     model: UNetConfig
@@ -301,6 +315,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_out_channels(self.model, self.diffusion)
+        if self.model.num_classes is None and self.train.sample_guidance_scale != 1.0:
+            raise ValueError(
+                f"train.sample_guidance_scale={self.train.sample_guidance_scale} needs a class-conditional model "
+                "(set model.num_classes); an unconditional model has nothing to guide"
+            )
         if self.train.timestep_sampler == "loss_second_moment" and self.diffusion.loss == "simple":
             raise ValueError(
                 "train.timestep_sampler='loss_second_moment' needs diffusion.loss 'vlb' or 'hybrid' "

@@ -72,3 +72,41 @@ def example_timesteps_and_noise(
     t = torch.cat(ts).to(x_start.device)
     noise = torch.stack(noises).to(x_start.device, torch.float32)
     return t, noise
+
+
+#: Appended to an image's ``(seed, step, key)`` seed for its label-dropout draw: a stream of its own,
+#: so the timesteps and noise of ``example_timesteps_and_noise`` stay what they are without labels.
+_LABEL_STREAM = 1
+
+
+def example_label_dropout(x_start: torch.Tensor, class_labels: torch.Tensor, seed: int, step: int,
+                          label_dropout: float) -> torch.Tensor:
+    """The class labels of a training batch with each replaced by -1 ("no label") with probability
+    ``label_dropout`` (p_uncond of classifier-free guidance, Ho & Salimans 2022, Algorithm 1).
+
+    Each image draws one uniform number u on [0, 1), the top 53 bits of the state of
+    ``SeedSequence([seed, step, key, 1])`` (``key`` from ``example_keys``), and loses its label when
+    u < ``label_dropout``: like the timesteps and noise, the draw depends on the image, the seed and
+    the step, not on how the global batch is split over workers or ordered.
+
+    Args:
+        x_start: images ``[N, C, H, W]`` in [-1, 1] (any device).
+        class_labels: int64 ``[N]`` in [-1, num_classes), on ``x_start``'s device.
+        seed: run seed (>= 0); step: the 1-based optimizer step.
+        label_dropout: p_uncond in [0, 1).
+
+    Returns:
+        int64 ``[N]`` on ``class_labels``' device: ``class_labels`` with the dropped rows set to -1.
+
+    Raises:
+        ValueError: if ``class_labels`` is not ``[N]`` for N images, or ``x_start`` not 4-D.
+    """
+    if class_labels.shape != (x_start.shape[0],):
+        raise ValueError(f"class_labels must be [N] = [{x_start.shape[0]}], got shape {tuple(class_labels.shape)}")
+    if label_dropout <= 0.0:
+        return class_labels
+    states = np.array([np.random.SeedSequence([seed, step, int(key), _LABEL_STREAM]).generate_state(1, np.uint64)[0]
+                       for key in example_keys(x_start)], dtype=np.uint64)
+    draws = (states >> np.uint64(11)).astype(np.float64) / 2.0**53  # the top 53 bits: uniform on [0, 1)
+    dropped = torch.from_numpy(draws < label_dropout).to(class_labels.device)
+    return torch.where(dropped, torch.full_like(class_labels, -1), class_labels)

@@ -11,6 +11,9 @@ features with the classifier of ``train.fd_classifier`` and the FD against the s
 train split (computed once, cached with ``evaluation.fd.StatsCache``). The floor, the FD of
 ``fd_images`` real val images against the same reference, is computed with it on rank 0.
 Every rank must call :meth:`TrainingFD.measure` at the same steps (it is a collective).
+
+A class-conditional model (``model.num_classes`` = K) draws class-balanced samples: sample i has
+the label i % K, sampled with classifier-free guidance at ``train.sample_guidance_scale``.
 """
 
 from __future__ import annotations
@@ -83,8 +86,12 @@ class TrainingFD:
             on rank 0 ``{"fd": float}`` (plus ``"fd_floor"`` when ``with_floor``); ``None`` elsewhere.
         """
         train = self.config.train
+        num_classes = self.config.model.num_classes
         part = sample_blocks(diffusion, ema_net, self.config.model.image_shape, train.sampler_settings,
-                             train.fd_images, self.block_size, train.seed, self.blocks, device=str(device))
+                             train.fd_images, self.block_size, train.seed, self.blocks, device=str(device),
+                             classes=None if num_classes is None else range(num_classes),
+                             guidance_scale=train.sample_guidance_scale)
+        part.pop("label", None)  # i % K: a function of the index alone
         parts = self._gather(part)
         if parts is None:
             return None

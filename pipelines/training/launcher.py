@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 import ray.data
@@ -18,10 +18,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.common.ray_auth import connect_ray
 from pipelines.data import storage
+from pipelines.data.shards.manifest import Manifest
 from pipelines.data.shards.reader import load_manifest, read_split
 from pipelines.evaluation.classifier import load_classifier
 from pipelines.registry.feature_store import fetch_feature_net
-from pipelines.registry.runs import end_run, open_run, run_folder
+from pipelines.registry.runs import end_run, ending_run_on_error, open_run, run_folder
 from pipelines.registry.tracking_uri import resolve_tracking_uri, run_location
 from pipelines.training.config import TrainConfig, load_config
 from pipelines.training.loop import train_func
@@ -44,7 +45,9 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
 
     Raises:
         ValueError: (``ShardError``) for a missing/incompatible folder, or when the images do not
-            fit ``model`` or a worker's share of the training split is smaller than one batch.
+            fit ``model``, a worker's share of the training split is smaller than one batch, or a
+            class-conditional model (``model.num_classes``) gets shards without labels or with
+            more named classes than it has.
     """
     manifest = load_manifest(config.data.shards)
     expected = config.model.image_shape
@@ -53,6 +56,7 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
             f"data.shards={config.data.shards!r} holds images of shape {list(manifest.image_shape)} but the model "
             f"expects [in_channels, image_size, image_size] = {list(expected)}"
         )
+    check_labels(config, manifest)
     per_worker = manifest.counts["train"] // config.scaling.num_workers
     if per_worker < config.per_worker_batch_size:
         raise ValueError(
@@ -62,6 +66,31 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
             f"scaling.num_workers={config.scaling.num_workers})"
         )
     return manifest.to_dict()
+
+
+def check_labels(config: TrainConfig, manifest: Manifest) -> None:
+    """For a class-conditional model (``model.num_classes`` = K): every row of the shards has a
+    label (``manifest.has_labels``), and the manifest names at most K classes (when it names them;
+    IDX shards made without ``--class-names`` do not, and each batch's labels are then checked
+    against [0, K) on the workers, ``batches.checked_labels``). Nothing for an unconditional model.
+
+    Raises:
+        ValueError: naming ``model.num_classes`` and ``data.shards``.
+    """
+    num_classes = config.model.num_classes
+    if num_classes is None:
+        return
+    if not manifest.has_labels:
+        raise ValueError(
+            f"model.num_classes={num_classes} trains a class-conditional model, but data.shards="
+            f"{config.data.shards!r} has unlabelled rows (manifest has_labels is false); preprocess a labelled "
+            "source (IDX with its labels file, class sub-folders, CIFAR-10) or set model.num_classes=null"
+        )
+    if len(manifest.classes) > num_classes:
+        raise ValueError(
+            f"data.shards={config.data.shards!r} has {len(manifest.classes)} classes {list(manifest.classes)}, more "
+            f"than model.num_classes={num_classes}; set model.num_classes={len(manifest.classes)}"
+        )
 
 
 def check_fd(config: TrainConfig) -> None:
@@ -89,9 +118,10 @@ def check_fd(config: TrainConfig) -> None:
 
 
 def build_trainer(config: TrainConfig, loop_config: dict[str, Any],
-                  train_loop: Callable[[dict[str, Any]], None] = train_func) -> Any:
+                  train_loop: Callable[[dict[str, Any]], None] = train_func, callbacks: Sequence[Any] = ()) -> Any:
     """The ``TorchTrainer`` of ``train_loop`` (Ray Train's ``train_loop_per_worker``): scaling, run
-    (name, storage, failures, checkpoints), datasets."""
+    (name, storage, failures, checkpoints, ``callbacks``: Ray Train ``UserCallback``s such as the
+    ``TuneReportCallback`` of a sweep's trial), datasets."""
     data_context = ray.data.DataContext.get_current()  # keep job logs readable:
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False  # no plan lines at every epoch of the train split
@@ -110,8 +140,10 @@ def build_trainer(config: TrainConfig, loop_config: dict[str, Any],
             storage_path=config.train.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
-        datasets={"train": read_split(config.data.shards, training_split("train")).select_columns(["image"])},
+        datasets={"train": read_split(config.data.shards, training_split("train")).select_columns(
+            ["image"] if config.model.num_classes is None else ["image", "label"])},
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=ordered)
         ),
@@ -157,7 +189,9 @@ def check_resources(config: TrainConfig, fixed_size: bool) -> None:
 
 
 def run(config: TrainConfig, num_cpus: int | None = None,
-        train_loop: Callable[[dict[str, Any]], None] = train_func) -> dict[str, Any]:
+        train_loop: Callable[[dict[str, Any]], None] = train_func, *, parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None, callbacks: Sequence[Any] = (),
+        tracking_uri: str | None = None) -> dict[str, Any]:
     """Check the inputs, open (or resume) the MLflow run, train with ``train_loop`` on every worker
     (``training.loop.train_func``; tests wrap it), and return where things went:
     ``{"run_name", "run_folder", "mlflow_run_id", "tracking_uri", "mlflow_run_at", "checkpoint",
@@ -166,6 +200,12 @@ def run(config: TrainConfig, num_cpus: int | None = None,
     training returns, FAILED when it raises, and KILLED when it is interrupted
     (``KeyboardInterrupt``; ``pipelines/train.py`` turns the SIGTERM of ``ray job stop`` into one),
     also after a resume.
+
+    A sweep's trial (``pipelines.tuning.trial``) runs the same function inside a Ray Tune trial, on
+    the cluster the sweep's driver connected to (``connect_cluster`` then starts nothing): its
+    MLflow run nested under ``parent_run_id`` with ``tags`` (``registry.runs.open_run``), in the
+    sweep's ``tracking_uri`` (default: ``registry.tracking_uri.resolve_tracking_uri()``, which reads
+    this process's environment), and ``callbacks`` given to the trainer's ``RunConfig`` (``build_trainer``).
 
     Raises:
         ValueError: bad shards or resources (before any worker starts); FileNotFoundError: a missing
@@ -176,18 +216,12 @@ def run(config: TrainConfig, num_cpus: int | None = None,
     check_fd(config)
     started_locally = connect_cluster(num_cpus)
     check_resources(config, fixed_size=started_locally)
-    tracking_uri = resolve_tracking_uri()
-    run_id, resumed = open_run(config, tracking_uri, manifest)
+    tracking_uri = tracking_uri or resolve_tracking_uri()
+    run_id, resumed = open_run(config, tracking_uri, manifest, parent_run_id=parent_run_id, tags=tags)
     loop_config = {"config": config.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                    "manifest": manifest}
-    try:
-        result = build_trainer(config, loop_config, train_loop).fit()
-    except KeyboardInterrupt:
-        end_run(tracking_uri, run_id, "KILLED")
-        raise
-    except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
-        raise
+    with ending_run_on_error(tracking_uri, run_id):
+        result = build_trainer(config, loop_config, train_loop, callbacks).fit()
     end_run(tracking_uri, run_id, "FINISHED")
     return {
         "run_name": config.train.run_name,

@@ -20,7 +20,7 @@ import torch
 
 from diffusion_core.diffusion import GaussianDiffusion
 from pipelines.registry.runs import RunTracker
-from pipelines.training.batches import iterate_epochs, load_val_images
+from pipelines.training.batches import TrainingBatch, iterate_epochs, load_val_subset
 from pipelines.training.checkpointing import checkpoint_path, report_checkpoint
 from pipelines.training.chief import ChiefDuties, measure_fd
 from pipelines.training.config import TrainConfig
@@ -93,11 +93,11 @@ def open_chief(ctx: RunContext, tracker: RunTracker, state: TrainState | None,
     re-buffers the restored checkpoint's unconfirmed metrics."""
     if state is not None:
         tracker.set_tags({RESUMED_FROM_TAG: str(state.step)})
-    val_images = load_val_images(ctx.config)
+    val_images, val_labels = load_val_subset(ctx.config)
     start_step = state.step if state else 0
     progress = ProgressLog(ctx.config.train.total_steps, start_step, clock=clock)
     return ChiefDuties(ctx.config, tracker, ctx.diffusion, val_images, state.pending_metrics if state else {},
-                       start_step=start_step, progress=progress)
+                       start_step=start_step, progress=progress, val_labels=val_labels)
 
 
 def run_loop(ctx: RunContext, trainee: Trainee) -> None:
@@ -113,8 +113,8 @@ def run_loop(ctx: RunContext, trainee: Trainee) -> None:
     trainee.model.train()
     window = Window(ctx.diffusion.num_timesteps, ctx.worker.device)
     last_metrics: dict[str, float] = {}
-    for index, x_start in enumerate(iterate_epochs(ctx.config, ctx.worker)):
-        losses, t, grad_norm = timed_step(ctx, trainee, x_start, first=index == 0)
+    for index, batch in enumerate(iterate_epochs(ctx.config, ctx.worker)):
+        losses, t, grad_norm = timed_step(ctx, trainee, batch, first=index == 0)
         window.add(losses, t, grad_norm)
         step = trainee.step
         done = is_last_step(ctx, step)
@@ -130,16 +130,16 @@ def run_loop(ctx: RunContext, trainee: Trainee) -> None:
             return
 
 
-def timed_step(ctx: RunContext, trainee: Trainee, x_start: torch.Tensor,
+def timed_step(ctx: RunContext, trainee: Trainee, batch: TrainingBatch,
                first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``step.train_step``; with ``scaling.compile``, rank 0 says that the ``first`` step of the
+    """``step.train_step`` on ``batch`` (its images, and its labels for a conditional model); with ``scaling.compile``, rank 0 says that the ``first`` step of the
     attempt compiles the UNet, and how long it took."""
     announce = first and ctx.chief is not None and ctx.config.scaling.compile
     if announce:
         ctx.chief.progress.emit("compiling the UNet with torch.compile (inductor): the first step includes "
                                 "the compilation and takes longer than the others")
     started = time.perf_counter()
-    result = train_step(trainee, ctx.diffusion, x_start, ctx.config, ctx.bf16)
+    result = train_step(trainee, ctx.diffusion, batch.images, ctx.config, ctx.bf16, class_labels=batch.labels)
     if announce:
         ctx.chief.progress.emit(f"first step done in {time.perf_counter() - started:.1f} s (compilation included)")
     return result
@@ -171,9 +171,12 @@ def log_window(ctx: RunContext, window: Window, step: int) -> dict[str, float]:
 
 def checkpoint(ctx: RunContext, trainee: Trainee, metrics: dict[str, float], local_loss: float) -> None:
     """Report the checkpoint of ``trainee.step`` (a collective); rank 0 then prints where it went and
-    logs the buffered metrics through that step to MLflow."""
+    logs the buffered metrics through that step to MLflow. Rank 0's report also carries the latest
+    evaluation metrics (``val_bpd``, ``fd``: ``MetricBuffer.latest``), which a Ray Tune sweep's
+    scheduler reads (``pipelines.tuning``)."""
     chief = ctx.chief
-    report_checkpoint(trainee, ctx.config, ctx.worker, chief.buffer if chief else None, ctx.run_id, metrics,
+    reported = {**chief.buffer.latest(), **metrics} if chief is not None else metrics
+    report_checkpoint(trainee, ctx.config, ctx.worker, chief.buffer if chief else None, ctx.run_id, reported,
                       local_loss, ctx.budget.seconds())
     if chief is not None:
         chief.progress.checkpoint(trainee.step, checkpoint_path(ctx.config, trainee.step))

@@ -1,6 +1,7 @@
-"""One optimizer step of a worker: per-example timesteps and noise (``example_noise``),
-``GaussianDiffusion.training_losses``, backward (DDP averages the gradients), clip, Adam(W) with
-linear warm-up, EMA update; and the guard that stops a run whose steps keep going non-finite."""
+"""One optimizer step of a worker: per-example timesteps and noise (``example_noise``), for a
+class-conditional model the labels with label dropout, ``GaussianDiffusion.training_losses``,
+backward (DDP averages the gradients), clip, Adam(W) with linear warm-up, EMA update; and the guard
+that stops a run whose steps keep going non-finite."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 from diffusion_core.diffusion import GaussianDiffusion
+from diffusion_core.guidance import with_class_labels
 from pipelines.training.config import OptimizerConfig, TrainConfig
-from pipelines.training.example_noise import example_timesteps_and_noise
+from pipelines.training.example_noise import example_label_dropout, example_timesteps_and_noise
 from pipelines.training.trainee import Trainee
 
 
@@ -39,8 +41,14 @@ def gather_in_rank_order(t: torch.Tensor, losses: torch.Tensor, world_size: int)
 
 
 def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Tensor, config: TrainConfig,
-               bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               bf16: bool, class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on this worker's part ``x_start`` [n, C, H, W] of the global batch.
+
+    With ``class_labels`` (int64 [n] in [0, num_classes), a class-conditional model) each label is
+    replaced by -1 with probability ``train.label_dropout`` (``example_noise.example_label_dropout``,
+    drawn after and apart from the timesteps and noise) and the network is called
+    ``model(x_t, t, labels)``; without them (an unconditional model) the step is the same
+    computation, and draws the same random numbers, as it is for a model without classes.
 
     A step whose global gradient norm is not finite (a non-finite loss anywhere makes it so) is
     skipped on every rank: no optimizer or EMA update; the step still counts.
@@ -63,9 +71,13 @@ def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Te
     if x_start.device.type == "cuda" and config.scaling.channels_last:
         x_start = x_start.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(x_start.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    network = trainee.model
+    if class_labels is not None:
+        network = with_class_labels(trainee.model, example_label_dropout(
+            x_start, class_labels, config.train.seed, trainee.step, config.train.label_dropout))
     trainee.optimizer.zero_grad(set_to_none=True)
     with autocast:
-        losses = diffusion.training_losses(trainee.model, x_start, t, noise=noise)["loss"]
+        losses = diffusion.training_losses(network, x_start, t, noise=noise)["loss"]
     if sampler is None:
         losses.float().mean().backward()
     else:  # importance weights 1 / (T p_t) keep the objective unbiased

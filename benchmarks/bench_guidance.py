@@ -1,0 +1,207 @@
+"""Classifier-free guidance: FD and sample class accuracy of a class-conditional model against the
+guidance scale, next to an unconditional model trained the same way.
+
+For the conditional model (``--cond-model``, trained with ``configs/fashion_mnist_cond.yaml``) and
+the unconditional one (``--uncond-model``, ``configs/fashion_mnist.yaml``), N = ``--images``
+class-balanced samples (sample i asks for class i mod K) are drawn with the sampler the docs
+recommend for about 20 network evaluations (SDE-DPM-Solver++(2M), quadratic spacing,
+``--steps`` steps) at each guidance scale s of ``--scales`` (s = 1: the conditional model, s = 0:
+its unconditional half, Ho & Salimans 2022 in diffusers' convention). A guided step (s not 0 or 1)
+evaluates the network twice per image (one call on the doubled batch), so each such scale is also
+drawn at ``--steps / 2`` steps: the FD at equal network evaluations.
+
+Every row: network evaluations per image, FD (classifier features) against the train split, FD /
+floor (the floor is the FD of N real val images against the same reference), the share of samples
+the FD classifier assigns to the class asked for (overall and per class), and wall seconds per
+image. The classifier's accuracy on those N real val images is recorded beside them
+(``real_val_accuracy``): a sample's class accuracy is read against it, since the classifier also
+errs on real images. Prints a table, writes JSON (default ``benchmarks/results/bench_guidance.json``) and a PNG
+plot of FD and class accuracy against the scale::
+
+    python benchmarks/bench_guidance.py --cond-model models:/ddpm-fashion-mnist-cond/1 \\
+        --uncond-model models:/ddpm-fashion-mnist/1 --classifier models:/fd-classifier-fashion-mnist/1 \\
+        --shards data/fashion-mnist-shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from cli import add_threads, bench_parser, require_at_least
+from machine import machine_info
+from matplotlib.figure import Figure
+from report import build_report, load_average_1m, write_report
+from table import Column, format_table
+from timing import time_calls
+
+from diffusion_core.checkpoint import LoadedModel, load_checkpoint
+from diffusion_core.generate import SamplerSettings
+from diffusion_core.guidance import guidance_evaluations
+from pipelines.data.shards.reader import read_split_numpy
+from pipelines.evaluation.conditioning import class_accuracy, predicted_classes
+from pipelines.evaluation.distributed_sampling import num_blocks, sample_blocks
+from pipelines.evaluation.fd import StatsCache, images_fd, reference_and_floor
+from pipelines.evaluation.features import build_feature_net
+from pipelines.registry.model_store import fetch_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "bench_guidance"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command line; see ``--help``."""
+    parser = bench_parser(SCRIPT, __doc__)
+    parser.add_argument("--cond-model", required=True, help="the class-conditional DDPM: model URI or folder")
+    parser.add_argument("--uncond-model", required=True, help="the unconditional DDPM: model URI or folder")
+    parser.add_argument("--classifier", required=True, help="the FD classifier: model URI or folder")
+    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"))
+    parser.add_argument("--images", type=int, default=2000, help="N, samples per row (and the floor's N)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 1.5, 2.0, 3.0, 5.0])
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (SDE-DPM-Solver++(2M), quadratic)")
+    parser.add_argument("--equal-evals", action=argparse.BooleanOptionalAction, default=True,
+                        help="also draw each guided scale at --steps / 2 steps (the same evaluations as s = 1)")
+    parser.add_argument("--block", type=int, default=250, help="images per seeded block (one batch)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads(parser, 2)
+    parser.add_argument("--cache", default=None, help="FD statistics cache folder (default outputs/fd_cache)")
+    args = parser.parse_args(argv)
+    require_at_least(parser, args, {"images": 2, "block": 1, "threads": 1, "steps": 2})
+    if any(not np.isfinite(s) or s < 0 for s in args.scales):
+        parser.error(f"--scales must be finite and >= 0, got {args.scales}")
+    return args
+
+
+def recommended_settings(steps: int) -> SamplerSettings:
+    """SDE-DPM-Solver++(2M) on quadratic timesteps (docs/sampling.md, "Which sampler to pick")."""
+    return SamplerSettings("dpm_solver", steps, algorithm="sde-dpmsolver++", spacing="quadratic")
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows to draw: the unconditional model, then each scale at ``--steps`` and (guided scales,
+    ``--equal-evals``) at ``--steps // 2``."""
+    rows: list[dict[str, Any]] = [{"model": "unconditional", "scale": None, "steps": args.steps}]
+    rows += [{"model": "conditional", "scale": s, "steps": args.steps} for s in args.scales]
+    if args.equal_evals:
+        rows += [{"model": "conditional", "scale": s, "steps": args.steps // 2}
+                 for s in args.scales if guidance_evaluations(s) == 2]
+    return rows
+
+
+def draw(loaded: LoadedModel, row: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
+    """N samples of one row (class-balanced for the conditional model) and their wall seconds."""
+    settings = recommended_settings(row["steps"])
+    classes = None if row["scale"] is None else range(loaded.unet_config.num_classes)
+    out: dict[str, np.ndarray] = {}
+    blocks = np.arange(num_blocks(args.images, args.block))
+    seconds = time_calls(lambda _: out.update(sample_blocks(
+        loaded.diffusion, loaded.model, loaded.unet_config.image_shape, settings, args.images, args.block,
+        args.seed, blocks, classes=classes, guidance_scale=1.0 if row["scale"] is None else row["scale"])), 1).total
+    return out, seconds
+
+
+def score(row: dict[str, Any], samples: dict[str, np.ndarray], seconds: float, loaded: LoadedModel, net: Any,
+          reference: Any, num_classes: int) -> dict[str, Any]:
+    """The row's figures: evaluations, FD, class accuracy (every row is asked for class i mod K;
+    the unconditional model's accuracy is the chance that a sample falls in the class its index
+    names, about 1/K), seconds per image."""
+    evals = recommended_settings(row["steps"]).network_evaluations(loaded.diffusion.num_timesteps)
+    if row["scale"] is not None:
+        evals *= guidance_evaluations(row["scale"])
+    asked = np.arange(len(samples["image"])) % num_classes
+    accuracy = class_accuracy(predicted_classes(net.model, samples["image"]), asked, range(num_classes))
+    return {**row, "evals": evals, "fd": images_fd(net, samples["image"], reference), "seconds": seconds,
+            "seconds_per_image": seconds / len(samples["image"]), "images": len(samples["image"]), **accuracy}
+
+
+def real_val_accuracy(shards: str, images: int, net: Any) -> float:
+    """The FD classifier's accuracy on the first ``images`` real val images (the floor's images)."""
+    real, labels = read_split_numpy(shards, "val", limit=images)
+    return float((predicted_classes(net.model, real) == labels).mean())
+
+
+def plot(rows: list[dict[str, Any]], floor: float, images: int, steps: int,
+         real_accuracy: float | None = None) -> bytes:
+    """PNG: FD (left) and sample class accuracy (right) against the guidance scale, at ``steps``
+    steps and at equal evaluations; the unconditional model's FD and the floor as lines."""
+    fig = Figure(figsize=(10.5, 4.0))
+    fd_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for label, chosen in ((f"{steps} steps", [r for r in rows if r["scale"] is not None and r["steps"] == steps]),
+                          ("equal evaluations", [r for r in rows if r["scale"] is not None and r["steps"] != steps])):
+        if not chosen:
+            continue
+        points = sorted((r["scale"], r["fd"], r["sample_class_accuracy"]) for r in chosen)
+        fd_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"conditional, {label}")
+        acc_ax.plot([p[0] for p in points], [100 * p[2] for p in points], marker="o", label=f"conditional, {label}")
+    for r in rows:
+        if r["scale"] is None:
+            fd_ax.axhline(r["fd"], color="tab:red", linestyle=":", label=f"unconditional ({r['evals']} evals)")
+    fd_ax.axhline(floor, linestyle="--", color="gray", label=f"floor (N={images} real val images)")
+    acc_ax.axhline(95, linestyle="--", color="gray", label="95%")
+    if real_accuracy is not None:
+        acc_ax.axhline(100 * real_accuracy, linestyle=":", color="black", label="real val images")
+    fd_ax.set(xlabel="guidance scale s", ylabel="FD (classifier features)", yscale="log",
+              title=f"FD of N={images} class-balanced samples")
+    acc_ax.set(xlabel="guidance scale s", ylabel="samples classified as asked (%)", title="class accuracy")
+    for ax in (fd_ax, acc_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def table(rows: list[dict[str, Any]], floor: float) -> str:
+    """Text table: model, scale, steps, evaluations, FD, FD / floor, class accuracy, s/image."""
+    return format_table(rows, (
+        Column("model", "model"), Column("scale", lambda r: "-" if r["scale"] is None else r["scale"]),
+        Column("steps", "steps"), Column("evals", "evals"), Column("FD", "fd", ".3f"),
+        Column("FD/floor", lambda r: r["fd"] / floor, ".2f"),
+        Column("class acc %", lambda r: 100 * r["sample_class_accuracy"], ".1f"),
+        Column("s/image", "seconds_per_image", ".4f"),
+    ))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    load_start = load_average_1m()
+    torch.set_num_threads(args.threads)
+    models = {"conditional": load_checkpoint(fetch_checkpoint(args.cond_model)),
+              "unconditional": load_checkpoint(fetch_checkpoint(args.uncond_model))}
+    num_classes = models["conditional"].unet_config.num_classes
+    if num_classes is None or models["unconditional"].unet_config.num_classes is not None:
+        raise SystemExit("error: --cond-model must be class-conditional and --uncond-model unconditional")
+    net = build_feature_net("classifier", classifier=args.classifier)
+    reference, floor = reference_and_floor(args.shards, args.images, net, StatsCache(args.cache))
+    real_accuracy = real_val_accuracy(args.shards, args.images, net)
+    print(f"floor (N={args.images} real val images): {floor:.3f}; the classifier's accuracy on them: "
+          f"{100 * real_accuracy:.1f}%", flush=True)
+    rows: list[dict[str, Any]] = []
+    output = Path(args.output)
+    for row in plan(args):
+        loaded = models[row["model"]]
+        samples, seconds = draw(loaded, row, args)
+        rows.append(score(row, samples, seconds, loaded, net, reference, num_classes))
+        last = rows[-1]
+        print(f"[{time.strftime('%H:%M:%S')}] {row['model']:>13} s={row['scale']} {last['evals']:>3} evals: "
+              f"FD {last['fd']:.3f}  class accuracy {100 * last['sample_class_accuracy']:.1f}%", flush=True)
+        figures = {"cond_model": args.cond_model, "uncond_model": args.uncond_model, "classifier": args.classifier,
+                   "shards": str(Path(args.shards).resolve()), "images": args.images, "threads": args.threads,
+                   "block": args.block, "seed": args.seed, "sampler": recommended_settings(args.steps).params(),
+                   "floor": floor, "real_val_accuracy": real_accuracy, "features": net.identity, "num_classes": num_classes, "rows": rows}
+        # after every row: a long run keeps what it measured
+        write_report(output, build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures))
+    print(table(rows, floor))
+    output.with_suffix(".png").write_bytes(plot(rows, floor, args.images, args.steps, real_accuracy))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
