@@ -117,15 +117,22 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
 def ending_run_on_error(tracking_uri: str, run_id: str) -> Iterator[None]:
     """Around the work of run ``run_id``: when the block is interrupted (``KeyboardInterrupt``, which
     ``ray job stop``'s SIGTERM becomes) the run ends KILLED, when it raises it ends FAILED, and the
-    exception propagates; the caller ends a run that returns FINISHED."""
+    exception propagates; the caller ends a run that returns FINISHED. A run that something else has
+    already ended meanwhile keeps its status (a sweep's scheduler ends a trial it stops KILLED while
+    that trial's Ray Train run is still being torn down)."""
     try:
         yield
     except KeyboardInterrupt:
-        end_run(tracking_uri, run_id, "KILLED")
+        _end_if_running(tracking_uri, run_id, "KILLED")
         raise
     except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
+        _end_if_running(tracking_uri, run_id, "FAILED")
         raise
+
+
+def _end_if_running(tracking_uri: str, run_id: str, status: str) -> None:
+    if MlflowClient(tracking_uri).get_run(run_id).info.status == "RUNNING":
+        end_run(tracking_uri, run_id, status)
 
 
 def log_png(client: MlflowClient, run_id: str, png: bytes, artifact_file: str) -> None:
