@@ -30,36 +30,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-import yaml
 from cli import bench_parser, require_at_least
-from machine import machine_info
-from mlflow import MlflowClient
-from report import build_report, load_average_1m, read_figures, write_report
+from scoring import score_trial
+from study import open_study, run_study
 from table import Column, format_table
 
-from pipelines.data import storage
-from pipelines.evaluation.job import EvalSettings, evaluate
-from pipelines.registry.tracking_uri import resolve_tracking_uri
-from pipelines.training.config import load_config
-from pipelines.training.tags import MODEL_URI_TAG
-from pipelines.tuning.driver import SweepRequest, run_sweep
 from pipelines.tuning.spec import SweepSpec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "bench_bpd_configs"
 SWEEP = ROOT / "configs" / "sweeps" / "bpd_configs.yaml"
 SCHEDULE_KEY = "diffusion.schedule"
+#: The config values each row reports (``scoring.score_trial``): column -> the trial's MLflow param.
+SWITCHES = {"loss": "diffusion.loss", "variance": "diffusion.variance", "schedule": SCHEDULE_KEY,
+            "timestep_sampler": "train.timestep_sampler"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; see ``--help``."""
-    parser = bench_parser(SCRIPT, __doc__)
-    parser.set_defaults(output=ROOT / "benchmarks" / "results" / f"{SCRIPT}_sweep.json")
+    parser = bench_parser(SCRIPT, __doc__, output_name=f"{SCRIPT}_sweep")
     parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_mnist.yaml"))
     parser.add_argument("--sweep", default=str(SWEEP), help="the study's sweep YAML (its variants are the rows)")
     parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"))
@@ -105,30 +97,6 @@ def study_spec(raw: Mapping[str, Any], rows: Sequence[str] | None, schedules: Se
                            "budget": {"train.max_minutes": minutes, "train.total_steps": max_steps}})
 
 
-def score_trial(row: Mapping[str, Any], client: MlflowClient, shards: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One trial of the sweep (a results row of ``pipelines.tuning``) scored on the test split."""
-    trained = client.get_run(row["run_id"]).data
-    model_uri = trained.tags[MODEL_URI_TAG]
-    params = trained.params
-    scored = evaluate(EvalSettings(model=model_uri, shards=shards, split="test", images=args.test_images,
-                                   estimate=args.estimate, workers=args.workers, samples=0, threads=1))
-    metrics = scored["metrics"]
-    return {
-        "row": row["variant"], "trial_id": row["trial_id"], "outcome": row["outcome"], "steps": row["step"],
-        "loss": params["diffusion.loss"], "variance": params["diffusion.variance"],
-        "schedule": params["diffusion.schedule"], "timestep_sampler": params["train.timestep_sampler"],
-        "test_images": args.test_images, "estimate_k": args.estimate,
-        "test_bpd": metrics["eval_bpd_estimate"], "test_bpd_stderr_images": metrics["eval_bpd_estimate_stderr_images"],
-        "test_bpd_stderr_timesteps": metrics["eval_bpd_estimate_stderr"],
-        "prior_bpd": metrics.get("eval_bpd_estimate_prior"), "terms_bpd": metrics.get("eval_bpd_estimate_terms"),
-        "decoder_bpd": metrics.get("eval_bpd_estimate_decoder"),
-        # the run's latest value of each (None when it never logged it)
-        "fd": trained.metrics.get("fd"), "fd_floor": trained.metrics.get("fd_floor"),
-        "val_bpd": trained.metrics.get("val_bpd"),
-        "model_uri": model_uri, "train_run_id": row["run_id"], "eval_run_id": scored["run_id"],
-    }
-
-
 COLUMNS = (
     Column("row", "row"), Column("loss", "loss"), Column("variance", "variance"), Column("schedule", "schedule"),
     Column("sampler", "timestep_sampler"), Column("steps", "steps"), Column("test bpd", "test_bpd", ".4f"),
@@ -144,36 +112,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    output = Path(args.output)
-    done = {r["row"]: r for r in (read_figures(output)["rows"] if output.is_file() else [])}
-    shards = storage.resolve(args.shards).uri  # absolute: Ray Train workers run in another directory
-    base = load_config(args.config, args.set).replace({
-        "data.shards": shards, "train.storage_path": storage.resolve(args.storage).uri, "train.run_name": None})
-    sweep_text = Path(args.sweep).read_text()
-    spec = study_spec(yaml.safe_load(sweep_text), args.rows, args.schedules, list(done), args.minutes, args.max_steps)
-    spec.check_against(base)
-    load_start = load_average_1m()
-    name = args.name or f"bpd-configs-{time.strftime('%Y%m%d-%H%M%S')}"
-    started = time.monotonic()
-    outcome = run_sweep(SweepRequest(base=base, spec=spec, name=name, sweep_text=sweep_text))
-    sweep_minutes = (time.monotonic() - started) / 60
-    client = MlflowClient(resolve_tracking_uri())
-    for trial in outcome["rows"]:
-        if not trial["model_uri"]:
-            print(f"{trial['variant']}: trial {trial['trial_id']} {trial['outcome']} without a model "
-                  f"({trial['error'] or 'no error'}); not scored", flush=True)
-            continue
-        row = score_trial(trial, client, shards, args)
-        machine = {**machine_info(torch.device("cpu")), "load_average_1m": {"start": load_start, "end": load_average_1m()}}
-        done[row["row"]] = row = {**row, "machine": machine, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-        figures = {"config": args.config, "sweep": args.sweep, "sweep_name": name,
-                   "sweep_parent_run_id": outcome["parent_run_id"], "sweep_minutes": sweep_minutes,
-                   "minutes": args.minutes, "shards": str(Path(args.shards).resolve()), "rows": list(done.values())}
-        # after every row: a long study keeps what it measured
-        write_report(output, build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures))
-        print(table([row]), flush=True)
-    print(table(list(done.values())))
-    print(f"wrote {output.resolve()}")
+    study = open_study(args, lambda raw, done: study_spec(raw, args.rows, args.schedules, done, args.minutes,
+                                                          args.max_steps))
+    run_study(study, args, argv, SCRIPT, "bpd-configs", table=table,
+              score=lambda trial, client: score_trial(trial, client, study.shards, args.test_images, args.estimate,
+                                                      args.workers, SWITCHES))
 
 
 if __name__ == "__main__":

@@ -38,17 +38,15 @@ from cli import add_threads, bench_parser, require_at_least
 from machine import machine_info
 from matplotlib.figure import Figure
 from report import build_report, load_average_1m, write_report
+from scoring import classifier_reference, draw_samples, recommended_settings
 from table import Column, format_table
 from timing import time_calls
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
-from diffusion_core.generate import SamplerSettings
 from diffusion_core.guidance import guidance_evaluations
 from pipelines.data.shards.reader import read_split_numpy
 from pipelines.evaluation.conditioning import class_accuracy, predicted_classes
-from pipelines.evaluation.distributed_sampling import num_blocks, sample_blocks
-from pipelines.evaluation.fd import StatsCache, images_fd, reference_and_floor
-from pipelines.evaluation.features import build_feature_net
+from pipelines.evaluation.fd import images_fd
 from pipelines.registry.model_store import fetch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (SDE-DPM-Solver++(2M), quadratic)")
     parser.add_argument("--equal-evals", action=argparse.BooleanOptionalAction, default=True,
                         help="also draw each guided scale at --steps / 2 steps (the same evaluations as s = 1)")
+    parser.add_argument("--only-equal-evals", action="store_true",
+                        help="draw guided scales only at --steps / 2 steps (the rows that compare at equal evaluations)")
     parser.add_argument("--block", type=int, default=250, help="images per seeded block (one batch)")
     parser.add_argument("--seed", type=int, default=0)
     add_threads(parser, 2)
@@ -78,17 +78,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def recommended_settings(steps: int) -> SamplerSettings:
-    """SDE-DPM-Solver++(2M) on quadratic timesteps (docs/sampling.md, "Which sampler to pick")."""
-    return SamplerSettings("dpm_solver", steps, algorithm="sde-dpmsolver++", spacing="quadratic")
-
-
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The rows to draw: the unconditional model, then each scale at ``--steps`` and (guided scales,
-    ``--equal-evals``) at ``--steps // 2``."""
+    ``--equal-evals``) at ``--steps // 2``; with ``--only-equal-evals`` guided scales only at ``--steps // 2``."""
     rows: list[dict[str, Any]] = [{"model": "unconditional", "scale": None, "steps": args.steps}]
-    rows += [{"model": "conditional", "scale": s, "steps": args.steps} for s in args.scales]
-    if args.equal_evals:
+    rows += [{"model": "conditional", "scale": s, "steps": args.steps} for s in args.scales
+             if not (args.only_equal_evals and guidance_evaluations(s) == 2)]
+    if args.equal_evals or args.only_equal_evals:
         rows += [{"model": "conditional", "scale": s, "steps": args.steps // 2}
                  for s in args.scales if guidance_evaluations(s) == 2]
     return rows
@@ -99,10 +95,9 @@ def draw(loaded: LoadedModel, row: dict[str, Any], args: argparse.Namespace) -> 
     settings = recommended_settings(row["steps"])
     classes = None if row["scale"] is None else range(loaded.unet_config.num_classes)
     out: dict[str, np.ndarray] = {}
-    blocks = np.arange(num_blocks(args.images, args.block))
-    seconds = time_calls(lambda _: out.update(sample_blocks(
-        loaded.diffusion, loaded.model, loaded.unet_config.image_shape, settings, args.images, args.block,
-        args.seed, blocks, classes=classes, guidance_scale=1.0 if row["scale"] is None else row["scale"])), 1).total
+    seconds = time_calls(lambda _: out.update(draw_samples(
+        loaded, settings, args.images, args.block, args.seed, classes=classes,
+        guidance_scale=1.0 if row["scale"] is None else row["scale"])), 1).total
     return out, seconds
 
 
@@ -178,8 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     num_classes = models["conditional"].unet_config.num_classes
     if num_classes is None or models["unconditional"].unet_config.num_classes is not None:
         raise SystemExit("error: --cond-model must be class-conditional and --uncond-model unconditional")
-    net = build_feature_net("classifier", classifier=args.classifier)
-    reference, floor = reference_and_floor(args.shards, args.images, net, StatsCache(args.cache))
+    fd_reference = classifier_reference(args.shards, args.images, args.classifier, args.cache)
+    net, reference, floor = fd_reference.net, fd_reference.reference, fd_reference.floor
     real_accuracy = real_val_accuracy(args.shards, args.images, net)
     print(f"floor (N={args.images} real val images): {floor:.3f}; the classifier's accuracy on them: "
           f"{100 * real_accuracy:.1f}%", flush=True)

@@ -22,13 +22,14 @@ def default_output(script: str) -> Path:
     return RESULTS_DIR / f"{script}.json"
 
 
-def bench_parser(script: str, doc: str | None) -> argparse.ArgumentParser:
+def bench_parser(script: str, doc: str | None, output_name: str | None = None) -> argparse.ArgumentParser:
     """A parser described by the script's docstring ``doc`` (printed whole by ``--help``) with
-    ``--output`` (a ``Path``, default ``default_output(script)``)."""
+    ``--output`` (a ``Path``, default ``default_output(output_name or script)``)."""
+    name = output_name or script
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=default_output(script),
-                        help=f"results JSON (default benchmarks/results/{script}.json)")
+    parser.add_argument("--output", type=Path, default=default_output(name),
+                        help=f"results JSON (default benchmarks/results/{name}.json)")
     return parser
 
 

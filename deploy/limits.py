@@ -22,8 +22,8 @@ class Limits(BaseModel):
         max_num_images: most images one ``/sample`` request may ask for.
         max_num_steps: most network evaluations (model calls) per image of one request: T for
             "ddpm" and for the exact bound (``method: "exact"``), ``num_steps`` S for "ddim" and
-            "dpm_solver", S (1 + corrector_steps) for "pc", S corrector_steps + 1 for "langevin"
-            (the sampler registry's cost, ``diffusion_core.samplers.registry``).
+            "dpm_solver", S (1 + corrector_steps) for "pc", S corrector_steps + 1 for "langevin",
+            2 S - 1 for "edm_heun" (the sampler registry's cost, ``diffusion_core.samplers.registry``).
         max_num_samples: most timesteps K of the stratified likelihood estimate per image.
         max_likelihood_images: most images in one ``/likelihood`` request.
         max_upload_bytes: largest request body in bytes (JSON or multipart).

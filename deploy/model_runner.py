@@ -63,7 +63,7 @@ class SampleJob:
 
     Attributes:
         num_images: N >= 1.
-        sampler: "ddpm", "ddim", "pc", "langevin" or "dpm_solver".
+        sampler: "ddpm", "ddim", "pc", "langevin", "dpm_solver" or "edm_heun".
         num_steps: the sampler's steps S (T for DDPM).
         eta: DDIM stochasticity (unused by the other samplers).
         seed: seed of the job's torch.Generator (initial and per-step noise).
@@ -330,9 +330,9 @@ class ModelRunner:
     def sample_group(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor]:
         """Run jobs of identical ``group`` (settings and guidance scale) as one ``generate`` call (the
         core sampler the settings name: ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``,
-        ``langevin_sample_loop`` or ``dpm_solver_sample_loop``) on all their images, with one
-        generator per job (``RowGenerators``) and, when any job has labels, every job's labels (-1
-        for a job without) under classifier-free guidance at the group's scale.
+        ``langevin_sample_loop``, ``dpm_solver_sample_loop`` or ``edm_heun_sample_loop``) on all their
+        images, with one generator per job (``RowGenerators``) and, when any job has labels, every
+        job's labels (-1 for a job without) under classifier-free guidance at the group's scale.
 
         Returns:
             per job, float32 [num_images, C, H, W] on CPU.

@@ -42,7 +42,7 @@ DEFAULT_NUM_STEPS: dict[str, int] = {
     name: spec.default_num_steps for name, spec in SAMPLERS.items() if spec.default_num_steps is not None
 }
 """``num_steps`` of a request that omits it (capped at the model's T), the registry's per sampler
-(20 for "dpm_solver", else 50). "ddpm" always runs all T steps."""
+(20 for "dpm_solver", 18 for "edm_heun", else 50). "ddpm" always runs all T steps."""
 
 MAX_ETA = 1.0
 """Largest ``eta`` a request may give (the HTTP API's bound; the core's is ``inf``)."""
@@ -138,7 +138,8 @@ Attributes:
     sampler: "ddpm" (ancestral sampling over all T steps, Ho et al. 2020 Alg. 2), "ddim"
         (Song et al. 2021 eq. 12), "pc" (predictor-corrector: ancestral predictor and
         Langevin corrector, Song et al. 2021, SDEs), "langevin" (annealed Langevin dynamics,
-        Song & Ermon 2019) or "dpm_solver" (DPM-Solver++ 1/2M, Lu et al. 2022).
+        Song & Ermon 2019), "dpm_solver" (DPM-Solver++ 1/2M, Lu et al. 2022) or "edm_heun" (EDM's
+        deterministic Heun sampler, Karras et al. 2022 Alg. 1; 2 S - 1 network evaluations).
     num_steps: S, the sampler's steps (noise levels), 1 <= S <= T; omitted: ``DEFAULT_NUM_STEPS``
         (at most T). For "ddpm" it must be omitted or equal T.
     eta: DDIM stochasticity in [0, 1] (0: deterministic DDIM; 1: DDPM-like variance); "ddim"

@@ -8,8 +8,8 @@ Run it with the YAML (model, limits, batching, autoscaling and resources all liv
 Endpoints (errors are always ``{"error": "<field>: <what is wrong>", "field": ...}``: a 4xx for a bad
 request, 503 with ``Retry-After`` when the model replica holding the request dies):
 
-* ``POST /sample`` JSON ``SampleRequest`` (sampler "ddpm", "ddim", "pc", "langevin" or
-  "dpm_solver" with its parameters): images as base64 PNGs in JSON, one PNG grid, or an ``.npy``
+* ``POST /sample`` JSON ``SampleRequest`` (sampler "ddpm", "ddim", "pc", "langevin",
+  "dpm_solver" or "edm_heun", with its parameters): images as base64 PNGs in JSON, one PNG grid, or an ``.npy``
   (uint8 [N, H, W, C]); the same ``seed`` gives the same images. The JSON answer also carries the
   sampler's resolved parameters and its ``network_evaluations`` per image. A class-conditional model
   takes ``class_label`` (a class index or name, or one per image) and ``guidance_scale``

@@ -8,8 +8,9 @@ public names; ``GaussianDiffusion`` (``diffusion``) the validated facade over th
 Samplers, all methods of ``GaussianDiffusion``, described once in ``diffusion_core.samplers.registry``:
 ``p_sample_loop`` (ancestral DDPM), ``ddim_sample_loop`` (DDIM, spacing "uniform" | "quadratic" |
 "logsnr"), ``pc_sample_loop`` (predictor-corrector, Song et al. 2021), ``langevin_sample_loop``
-(annealed Langevin dynamics, Song & Ermon 2019) and ``dpm_solver_sample_loop`` (DPM-Solver++
-multistep, Lu et al. 2022); ``network_evaluations`` gives the model calls of each.
+(annealed Langevin dynamics, Song & Ermon 2019), ``dpm_solver_sample_loop`` (DPM-Solver++
+multistep, Lu et al. 2022) and ``edm_heun_sample_loop`` (EDM's Heun sampler, Karras et al. 2022);
+``network_evaluations`` gives the model calls of each.
 Predictions: "eps", "x_start", "v" and "score". Class-conditional models (``UNetConfig.num_classes``)
 and classifier-free guidance (Ho & Salimans 2022): ``diffusion_core.guidance``.
 This package imports neither Ray nor MLflow and does no I/O beyond the checkpoints it is handed.

@@ -8,15 +8,18 @@ out-of-range values raise ``ValueError`` naming the key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, TypeVar
 
-from diffusion_core.validation import check_choice, check_positive_int
+from diffusion_core.validation import check_choice, check_number_in, check_positive_int
 
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "x_start", "v", "score"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 Loss = Literal["simple", "vlb", "hybrid"]
+LossWeighting = Literal["none", "min_snr", "edm"]
+TimestepDistribution = Literal["uniform", "edm_lognormal"]
 
 _C = TypeVar("_C")
 
@@ -41,6 +44,11 @@ def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
     return cls(**kwargs)
 
 
+#: ``DiffusionConfig`` keys that ``to_dict`` leaves out, a group at a time, while they hold their defaults.
+_OPTIONAL_GROUPS = (("loss_weighting", "min_snr_gamma"), ("edm_sigma_data",),
+                    ("timestep_distribution", "edm_p_mean", "edm_p_std"))
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """Settings of the Gaussian diffusion process (Ho et al. 2020; Nichol & Dhariwal 2021).
@@ -61,6 +69,27 @@ class DiffusionConfig:
             variational bound terms in bits/dim), or "hybrid" (simple + vlb_weight * vlb with the
             mean stopped in the vlb term; Nichol & Dhariwal 2021 sec. 3.1).
         vlb_weight: lambda of the hybrid loss (0.001 in Nichol & Dhariwal 2021).
+        loss_weighting: per-timestep weight of the MSE of the "simple" loss and of the MSE part of
+            "hybrid": "none" (every timestep weighted as its parameterization's plain MSE);
+            "min_snr", Min-SNR-gamma (Hang et al. 2023, sec. 3.4): the MSE is weighted so that it
+            equals min(SNR_t, gamma) times the x_0-MSE, with SNR_t = abar_t / (1 - abar_t)
+            (see ``diffusion_core.losses.min_snr_weight``); or "edm", EDM's loss weight (Karras et
+            al. 2022, Table 1): the MSE equals lambda(sigma_t) = (sigma_t^2 + sigma_data^2) /
+            (sigma_t sigma_data)^2 = SNR_t + 1 / sigma_data^2 times the x_0-MSE, with
+            sigma_t^2 = 1 / SNR_t (see ``diffusion_core.losses.edm_weight``). "min_snr" and "edm"
+            need loss "simple" or "hybrid"; the VLB term is never weighted.
+        min_snr_gamma: gamma of "min_snr", a finite number > 0 (5 in Hang et al. 2023); read only
+            when ``loss_weighting`` is "min_snr".
+        edm_sigma_data: sigma_data of "edm", the data's standard deviation, a finite number > 0
+            (0.5 in Karras et al. 2022); read only when ``loss_weighting`` is "edm".
+        timestep_distribution: which timesteps training draws: "uniform" (t uniform on [0, T), Ho et
+            al. 2020), or "edm_lognormal", EDM's ln sigma ~ N(edm_p_mean, edm_p_std^2) (Karras et al.
+            2022, Table 1) snapped to the chain's timesteps
+            (``diffusion_core.timesteps.edm_lognormal_probabilities``). "edm_lognormal" needs loss
+            "simple" or "hybrid" (the "vlb" loss estimates the bound from uniform timesteps). Only
+            training reads it; sampling and the bound do not.
+        edm_p_mean, edm_p_std: P_mean (a finite number) and P_std (a finite number > 0) of
+            "edm_lognormal" (-1.2 and 1.2 in Karras et al. 2022).
     """
 
     num_timesteps: int = 1000
@@ -69,6 +98,12 @@ class DiffusionConfig:
     variance: Variance = "fixed_small"
     loss: Loss = "simple"
     vlb_weight: float = 0.001
+    loss_weighting: LossWeighting = "none"
+    min_snr_gamma: float = 5.0
+    edm_sigma_data: float = 0.5
+    timestep_distribution: TimestepDistribution = "uniform"
+    edm_p_mean: float = -1.2
+    edm_p_std: float = 1.2
 
     def __post_init__(self) -> None:
         check_positive_int("num_timesteps", self.num_timesteps)
@@ -80,6 +115,22 @@ class DiffusionConfig:
         check_choice("loss", self.loss, Loss)
         if not (isinstance(self.vlb_weight, (int, float)) and self.vlb_weight >= 0):
             raise ValueError(f"vlb_weight={self.vlb_weight!r} must be a number >= 0")
+        check_choice("loss_weighting", self.loss_weighting, LossWeighting)
+        check_number_in("min_snr_gamma", self.min_snr_gamma, 0.0, math.inf, low_open=True, high_open=True)
+        check_number_in("edm_sigma_data", self.edm_sigma_data, 0.0, math.inf, low_open=True, high_open=True)
+        check_choice("timestep_distribution", self.timestep_distribution, TimestepDistribution)
+        check_number_in("edm_p_mean", self.edm_p_mean, -math.inf, math.inf, low_open=True, high_open=True)
+        check_number_in("edm_p_std", self.edm_p_std, 0.0, math.inf, low_open=True, high_open=True)
+        if self.loss_weighting != "none" and self.loss == "vlb":
+            raise ValueError(
+                f"loss_weighting={self.loss_weighting!r} needs loss 'simple' or 'hybrid', not {self.loss!r} "
+                "(the variational bound is not reweighted)"
+            )
+        if self.timestep_distribution != "uniform" and self.loss == "vlb":
+            raise ValueError(
+                f"timestep_distribution={self.timestep_distribution!r} needs loss 'simple' or 'hybrid', not "
+                f"{self.loss!r} (the 'vlb' loss estimates the bound from uniformly drawn timesteps)"
+            )
 
     @property
     def learn_sigma(self) -> bool:
@@ -87,8 +138,19 @@ class DiffusionConfig:
         return self.variance == "learned_range"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (JSON/YAML-serializable)."""
-        return dataclasses.asdict(self)
+        """Plain-dict form (JSON/YAML-serializable). Each group of optional keys is left out while
+        all its keys hold their defaults: ``loss_weighting`` and ``min_snr_gamma`` ("none", 5.0);
+        ``edm_sigma_data`` (0.5); ``timestep_distribution``, ``edm_p_mean`` and ``edm_p_std``
+        ("uniform", -1.2, 1.2). So the ``config.json`` of a model trained without these options has
+        the same keys whether or not the reader knows them; :meth:`from_dict` reads missing keys as
+        their defaults."""
+        data = dataclasses.asdict(self)
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for group in _OPTIONAL_GROUPS:
+            if all(data[name] == fields[name].default for name in group):
+                for name in group:
+                    del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DiffusionConfig":

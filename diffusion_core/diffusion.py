@@ -23,12 +23,12 @@ import torch
 from diffusion_core import bound, losses, rng
 from diffusion_core.config import DiffusionConfig
 from diffusion_core.process import DiffusionProcess
-from diffusion_core.samplers import ancestral, common, ddim, dpm_solver, score_based
+from diffusion_core.samplers import ancestral, common, ddim, dpm_solver, edm, score_based
 from diffusion_core.samplers.registry import ALGORITHM, CORRECTOR_STEPS, ETA, ORDER, SAMPLERS, SNR
 from diffusion_core.types import DenoisedFn, Model, Progress
 from diffusion_core.validation import check_same_shape
 
-_DDIM, _DPM_SOLVER = SAMPLERS["ddim"], SAMPLERS["dpm_solver"]
+_DDIM, _DPM_SOLVER, _EDM_HEUN = SAMPLERS["ddim"], SAMPLERS["dpm_solver"], SAMPLERS["edm_heun"]
 
 
 class GaussianDiffusion:
@@ -266,6 +266,15 @@ class GaussianDiffusion:
                                                  order=order, spacing=spacing, algorithm=algorithm,
                                                  generator=generator, noise=noise, clip_denoised=clip_denoised,
                                                  progress=progress, device=device)
+
+    def edm_heun_sample_loop(self, model: Model, shape, num_steps: int = _EDM_HEUN.default_num_steps,
+                             generator=None, noise=None, clip_denoised: bool = True, progress: Progress = None,
+                             device=None) -> torch.Tensor:
+        """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1, rho = 7 levels of eq. 5; 2 S - 1
+        model calls); see :func:`diffusion_core.samplers.edm.edm_heun_sample_loop`."""
+        return edm.edm_heun_sample_loop(self.process, model=model, shape=shape, num_steps=num_steps,
+                                        generator=generator, noise=noise, clip_denoised=clip_denoised,
+                                        progress=progress, device=device)
 
     def network_evaluations(self, sampler: str, num_steps: Optional[int] = None, corrector_steps: int = 0) -> int:
         """Model calls of one ``*_sample_loop`` call (each on the whole batch);

@@ -46,7 +46,7 @@ class SamplerSettings:
     (``diffusion_core.samplers.registry``).
 
     Attributes:
-        sampler: a name of the registry: "ddpm", "ddim", "pc", "langevin" or "dpm_solver".
+        sampler: a name of the registry: "ddpm", "ddim", "pc", "langevin", "dpm_solver" or "edm_heun".
         num_steps: S >= 1, the steps (noise levels) of every sampler but "ddpm" (which runs all T);
             at most T of the model sampled (checked by :meth:`network_evaluations` and the sampler).
         eta: DDIM's stochasticity, >= 0 (0 = deterministic); "ddim" only.
@@ -108,7 +108,8 @@ class SamplerSettings:
     def network_evaluations(self, num_timesteps: int) -> int:
         """Network evaluations (model calls on the whole batch) per image of one :func:`generate`
         call for a model with T = ``num_timesteps`` timesteps: T for "ddpm", else the registry's
-        cost of ``num_steps`` (S, S (1 + M) or S M + 1; M counts only for the samplers that take it).
+        cost of ``num_steps`` (S, S (1 + M), S M + 1 or 2 S - 1; M counts only for the samplers that
+        take it).
 
         Raises:
             ValueError: naming ``num_steps`` if it is more than T (for a sampler that uses it), or
@@ -130,9 +131,9 @@ def generate(
     """Draw ``shape`` = [N, C, H, W] images with ``settings``, without gradients.
 
     Calls the sampler's ``GaussianDiffusion`` method (the registry's ``SamplerSpec.method``:
-    ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``, ``langevin_sample_loop`` or
-    ``dpm_solver_sample_loop``) with the parameters that sampler uses, by keyword; the result is
-    exactly that call's. With ``class_labels`` the model is first wrapped in
+    ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``, ``langevin_sample_loop``,
+    ``dpm_solver_sample_loop`` or ``edm_heun_sample_loop``) with the parameters that sampler uses,
+    by keyword; the result is exactly that call's. With ``class_labels`` the model is first wrapped in
     ``diffusion_core.guidance.classifier_free_guidance(model, class_labels, guidance_scale,
     diffusion.process)`` (Ho & Salimans 2022): each model call of the sampler then costs
     ``guidance_evaluations(guidance_scale)`` (1 for s in {0, 1}, else 2) network evaluations per

@@ -32,6 +32,7 @@ import torch
 from diffusion_core.config import DiffusionConfig
 from diffusion_core.parameterization import ParameterizationMixin
 from diffusion_core.schedule import get_named_beta_schedule
+from diffusion_core.timesteps import edm_lognormal_probabilities
 from diffusion_core.types import DenoisedFn, Model
 from diffusion_core.validation import check_images, check_model_output, check_timesteps
 
@@ -48,6 +49,12 @@ class DiffusionProcess(ParameterizationMixin):
         sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, log_one_minus_alphas_cumprod,
         sqrt_recip_alphas_cumprod (1/sqrt(alpha_bar)), sqrt_recipm1_alphas_cumprod (sqrt(1/alpha_bar - 1)),
         one_minus_alphas_cumprod (1 - alpha_bar).
+        snr: the signal-to-noise ratio of q(x_t | x_0), SNR_t = alpha_bar_t / (1 - alpha_bar_t)
+            (Kingma et al. 2021, "Variational Diffusion Models"); read by the loss weights
+            (``diffusion_core.losses.loss_weight``).
+        timestep_probabilities: the distribution training draws timesteps from: ``None`` for
+            ``config.timestep_distribution`` "uniform", else p_t, float64 [T] summing to 1
+            (``diffusion_core.timesteps.edm_lognormal_probabilities``), computed once here.
         posterior_variance: beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
             (Ho et al. eq. 7); 0 at index 0.
         posterior_log_variance_clipped: log beta-tilde_t with index 0 replaced by index 1 before the
@@ -97,6 +104,11 @@ class DiffusionProcess(ParameterizationMixin):
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self.log_betas = np.log(betas)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        self.timestep_probabilities: np.ndarray | None = None
+        if config.timestep_distribution == "edm_lognormal":
+            self.timestep_probabilities = edm_lognormal_probabilities(
+                self.alphas_cumprod, config.edm_p_mean, config.edm_p_std)
         self._device_arrays: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:

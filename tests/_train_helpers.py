@@ -1,4 +1,5 @@
-"""Helpers shared by the training tests (configs, checkpoint states, ports); fixtures are in conftest.py."""
+"""Helpers shared by the training tests (configs, checkpoint states, ports, the loss a step backpropagates);
+fixtures are in conftest.py."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import pytest
+import torch
 
 from pipelines.training.config import TrainConfig, load_config
 from tooling.local_cluster import free_port  # noqa: F401  (re-exported for the tests)
@@ -68,6 +73,27 @@ class TinyRun:
 
     config: TrainConfig
     outcome: dict[str, Any]
+
+
+@contextmanager
+def recording_backward() -> Iterator[list[torch.Tensor]]:
+    """Record every tensor ``.backward()`` is called on inside the block (``torch.Tensor.backward``
+    patched, the real backward still run; the patch undone on exit, also on an error).
+
+    Yields the list the block fills, one detached clone per call: a ``train_step`` inside the block
+    leaves there the scalar it backpropagated, which the tests compare with the loss formula
+    (weightings, importance weights) recomputed from the per-example losses, as the returned
+    losses alone would not show what was averaged into the gradient."""
+    backpropagated: list[torch.Tensor] = []
+    real_backward = torch.Tensor.backward
+
+    def recording(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        backpropagated.append(self.detach().clone())
+        return real_backward(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "backward", recording)
+        yield backpropagated
 
 
 class ManualClock:

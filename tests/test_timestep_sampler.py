@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _train_helpers import recording_backward
 
 from diffusion_core.diffusion import GaussianDiffusion
 from pipelines.training.config import load_config
@@ -128,7 +129,7 @@ def test_training_updates_the_sampler_and_checkpoints_restore_it(tmp_path) -> No
     assert resumed.timestep_sampler.digest() == sampler.digest()
 
 
-def test_a_warm_sampler_weights_the_backpropagated_loss_with_p_before_the_update(monkeypatch) -> None:
+def test_a_warm_sampler_weights_the_backpropagated_loss_with_p_before_the_update() -> None:
     """With a warmed-up sampler, the loss ``train_step`` backpropagates is mean_i L_i / (T p_{t_i})
     with the p the timesteps were drawn from (before the step's own losses update the sampler).
 
@@ -148,17 +149,9 @@ def test_a_warm_sampler_weights_the_backpropagated_loss_with_p_before_the_update
     p_before = sampler.probabilities().copy()
     assert p_before.max() / p_before.min() > 4
 
-    backpropagated: list[torch.Tensor] = []
-    real_backward = torch.Tensor.backward
-
-    def recording_backward(self: torch.Tensor, *args, **kwargs):
-        backpropagated.append(self.detach().clone())
-        return real_backward(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "backward", recording_backward)
     x = torch.rand(8, *config.model.image_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    losses, t, grad_norm = train_step(trainee, diffusion, x, config, bf16=False)
-    monkeypatch.undo()
+    with recording_backward() as backpropagated:
+        losses, t, grad_norm = train_step(trainee, diffusion, x, config, bf16=False)
     assert len(backpropagated) == 1 and torch.isfinite(grad_norm)
     per_example, steps = losses.double().numpy(), t.numpy()
 

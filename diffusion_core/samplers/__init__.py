@@ -10,6 +10,7 @@ the same names and, by name, through ``diffusion_core.generate``.
 * ``score_based``: predictor-corrector and annealed Langevin dynamics with the model's score
   (Song et al. 2021, "Score-Based Generative Modeling through SDEs", Alg. 1/5; Song & Ermon 2019).
 * ``dpm_solver``: DPM-Solver++ multistep, ODE and SDE (Lu et al. 2022).
+* ``edm``: EDM's deterministic Heun sampler on the noise levels of eq. 5 (Karras et al. 2022, Alg. 1).
 
 Every sampler runs under ``torch.no_grad()``, draws its noise with
 ``diffusion_core.rng.randn(..., generator, device=device)`` (so a seeded generator gives the same

@@ -29,8 +29,9 @@ def network_evaluations(sampler: str, num_steps: int, corrector_steps: int = 0) 
 
     Args:
         sampler: a name of the registry: "ddpm" (``num_steps`` = T), "ddim", "dpm_solver"
-            (``num_steps``), "pc" (``num_steps * (1 + corrector_steps)``) or "langevin"
-            (``num_steps * corrector_steps + 1``: the last one denoises).
+            (``num_steps``), "pc" (``num_steps * (1 + corrector_steps)``), "langevin"
+            (``num_steps * corrector_steps + 1``: the last one denoises) or "edm_heun"
+            (``2 * num_steps - 1``: two per Heun step, one for the last).
         num_steps: S >= 1.
         corrector_steps: M >= 0 (only "pc" and "langevin" use it).
 

@@ -91,6 +91,11 @@ def _annealed_langevin(num_steps: int, corrector_steps: int, num_timesteps: int)
     return num_steps * corrector_steps + 1
 
 
+def _heun(num_steps: int, corrector_steps: int, num_timesteps: int) -> int:
+    """2 S - 1: two evaluations per Heun step, one for the last (an Euler step to sigma = 0)."""
+    return 2 * num_steps - 1
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     """One sampler.
@@ -134,6 +139,10 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("dpm_solver", "dpm_solver_sample_loop", ("num_steps", "spacing", "order", "algorithm"), _steps,
                 "Lu et al. 2022 (DPM-Solver++), Alg. 2", "DPM-Solver++ 1/2M, the ODE or the reverse SDE",
                 default_num_steps=20, default_spacing="logsnr"),
+    SamplerSpec("edm_heun", "edm_heun_sample_loop", ("num_steps",), _heun,
+                "Karras et al. 2022 (EDM), Alg. 1 on the noise levels of eq. 5 (rho = 7)",
+                "EDM's deterministic Heun (2nd order) solver of the probability-flow ODE",
+                default_num_steps=18),
 )}
 """Every sampler by name."""
 

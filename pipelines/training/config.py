@@ -119,7 +119,7 @@ class TrainSection:
         sample_every: steps between sample grids logged to MLflow (0 disables; also at the end).
         sample_images: images in each grid.
         sample_sampler: the grids' sampler, "ddim" (eta = 0), "ddpm" (all T steps), "pc",
-            "langevin" or "dpm_solver", with the other parameters at ``SamplerSettings``'
+            "langevin", "dpm_solver" or "edm_heun", with the other parameters at ``SamplerSettings``'
             defaults (``diffusion_core.generate``).
         sample_steps: the grids' sampler steps (ignored by "ddpm"), at most ``diffusion.num_timesteps``.
         bpd_every: steps between held-out bits/dim estimates (0 disables).
@@ -141,7 +141,8 @@ class TrainSection:
             makes local paths absolute).
         timestep_sampler: how a step draws its timesteps: "uniform", or "loss_second_moment"
             (importance sampling by sqrt(E[L_t^2]), Nichol & Dhariwal 2021 sec. 3.3; only with
-            ``diffusion.loss`` "vlb" or "hybrid"; see ``training.timestep_sampler``).
+            ``diffusion.loss`` "vlb" or "hybrid"; see ``training.timestep_sampler``); not with a
+            ``diffusion.timestep_distribution`` other than "uniform".
         max_minutes: training wall-time budget in minutes (0: none). Training stops at the first
             log step (``log_every``) at which the run's training time, summed over resumes, has
             reached it, and ends there as at ``total_steps``: last checkpoint, final grid and bound,
@@ -303,6 +304,9 @@ class TrainConfig:
     ``scaling.num_workers``, and ``train.sample_steps`` must be at most ``diffusion.num_timesteps``
     (unless ``train.sample_sampler`` is "ddpm", which ignores it). ``train.sample_guidance_scale``
     other than 1.0 needs a class-conditional model (``model.num_classes`` set).
+    ``train.timestep_sampler`` "loss_second_moment" and a ``diffusion.timestep_distribution`` other
+    than "uniform" are refused together: the importance sampler's weights 1/(T p_t) make the
+    objective an unbiased estimate of the uniform-timestep one, which the distribution replaces.
     """
 
     model: UNetConfig
@@ -324,6 +328,12 @@ class TrainConfig:
             raise ValueError(
                 "train.timestep_sampler='loss_second_moment' needs diffusion.loss 'vlb' or 'hybrid' "
                 "(it importance-samples the terms of the bound), not 'simple'"
+            )
+        if self.train.timestep_sampler != "uniform" and self.diffusion.timestep_distribution != "uniform":
+            raise ValueError(
+                f"train.timestep_sampler={self.train.timestep_sampler!r} cannot be combined with "
+                f"diffusion.timestep_distribution={self.diffusion.timestep_distribution!r}: the importance "
+                "weights 1/(T p_t) keep the uniform-timestep objective; set one of the two to 'uniform'"
             )
         if self.train.global_batch_size % self.scaling.num_workers:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""One optimizer step of a worker: per-example timesteps and noise (``example_noise``), for a
+"""One optimizer step of a worker: per-example timesteps (uniform, importance-sampled or from
+``diffusion.timestep_distribution``) and noise (``example_noise``), for a
 class-conditional model the labels with label dropout, ``GaussianDiffusion.training_losses``,
 backward (DDP averages the gradients), clip, Adam(W) with linear warm-up, EMA update; and the guard
 that stops a run whose steps keep going non-finite."""
@@ -65,7 +66,9 @@ def train_step(trainee: Trainee, diffusion: GaussianDiffusion, x_start: torch.Te
     for group in trainee.optimizer.param_groups:
         group["lr"] = learning_rate(config.optimizer, trainee.step)
     sampler = trainee.timestep_sampler
-    probabilities = sampler.probabilities() if sampler is not None else None
+    # p_t of the importance sampler, else of diffusion.timestep_distribution (None: uniform); the
+    # config refuses the two together
+    probabilities = sampler.probabilities() if sampler is not None else diffusion.timestep_probabilities
     t, noise = example_timesteps_and_noise(x_start, config.train.seed, trainee.step, diffusion.num_timesteps,
                                            probabilities)
     if x_start.device.type == "cuda" and config.scaling.channels_last:

@@ -10,6 +10,11 @@ objective an unbiased estimate of the uniform-t objective:
 
     E_{t ~ p}[L_t / (T p_t)] = sum_t p_t L_t / (T p_t) = (1/T) sum_t L_t = E_{t ~ U}[L_t].
 
+That target, the uniform-t objective, is why ``train.timestep_sampler: loss_second_moment`` is
+refused together with ``diffusion.timestep_distribution: edm_lognormal`` (``TrainConfig``), which
+replaces the target with E_{t ~ p_EDM}[L_t]; without this sampler the step draws t from that p_EDM
+directly (``DiffusionProcess.timestep_probabilities``) and weights nothing.
+
 In data-parallel training every rank updates the sampler with the losses of *all* ranks (gathered
 in rank order), so all ranks hold the same state and sample from the same distribution. Timesteps
 are 0-based.
