@@ -33,9 +33,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cli import bench_parser, require_at_least
+from cli import bench_parser
 from scoring import score_trial
-from study import open_study, run_study
+from study import add_study_arguments, check_study_arguments, open_study, run_study
 from table import Column, format_table
 
 from pipelines.tuning.spec import SweepSpec, spec_from_dict
@@ -52,25 +52,12 @@ SWITCHES = {"loss": "diffusion.loss", "variance": "diffusion.variance", "schedul
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; see ``--help``."""
     parser = bench_parser(SCRIPT, __doc__, output_name=f"{SCRIPT}_sweep")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_mnist.yaml"))
-    parser.add_argument("--sweep", default=str(SWEEP), help="the study's sweep YAML (its variants are the rows)")
-    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"))
-    parser.add_argument("--storage", default=str(ROOT / "outputs" / "bench_bpd_runs"), help="train.storage_path")
-    parser.add_argument("--rows", nargs="+", default=None, help="variants of the sweep (default: all)")
+    add_study_arguments(parser, sweep=SWEEP, storage=ROOT / "outputs" / "bench_bpd_runs", name_prefix="bpd-configs",
+                        root=ROOT)
     parser.add_argument("--schedules", nargs="+", default=None, choices=("linear", "cosine"),
                         help="noise schedules (default: the sweep's grid)")
-    parser.add_argument("--minutes", type=float, default=30.0, help="training wall time per trial")
-    parser.add_argument("--max-steps", type=int, default=1_000_000, help="train.total_steps (the budget ends first)")
-    parser.add_argument("--test-images", type=int, default=1000, help="first N test images for the bound")
-    parser.add_argument("--estimate", type=int, default=16, help="K, timesteps per image of the estimated bound")
-    parser.add_argument("--workers", type=int, default=2, help="Ray actors of the evaluation")
-    parser.add_argument("--name", default=None, help="the sweep's name (default bpd-configs-<time>)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides for every trial (e.g. train.fd_every=0 for a quick try)")
     args = parser.parse_args(argv)
-    if args.minutes <= 0:
-        parser.error(f"--minutes={args.minutes} must be > 0")
-    require_at_least(parser, args, {"test_images": 1, "estimate": 2, "workers": 0})
+    check_study_arguments(parser, args)
     return args
 
 

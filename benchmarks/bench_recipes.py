@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from cli import add_threads, bench_parser, require_at_least
+from cli import add_threads, bench_parser
 from mlflow import MlflowClient
 from scoring import FDReference, class_shares, classifier_reference, draw_samples, recommended_settings, score_trial
-from study import Study, open_study, run_study
+from study import Study, add_study_arguments, check_study_arguments, open_study, run_study
 from table import Column, format_table
 
 from diffusion_core.checkpoint import load_checkpoint
@@ -75,13 +75,8 @@ SWITCHES = {
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command line; see ``--help``."""
     parser = bench_parser(SCRIPT, __doc__)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "fashion_mnist.yaml"))
-    parser.add_argument("--sweep", default=str(SWEEP), help="the study's sweep YAML (its variants are the rows)")
-    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-shards"))
-    parser.add_argument("--storage", default=str(ROOT / "outputs" / "bench_recipes_runs"), help="train.storage_path")
-    parser.add_argument("--rows", nargs="+", default=None, help="variants of the sweep (default: all)")
-    parser.add_argument("--minutes", type=float, default=30.0, help="training wall time per trial")
-    parser.add_argument("--max-steps", type=int, default=1_000_000, help="train.total_steps (the budget ends first)")
+    add_study_arguments(parser, sweep=SWEEP, storage=ROOT / "outputs" / "bench_recipes_runs", name_prefix="recipes",
+                        root=ROOT)
     parser.add_argument("--classifier", default="models:/fd-classifier-fashion-mnist/1",
                         help="the FD classifier: model URI or folder of pipelines/train_classifier.py")
     parser.add_argument("--images", type=int, default=2000, help="N, samples per FD (and the floor's N)")
@@ -90,17 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples")
     add_threads(parser, 2, help="torch intra-op threads of the sampling (torch.set_num_threads)")
     parser.add_argument("--cache", default=None, help="FD statistics cache folder (default outputs/fd_cache)")
-    parser.add_argument("--test-images", type=int, default=1000, help="first N test images for the bound")
-    parser.add_argument("--estimate", type=int, default=16, help="K, timesteps per image of the estimated bound")
-    parser.add_argument("--workers", type=int, default=2, help="Ray actors of the bound")
-    parser.add_argument("--name", default=None, help="the sweep's name (default recipes-<time>)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides for every trial (e.g. train.bpd_every=0 for a quick try)")
     args = parser.parse_args(argv)
-    if args.minutes <= 0:
-        parser.error(f"--minutes={args.minutes} must be > 0")
-    require_at_least(parser, args, {"max_steps": 1, "images": 2, "steps": 2, "block": 1, "threads": 1,
-                                    "test_images": 1, "estimate": 2, "workers": 0})
+    check_study_arguments(parser, args, {"images": 2, "steps": 2, "block": 1, "threads": 1})
     return args
 
 

@@ -2,6 +2,8 @@
 rows its results JSON holds already are left out, the rest trained by ``pipelines.tuning`` (``run_sweep``,
 one trial per row), then each trial's model scored and the JSON rewritten after every row.
 
+* ``add_study_arguments`` / ``check_study_arguments``: the options every study takes (base config, sweep
+  YAML, shards, storage, rows, per-trial budget, the bound's settings, the sweep's name, overrides);
 * ``open_study``: the rows done, the base config with absolute shards and storage, and the study's sweep
   spec checked against it (before the script's own checks, e.g. the FD classifier's floor);
 * ``run_study``: the sweep, each trial with a model scored by the script's callable, the JSON (machine
@@ -20,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import yaml
+from cli import require_at_least
 from machine import machine_info
 from mlflow import MlflowClient
 from report import build_report, load_average_1m, read_figures, write_report
@@ -37,6 +40,38 @@ SpecBuilder = Callable[[Mapping[str, Any], Sequence[str]], SweepSpec]
 TrialScorer = Callable[[Mapping[str, Any], MlflowClient], dict[str, Any]]
 #: ``table(rows)``: the text table of results rows.
 TableFormatter = Callable[[list[dict[str, Any]]], str]
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, *, sweep: Path, storage: Path, name_prefix: str,
+                        root: Path) -> None:
+    """Add the options every study takes: ``--config`` (default ``configs/fashion_mnist.yaml`` under
+    ``root``), ``--sweep`` (default ``sweep``), ``--shards``, ``--storage`` (``train.storage_path``,
+    default ``storage``), ``--rows``, ``--minutes`` (training wall time per trial), ``--max-steps``
+    (``train.total_steps``), ``--test-images`` and ``--estimate`` (the bound on the first N test images
+    with K timesteps per image), ``--workers`` (Ray actors of the bound), ``--name`` (default
+    ``<name_prefix>-<time>``) and ``--set`` (``KEY=VALUE`` overrides for every trial)."""
+    parser.add_argument("--config", default=str(root / "configs" / "fashion_mnist.yaml"))
+    parser.add_argument("--sweep", default=str(sweep), help="the study's sweep YAML (its variants are the rows)")
+    parser.add_argument("--shards", default=str(root / "data" / "fashion-mnist-shards"))
+    parser.add_argument("--storage", default=str(storage), help="train.storage_path")
+    parser.add_argument("--rows", nargs="+", default=None, help="variants of the sweep (default: all)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training wall time per trial (> 0)")
+    parser.add_argument("--max-steps", type=int, default=1_000_000, help="train.total_steps (the budget ends first)")
+    parser.add_argument("--test-images", type=int, default=1000, help="first N test images for the bound")
+    parser.add_argument("--estimate", type=int, default=16, help="K, timesteps per image of the estimated bound")
+    parser.add_argument("--workers", type=int, default=2, help="Ray actors of the bound")
+    parser.add_argument("--name", default=None, help=f"the sweep's name (default {name_prefix}-<time>)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every trial (e.g. train.fd_every=0 for a quick try)")
+
+
+def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                          minimums: Mapping[str, float] | None = None) -> None:
+    """Exit through ``parser.error`` (status 2) for ``--minutes <= 0`` or a study option (``--max-steps``,
+    ``--test-images``, ``--estimate``, ``--workers``) or one of the script's ``minimums`` below its minimum."""
+    if args.minutes <= 0:
+        parser.error(f"--minutes={args.minutes} must be > 0")
+    require_at_least(parser, args, {"max_steps": 1, "test_images": 1, "estimate": 2, "workers": 0, **(minimums or {})})
 
 
 @dataclass(frozen=True)

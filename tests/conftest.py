@@ -165,3 +165,12 @@ def mlflow_server(tiny_runs, train_sandbox: Path):
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def asha_sweep(ray_local, fmnist_shards: Path, train_sandbox: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The ASHA sweep of ``_sweep_helpers.ASHA_SWEEP`` (3 trials of the tiny config, one stopped early, one
+    failing alone), run once in the session's store: test_sweep.py checks it, test_mlflow_ui.py shows it."""
+    from _sweep_helpers import run_asha_sweep
+
+    return run_asha_sweep(fmnist_shards, train_sandbox, tmp_path_factory.mktemp("asha-sweep"))

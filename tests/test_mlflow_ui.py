@@ -199,23 +199,17 @@ def test_registered_model_lists_the_version_with_its_run(browser, mlflow_server:
 
 
 @pytest.fixture(scope="module")
-def sweep_runs_page(mlflow_server: str, ray_local, fmnist_shards: Path, train_sandbox: Path,
-                    tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[str]]:
-    """A real 2-trial sweep (pipelines/sweep.py, FIFO, 2 steps per trial) in the session's store; returns
-    the UI page of its experiment's runs, the parent's name and its children's names."""
-    from test_sweep import QUICK, cli_args, write_sweep
+def sweep_runs_page(mlflow_server: str, asha_sweep) -> tuple[str, str, list[str]]:
+    """The session's ASHA sweep (``asha_sweep``: 3 trials, one stopped early, one failed) in the server's
+    store; returns the UI page of its experiment's runs, the parent's name and its children's names."""
+    from _sweep_helpers import ASHA_NAME, QUICK
 
-    from pipelines import sweep
     from pipelines.tuning.tracking import children, find_parent
 
-    spec = {"metric": "loss", "max_concurrent_trials": 1, "budget": {"train.total_steps": 2},
-            "search_space": {"optimizer.lr": {"grid_search": [1.0e-3, 2.0e-3]}}}
-    folder = tmp_path_factory.mktemp("ui-sweep")
-    args = cli_args(fmnist_shards, train_sandbox / "ui-sweep-runs", write_sweep(folder, "ui", spec), "ui-sweep")
-    assert sweep.main(args) == 0
+    assert asha_sweep.status == 0
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(QUICK["tracking.experiment_name"])
-    parent = find_parent(client, experiment.experiment_id, "ui-sweep")
+    parent = find_parent(client, experiment.experiment_id, ASHA_NAME)
     names = [run.info.run_name for run in children(client, experiment.experiment_id, parent.info.run_id)]
     page = f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
     return page, parent.info.run_name, names
@@ -223,7 +217,7 @@ def sweep_runs_page(mlflow_server: str, ray_local, fmnist_shards: Path, train_sa
 
 def test_sweep_parent_unfolds_its_trials(browser, sweep_runs_page: tuple[str, str, list[str]], screenshots) -> None:
     page, parent, trials = sweep_runs_page
-    assert len(trials) == 2
+    assert len(trials) == 3
     browser.get(page)
     name = _wait(browser, EC.presence_of_element_located((By.XPATH, f"//a[normalize-space()='{parent}']")),
                  f"parent run {parent} in the runs table")
