@@ -15,8 +15,10 @@ floor (the floor is the FD of N real val images against the same reference), the
 the FD classifier assigns to the class asked for (overall and per class), and wall seconds per
 image. The classifier's accuracy on those N real val images is recorded beside them
 (``real_val_accuracy``): a sample's class accuracy is read against it, since the classifier also
-errs on real images. Prints a table, writes JSON (default ``benchmarks/results/bench_guidance.json``) and a PNG
-plot of FD and class accuracy against the scale::
+errs on real images. Prints a table, writes JSON (default ``benchmarks/results/bench_guidance.json``) after
+every row and a PNG plot of FD and class accuracy against the scale at the end. Rows already in the JSON
+(same models, classifier, shards, N, block and seed) are kept and not drawn again, so a long run can be
+continued with the same ``--output``::
 
     python benchmarks/bench_guidance.py --cond-model models:/ddpm-fashion-mnist-cond/1 \\
         --uncond-model models:/ddpm-fashion-mnist/1 --classifier models:/fd-classifier-fashion-mnist/1 \\
@@ -37,7 +39,7 @@ import torch
 from cli import add_threads, bench_parser, require_at_least
 from machine import machine_info
 from matplotlib.figure import Figure
-from report import build_report, load_average_1m, write_report
+from report import build_report, load_average_1m, read_figures, write_report
 from scoring import classifier_reference, draw_samples, recommended_settings
 from table import Column, format_table
 from timing import time_calls
@@ -88,6 +90,31 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows += [{"model": "conditional", "scale": s, "steps": args.steps // 2}
                  for s in args.scales if guidance_evaluations(s) == 2]
     return rows
+
+
+#: The settings a row of the results JSON depends on besides its own (model, scale, steps).
+SETTINGS = ("cond_model", "uncond_model", "classifier", "shards", "images", "block", "seed")
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, float | None, int]:
+    """A row's identity: ``(model, scale, steps)``."""
+    return row["model"], row["scale"], row["steps"]
+
+
+def rows_done(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``output`` (``[]`` if there is no such file), measured with the same ``settings``.
+
+    Raises:
+        SystemExit: ``output`` holds rows measured with other settings (naming the first that differs).
+    """
+    if not output.is_file():
+        return []
+    figures = read_figures(output)
+    for key in SETTINGS:
+        if figures.get(key) != settings[key]:
+            raise SystemExit(f"error: {output} holds rows with {key}={figures.get(key)!r}, not {settings[key]!r}; "
+                             "give another --output")
+    return list(figures["rows"])
 
 
 def draw(loaded: LoadedModel, row: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
@@ -167,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     load_start = load_average_1m()
+    output = Path(args.output)
+    settings = {"cond_model": args.cond_model, "uncond_model": args.uncond_model, "classifier": args.classifier,
+                "shards": str(Path(args.shards).resolve()), "images": args.images, "block": args.block, "seed": args.seed}
+    rows = rows_done(output, settings)
+    done = {row_key(row) for row in rows}
     torch.set_num_threads(args.threads)
     models = {"conditional": load_checkpoint(fetch_checkpoint(args.cond_model)),
               "unconditional": load_checkpoint(fetch_checkpoint(args.uncond_model))}
@@ -178,18 +210,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     real_accuracy = real_val_accuracy(args.shards, args.images, net)
     print(f"floor (N={args.images} real val images): {floor:.3f}; the classifier's accuracy on them: "
           f"{100 * real_accuracy:.1f}%", flush=True)
-    rows: list[dict[str, Any]] = []
-    output = Path(args.output)
     for row in plan(args):
+        if row_key(row) in done:
+            continue
         loaded = models[row["model"]]
         samples, seconds = draw(loaded, row, args)
         rows.append(score(row, samples, seconds, loaded, net, reference, num_classes))
         last = rows[-1]
         print(f"[{time.strftime('%H:%M:%S')}] {row['model']:>13} s={row['scale']} {last['evals']:>3} evals: "
               f"FD {last['fd']:.3f}  class accuracy {100 * last['sample_class_accuracy']:.1f}%", flush=True)
-        figures = {"cond_model": args.cond_model, "uncond_model": args.uncond_model, "classifier": args.classifier,
-                   "shards": str(Path(args.shards).resolve()), "images": args.images, "threads": args.threads,
-                   "block": args.block, "seed": args.seed, "sampler": recommended_settings(args.steps).params(),
+        figures = {**settings, "threads": args.threads, "sampler": recommended_settings(args.steps).params(),
                    "floor": floor, "real_val_accuracy": real_accuracy, "features": net.identity, "num_classes": num_classes, "rows": rows}
         # after every row: a long run keeps what it measured
         write_report(output, build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures))

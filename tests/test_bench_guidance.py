@@ -62,18 +62,21 @@ def test_runs_end_to_end_on_tiny_models(fmnist_shards: Path, fd_classifier_folde
         models[name] = save_checkpoint(tmp_path / name, UNet(config).state_dict(), config,
                                        DiffusionConfig(num_timesteps=50))
     output = tmp_path / "bench_guidance.json"
+    argv = ["--cond-model", str(models["cond"]), "--uncond-model", str(models["uncond"]),
+            "--classifier", str(fd_classifier_folder), "--shards", str(fmnist_shards), "--images", "12",
+            "--steps", "4", "--block", "6", "--threads", "1", "--cache", str(tmp_path / "cache"), "--output", str(output)]
     threads = torch.get_num_threads()
     try:
-        bench.main(["--cond-model", str(models["cond"]), "--uncond-model", str(models["uncond"]),
-                    "--classifier", str(fd_classifier_folder), "--shards", str(fmnist_shards), "--images", "12",
-                    "--scales", "0", "1", "3", "--steps", "4", "--block", "6", "--threads", "1",
-                    "--cache", str(tmp_path / "cache"), "--output", str(output)])
+        bench.main([*argv, "--scales", "0", "3"])
+        first = json.loads(output.read_text())["figures"]["rows"]
+        bench.main([*argv, "--scales", "0", "1", "3"])  # continues the same JSON: draws s = 1 only
     finally:
         torch.set_num_threads(threads)
     result = json.loads(output.read_text())["figures"]
+    assert result["rows"][:len(first)] == first  # kept as measured, not drawn again
     assert [(r["model"], r["scale"], r["evals"]) for r in result["rows"]] == [
-        ("unconditional", None, 4), ("conditional", 0.0, 4), ("conditional", 1.0, 4), ("conditional", 3.0, 8),
-        ("conditional", 3.0, 4)]
+        ("unconditional", None, 4), ("conditional", 0.0, 4), ("conditional", 3.0, 8), ("conditional", 3.0, 4),
+        ("conditional", 1.0, 4)]
     asked = [sum(1 for i in range(12) if i % 10 == k) for k in range(10)]  # 2, 2, 1, ..., 1
     for row in result["rows"]:
         assert math.isfinite(row["fd"]) and row["fd"] > 0 and row["images"] == 12
@@ -86,3 +89,5 @@ def test_runs_end_to_end_on_tiny_models(fmnist_shards: Path, fd_classifier_folde
         predicted = classifier(torch.from_numpy(images)).argmax(dim=1).numpy()
     assert result["real_val_accuracy"] == pytest.approx(float((predicted == labels).mean()))
     assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="holds rows with images=12"):  # other settings: not mixed in
+        bench.main([*argv, "--images", "10", "--scales", "1"])
