@@ -92,17 +92,14 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-#: The settings a row of the results JSON depends on besides its own (model, scale, steps).
-SETTINGS = ("cond_model", "uncond_model", "classifier", "shards", "images", "block", "seed")
-
-
 def row_key(row: dict[str, Any]) -> tuple[str, float | None, int]:
     """A row's identity: ``(model, scale, steps)``."""
     return row["model"], row["scale"], row["steps"]
 
 
 def rows_done(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of ``output`` (``[]`` if there is no such file), measured with the same ``settings``.
+    """The rows of ``output`` (``[]`` if there is no such file), measured with the same ``settings`` (what a
+    row depends on besides its own model, scale and steps: models, classifier, shards, N, block, seed).
 
     Raises:
         SystemExit: ``output`` holds rows measured with other settings (naming the first that differs).
@@ -110,9 +107,9 @@ def rows_done(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     if not output.is_file():
         return []
     figures = read_figures(output)
-    for key in SETTINGS:
-        if figures.get(key) != settings[key]:
-            raise SystemExit(f"error: {output} holds rows with {key}={figures.get(key)!r}, not {settings[key]!r}; "
+    for key, value in settings.items():
+        if figures.get(key) != value:
+            raise SystemExit(f"error: {output} holds rows with {key}={figures.get(key)!r}, not {value!r}; "
                              "give another --output")
     return list(figures["rows"])
 
