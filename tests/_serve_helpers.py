@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -23,7 +20,7 @@ from diffusion_core.checkpoint import save_checkpoint
 from diffusion_core.guidance import with_class_labels
 from diffusion_core.images import uint8_to_float
 from pipelines.registry.model_store import ModelRef, log_checkpoint_model
-from pipelines.registry.tracking_uri import ensure_experiment
+from pipelines.registry.tracking_uri import ensure_experiment, mlflow_store
 
 TINY_UNET = UNetConfig(
     image_size=28, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2),
@@ -116,23 +113,6 @@ def save_tiny_checkpoint(folder: Path, fashion_mnist_dir: Path, steps: int = 12)
     return save_checkpoint(folder, model.state_dict(), TINY_UNET, TINY_DIFFUSION, {"step": steps})
 
 
-@contextmanager
-def tracking_store(tracking_uri: str) -> Iterator[None]:
-    """``tracking_uri`` as MLFLOW_TRACKING_URI and mlflow's tracking URI inside the block; both
-    restored after it."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(None)
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
 def register_tiny_models(root: Path, fashion_mnist_dir: Path, steps: int = 24) -> RegisteredModels:
     """Train, save (``save_checkpoint``) and register two versions in a SQLite MLflow under ``root``."""
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -142,7 +122,7 @@ def register_tiny_models(root: Path, fashion_mnist_dir: Path, steps: int = 24) -
     ckpt1 = save_checkpoint(root / "ckpt-v1", first.state_dict(), TINY_UNET, TINY_DIFFUSION, {"step": steps})
     ckpt2 = save_checkpoint(root / "ckpt-v2", second.state_dict(), TINY_UNET, TINY_DIFFUSION,
                             {"step": steps + steps // 2})
-    with tracking_store(tracking_uri):
+    with mlflow_store(tracking_uri):
         client = MlflowClient(tracking_uri)
         experiment_id = ensure_experiment(client, "serve-test", tracking_uri)
         refs = []
@@ -174,7 +154,7 @@ def register_tiny_conditional_model(root: Path, tracking_uri: str, fashion_mnist
     folder = save_checkpoint(root / "ckpt-cond", model.state_dict(), TINY_COND_UNET, TINY_DIFFUSION, {"step": steps})
     manifest = {"schema_version": 1, "source": "fashion-mnist", "counts": {"train": 512, "val": 0}, "rejected": [],
                 "has_labels": True, "classes": list(FASHION_MNIST_CLASSES)}
-    with tracking_store(tracking_uri):
+    with mlflow_store(tracking_uri):
         experiment_id = ensure_experiment(MlflowClient(tracking_uri), "serve-test", tracking_uri)
         with mlflow.start_run(experiment_id=experiment_id):
             ref = log_checkpoint_model(folder, registered_model_name=COND_MODEL_NAME, manifest=manifest)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -20,7 +19,7 @@ from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.unet import UNet
 from pipelines.registry.model_store import ModelRef, fetch_checkpoint, log_checkpoint_model
 from pipelines.registry.pyfunc_model import DDPMCheckpointModel, PyfuncSampleRequest
-from pipelines.registry.tracking_uri import ensure_experiment
+from pipelines.registry.tracking_uri import ensure_experiment, mlflow_store
 from tooling.s3_server import running_s3_server
 
 TINY_UNET = UNetConfig(
@@ -36,15 +35,8 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite tracking store for the module (creating one costs seconds), made the
     process-wide default meanwhile; each test registers under its own model name."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with mlflow_store(uri):
+        yield uri
 
 
 @pytest.fixture()

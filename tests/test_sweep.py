@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from _sweep_helpers import ASHA_NAME, ASHA_SWEEP, QUICK, SweepOutcome, cli_args, sweep_runs, write_sweep
@@ -62,6 +63,9 @@ def test_asha_sweep_in_mlflow(asha_sweep: SweepOutcome) -> None:
     name, version = registered.removeprefix("models:/").split("/")
     assert name == QUICK["tracking.registered_model_name"]  # the base config's name (trials register nothing)
     assert client.get_model_version(name, version).run_id == good.info.run_id
+    # registering pointed MLflow's registry at the sweep's store only for the call: later
+    # registrations in this process (and processes it starts) follow their own tracking URI
+    assert "MLFLOW_REGISTRY_URI" not in os.environ and mlflow.get_registry_uri() == resolve_tracking_uri()
 
 
 def test_bad_sweep_refused_before_any_trial(fmnist_shards: Path, train_sandbox: Path, tmp_path: Path, capsys) -> None:

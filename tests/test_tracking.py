@@ -3,9 +3,11 @@ the time they were measured, not the time they were written."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -14,6 +16,7 @@ from pipelines.registry.tracking_uri import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     ensure_experiment,
+    mlflow_store,
     run_location,
     run_url,
 )
@@ -76,3 +79,33 @@ def test_run_links_open_the_training_view() -> None:
         run_url("sqlite:////tmp/mlflow.db", "3", "abc")
     with pytest.raises(ValueError, match="non-empty"):
         run_url("http://127.0.0.1:5000", "", "abc")
+
+
+def test_run_tracker_scopes_the_tracking_and_registry_uri(tmp_path: Path, monkeypatch) -> None:
+    """Inside RunTracker (and ``mlflow_store``) the run's store is the fluent API's tracking and
+    registry URI; afterwards, also after an error, the process is pointed back where it was and no
+    ``MLFLOW_REGISTRY_URI`` is left for later registrations or child processes."""
+    outer, inner = (f"sqlite:///{tmp_path / name}.db" for name in ("outer", "inner"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", outer)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    client = MlflowClient(inner)
+    run_ids = [client.create_run(ensure_experiment(client, "scoped", inner)).info.run_id for _ in range(2)]
+
+    with RunTracker(inner, run_ids[0], log_system_metrics=False):
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (inner, inner)
+        assert os.environ["MLFLOW_REGISTRY_URI"] == inner  # what a child process would inherit
+    with pytest.raises(RuntimeError, match="boom"), RunTracker(inner, run_ids[1], log_system_metrics=False):
+        raise RuntimeError("boom")
+
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (outer, outer)
+    assert os.environ["MLFLOW_TRACKING_URI"] == outer and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert [client.get_run(r).info.status for r in run_ids] == ["FINISHED", "FAILED"]
+    with mlflow_store(inner):
+        assert mlflow.get_registry_uri() == inner
+    user_registry = f"sqlite:///{tmp_path / 'registry'}.db"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", user_registry)  # a registry chosen by the user survives a block
+    with mlflow_store(inner):
+        assert mlflow.get_registry_uri() == inner
+    assert mlflow.get_registry_uri() == user_registry
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")  # ... and is not pinned in MLflow's globals either
+    assert mlflow.get_registry_uri() == outer

@@ -52,7 +52,7 @@ from pipelines.evaluation.split_bound import bound_distributed
 from pipelines.registry.model_identity import describe_model
 from pipelines.registry.model_store import fetch_checkpoint
 from pipelines.registry.runs import log_png
-from pipelines.registry.tracking_uri import ensure_experiment, resolve_tracking_uri, run_location
+from pipelines.registry.tracking_uri import ensure_experiment, mlflow_store, resolve_tracking_uri, run_location
 
 DEFAULT_EXPERIMENT = "ddpm-eval"
 #: Splits an evaluation may score ("train" is what the model was fitted on).
@@ -377,8 +377,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
             "data.manifest_checksum": str(manifest.get("source_checksum", "")), **fd_tags}
     tags.update({k: v for k, v in (("eval.model_name", source.name), ("eval.model_version", source.version),
                                    ("eval.source_run_id", source.run_id)) if v})
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{Path(source.uri).name}", tags=tags) as run:
+    with mlflow_store(tracking_uri), \
+            mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{Path(source.uri).name}", tags=tags) as run:
         dataset = mlflow.data.from_numpy(images, source=shards, name=f"{args.split}[:{len(images)}]",
                                          digest=str(manifest.get("source_checksum", ""))[:36] or None)
         mlflow.log_input(dataset, context="evaluation")

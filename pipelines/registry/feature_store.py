@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from pipelines.registry.model_store import ModelRef, _pip_requirements, fetch_checkpoint, quiet_artifact_transfers
-from pipelines.registry.tracking_uri import ensure_experiment, resolve_tracking_uri
+from pipelines.registry.tracking_uri import ensure_experiment, mlflow_store, resolve_tracking_uri
 
 FEATURE_MODEL_NAME = "fd_classifier"
 
@@ -95,8 +95,8 @@ def log_feature_net_run(
     """
     tracking_uri = resolve_tracking_uri()
     experiment_id = ensure_experiment(MlflowClient(tracking_uri), experiment, tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})) as run:
+    with mlflow_store(tracking_uri), \
+            mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})) as run:
         mlflow.log_params(dict(params))
         mlflow.log_metrics(dict(metrics))
         ref = log_feature_net(folder, entry_file, registered_model_name=registered_model_name, tags=tags)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from pipelines.data import storage
-from pipelines.registry.tracking_uri import ensure_experiment
+from pipelines.registry.tracking_uri import ensure_experiment, mlflow_store
 from pipelines.training.config import TrainConfig
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -180,23 +180,27 @@ class MetricBuffer:
 
 class RunTracker:
     """Rank 0's handle on the run: attaches with ``mlflow.start_run(run_id=...)`` (system metrics
-    on when asked) and writes metrics, images and text to it. Use as a context manager; leaving it
-    ends the fluent run (status FINISHED, or FAILED on an exception)."""
+    on when asked) and writes metrics, images and text to it. Use as a context manager; inside it
+    ``tracking_uri`` is the process's tracking and registry URI (``mlflow_store``); leaving it
+    ends the fluent run (status FINISHED, or FAILED on an exception) and restores the URIs."""
 
     def __init__(self, tracking_uri: str, run_id: str, log_system_metrics: bool) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri)
         self._log_system_metrics = log_system_metrics
+        self._restore_store = ExitStack()
 
     def __enter__(self) -> "RunTracker":
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=self._log_system_metrics)
+        with ExitStack() as stack:
+            stack.enter_context(mlflow_store(self.tracking_uri))
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=self._log_system_metrics)
+            self._restore_store = stack.pop_all()  # kept until __exit__; undone now on an error
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        mlflow.end_run(status="FAILED" if exc_type is not None else "FINISHED")
+        with self._restore_store:
+            mlflow.end_run(status="FAILED" if exc_type is not None else "FINISHED")
 
     def last_logged_step(self, key: str = LOSS_KEY) -> int:
         """The largest step of metric ``key`` in the run (0 when none)."""

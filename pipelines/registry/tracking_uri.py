@@ -14,13 +14,18 @@ models) instead of the GenAI one (traces); ``run_url`` builds the UI link of a r
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+import mlflow
 from mlflow import MlflowClient
 
 from pipelines.common.paths import DEFAULT_TRACKING_DB
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: MLflow's registry URI variable; ``mlflow.set_registry_uri`` writes it for subprocesses.
+REGISTRY_URI_ENV = "MLFLOW_REGISTRY_URI"
 #: MLflow 3's experiment-kind tag and its value for classical model training (the UI reads it).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -33,6 +38,34 @@ def resolve_tracking_uri() -> str:
     else ``sqlite:///<project folder>/mlflow.db`` (an absolute path)."""
     uri = os.environ.get(TRACKING_URI_ENV, "").strip()
     return uri or f"sqlite:///{DEFAULT_TRACKING_DB}"
+
+
+@contextmanager
+def mlflow_store(tracking_uri: str) -> Iterator[None]:
+    """Make ``tracking_uri`` this process's MLflow tracking *and* registry URI inside the block,
+    for MLflow's fluent API (``mlflow.start_run``, ``mlflow.register_model``, ...).
+
+    Both URIs, and the ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` variables MLflow writes with
+    them (child processes inherit those), are put back as they were when the block ends, also on
+    an exception: a registry URI left behind would send a later registration in the same process,
+    or any process it starts, to the wrong store.
+    """
+    previous_tracking = os.environ.get(TRACKING_URI_ENV)
+    previous_registry = os.environ.get(REGISTRY_URI_ENV)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        # Clear MLflow's own globals, then put the variables back: MLflow reads a variable when
+        # its global is unset, so the process resolves both URIs as it did before the block.
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # MLflow's unset state; "" would pin it
+        for name, value in ((TRACKING_URI_ENV, previous_tracking), (REGISTRY_URI_ENV, previous_registry)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:

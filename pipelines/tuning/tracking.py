@@ -22,6 +22,7 @@ from mlflow.entities import Param, Run, RunTag
 from ray import tune
 
 from pipelines.registry.runs import PARENT_RUN_TAG
+from pipelines.registry.tracking_uri import mlflow_store
 
 SWEEP_TAG = "ddpm.sweep"
 """The sweep's name, on the parent and every child."""
@@ -158,8 +159,7 @@ class SweepTracker(tune.Callback):
 def register_model(tracking_uri: str, model_uri: str, name: str) -> str:
     """Register ``model_uri`` (a child run's logged model, its ``ddpm.model_uri`` tag) as a new
     version of ``name`` in the registry at ``tracking_uri`` (made this process's tracking and
-    registry URI, as ``registry.runs.RunTracker`` does on rank 0); returns ``models:/<name>/<version>``."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    version = mlflow.register_model(model_uri, name)
+    registry URI for the call only: ``mlflow_store``); returns ``models:/<name>/<version>``."""
+    with mlflow_store(tracking_uri):
+        version = mlflow.register_model(model_uri, name)
     return f"models:/{name}/{version.version}"
