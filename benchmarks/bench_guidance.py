@@ -10,6 +10,12 @@ its unconditional half, Ho & Salimans 2022 in diffusers' convention). A guided s
 evaluates the network twice per image (one call on the doubled batch), so each such scale is also
 drawn at ``--steps / 2`` steps: the FD at equal network evaluations.
 
+With ``--guidance-interval LO HI`` the guided scales are drawn guiding only the steps whose noise
+level sigma_t = sqrt(1 / abar_t - 1) lies in (LO, HI] (Kynkaanniemi et al. 2024; the other steps
+use the conditional model, one evaluation each). Their evaluations per image are counted on a
+one-image run of the same sampler, and their equal-evaluation rows take the most steps whose count
+stays within ``--steps``.
+
 Every row: network evaluations per image, FD (classifier features) against the train split, FD /
 floor (the floor is the FD of N real val images against the same reference), the share of samples
 the FD classifier assigns to the class asked for (overall and per class), and wall seconds per
@@ -31,8 +37,9 @@ import argparse
 import io
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +52,8 @@ from table import Column, format_table
 from timing import time_calls
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
-from diffusion_core.guidance import guidance_evaluations
+from diffusion_core.generate import generate, seeded_generator
+from diffusion_core.guidance import check_guidance_interval, guidance_evaluations
 from pipelines.data.shards.reader import read_split_numpy
 from pipelines.evaluation.conditioning import class_accuracy, predicted_classes
 from pipelines.evaluation.fd import images_fd
@@ -69,6 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also draw each guided scale at --steps / 2 steps (the same evaluations as s = 1)")
     parser.add_argument("--only-equal-evals", action="store_true",
                         help="draw guided scales only at --steps / 2 steps (the rows that compare at equal evaluations)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="guide only at noise levels LO < sigma_t <= HI (e.g. 0.28 5.42; HI may be inf)")
     parser.add_argument("--block", type=int, default=250, help="images per seeded block (one batch)")
     parser.add_argument("--seed", type=int, default=0)
     add_threads(parser, 2)
@@ -77,24 +87,63 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     require_at_least(parser, args, {"images": 2, "block": 1, "threads": 1, "steps": 2})
     if any(not np.isfinite(s) or s < 0 for s in args.scales):
         parser.error(f"--scales must be finite and >= 0, got {args.scales}")
+    if args.guidance_interval is not None:
+        try:
+            check_guidance_interval(tuple(args.guidance_interval))
+        except ValueError as err:
+            parser.error(f"--guidance-interval: {err}")
     return args
 
 
-def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+def plan(args: argparse.Namespace, fitting_steps: Callable[[float], int] | None = None) -> list[dict[str, Any]]:
     """The rows to draw: the unconditional model, then each scale at ``--steps`` and (guided scales,
-    ``--equal-evals``) at ``--steps // 2``; with ``--only-equal-evals`` guided scales only at ``--steps // 2``."""
+    ``--equal-evals``) at ``--steps // 2``; with ``--only-equal-evals`` guided scales only at the
+    equal-evaluation steps. With ``--guidance-interval`` the guided rows carry it (``"interval"``)
+    and their equal-evaluation steps are ``fitting_steps(scale)``."""
+    interval = None if args.guidance_interval is None else list(args.guidance_interval)
     rows: list[dict[str, Any]] = [{"model": "unconditional", "scale": None, "steps": args.steps}]
-    rows += [{"model": "conditional", "scale": s, "steps": args.steps} for s in args.scales
-             if not (args.only_equal_evals and guidance_evaluations(s) == 2)]
+    for s in args.scales:
+        guided = guidance_evaluations(s) == 2
+        row = {"model": "conditional", "scale": s, **({"interval": interval} if guided and interval else {})}
+        if not (args.only_equal_evals and guided):
+            rows.append({**row, "steps": args.steps})
     if args.equal_evals or args.only_equal_evals:
-        rows += [{"model": "conditional", "scale": s, "steps": args.steps // 2}
-                 for s in args.scales if guidance_evaluations(s) == 2]
+        for s in args.scales:
+            if guidance_evaluations(s) == 2:
+                steps = args.steps // 2 if interval is None or fitting_steps is None else fitting_steps(s)
+                rows.append({"model": "conditional", "scale": s, "steps": steps,
+                             **({"interval": interval} if interval else {})})
     return rows
 
 
-def row_key(row: dict[str, Any]) -> tuple[str, float | None, int]:
-    """A row's identity: ``(model, scale, steps)``."""
-    return row["model"], row["scale"], row["steps"]
+def row_key(row: dict[str, Any]) -> tuple[str, float | None, int, tuple[float, ...] | None]:
+    """A row's identity: ``(model, scale, steps, guidance interval or None)``."""
+    interval = row.get("interval")
+    return row["model"], row["scale"], row["steps"], None if interval is None else tuple(interval)
+
+
+def evaluations_per_image(loaded: LoadedModel, steps: int, scale: float, interval: Sequence[float] | None) -> int:
+    """Network evaluations per image of one conditional row, counted: the sampler is run on one
+    image (class 0) and every image the network sees is counted (a doubled batch counts 2)."""
+    seen: list[int] = []
+
+    def counting(x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        seen.append(x_t.shape[0])
+        return loaded.model(x_t, t, class_labels)
+
+    generate(loaded.diffusion, counting, (1, *loaded.unet_config.image_shape), recommended_settings(steps),
+             generator=seeded_generator(0), class_labels=[0], guidance_scale=scale,
+             guidance_interval=None if interval is None else tuple(interval))
+    return sum(seen)
+
+
+def steps_within(loaded: LoadedModel, budget: int, scale: float, interval: Sequence[float]) -> int:
+    """The most sampler steps (>= 2) whose counted evaluations per image with ``interval`` are at most
+    ``budget`` (2 if none fits)."""
+    for steps in range(budget, 2, -1):
+        if evaluations_per_image(loaded, steps, scale, interval) <= budget:
+            return steps
+    return 2
 
 
 def rows_done(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -121,7 +170,8 @@ def draw(loaded: LoadedModel, row: dict[str, Any], args: argparse.Namespace) -> 
     out: dict[str, np.ndarray] = {}
     seconds = time_calls(lambda _: out.update(draw_samples(
         loaded, settings, args.images, args.block, args.seed, classes=classes,
-        guidance_scale=1.0 if row["scale"] is None else row["scale"])), 1).total
+        guidance_scale=1.0 if row["scale"] is None else row["scale"],
+        guidance_interval=None if row.get("interval") is None else tuple(row["interval"]))), 1).total
     return out, seconds
 
 
@@ -130,9 +180,12 @@ def score(row: dict[str, Any], samples: dict[str, np.ndarray], seconds: float, l
     """The row's figures: evaluations, FD, class accuracy (every row is asked for class i mod K;
     the unconditional model's accuracy is the chance that a sample falls in the class its index
     names, about 1/K), seconds per image."""
-    evals = recommended_settings(row["steps"]).network_evaluations(loaded.diffusion.num_timesteps)
-    if row["scale"] is not None:
-        evals *= guidance_evaluations(row["scale"])
+    if row.get("interval") is not None:
+        evals = evaluations_per_image(loaded, row["steps"], row["scale"], row["interval"])
+    else:
+        evals = recommended_settings(row["steps"]).network_evaluations(loaded.diffusion.num_timesteps)
+        if row["scale"] is not None:
+            evals *= guidance_evaluations(row["scale"])
     asked = np.arange(len(samples["image"])) % num_classes
     accuracy = class_accuracy(predicted_classes(net.model, samples["image"]), asked, range(num_classes))
     return {**row, "evals": evals, "fd": images_fd(net, samples["image"], reference), "seconds": seconds,
@@ -148,13 +201,18 @@ def real_val_accuracy(shards: str, images: int, net: Any) -> float:
 def plot(rows: list[dict[str, Any]], floor: float, images: int, steps: int,
          real_accuracy: float | None = None) -> bytes:
     """PNG: FD (left) and sample class accuracy (right) against the guidance scale, at ``steps``
-    steps and at equal evaluations; the unconditional model's FD and the floor as lines."""
+    steps and at equal evaluations (one line each, and one per guidance interval); the unconditional
+    model's FD and the floor as lines."""
     fig = Figure(figsize=(10.5, 4.0))
     fd_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for label, chosen in ((f"{steps} steps", [r for r in rows if r["scale"] is not None and r["steps"] == steps]),
-                          ("equal evaluations", [r for r in rows if r["scale"] is not None and r["steps"] != steps])):
-        if not chosen:
-            continue
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["scale"] is not None:
+            label = f"{steps} steps" if r["steps"] == steps else "equal evaluations"
+            if r.get("interval") is not None:
+                label += ", guided in ({:g}, {:g}]".format(*r["interval"])
+            groups.setdefault(label, []).append(r)
+    for label, chosen in groups.items():
         points = sorted((r["scale"], r["fd"], r["sample_class_accuracy"]) for r in chosen)
         fd_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"conditional, {label}")
         acc_ax.plot([p[0] for p in points], [100 * p[2] for p in points], marker="o", label=f"conditional, {label}")
@@ -177,9 +235,10 @@ def plot(rows: list[dict[str, Any]], floor: float, images: int, steps: int,
 
 
 def table(rows: list[dict[str, Any]], floor: float) -> str:
-    """Text table: model, scale, steps, evaluations, FD, FD / floor, class accuracy, s/image."""
+    """Text table: model, scale, guidance interval, steps, evaluations, FD, FD / floor, class accuracy, s/image."""
     return format_table(rows, (
         Column("model", "model"), Column("scale", lambda r: "-" if r["scale"] is None else r["scale"]),
+        Column("interval", lambda r: "-" if r.get("interval") is None else "({:g}, {:g}]".format(*r["interval"])),
         Column("steps", "steps"), Column("evals", "evals"), Column("FD", "fd", ".3f"),
         Column("FD/floor", lambda r: r["fd"] / floor, ".2f"),
         Column("class acc %", lambda r: 100 * r["sample_class_accuracy"], ".1f"),
@@ -207,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     real_accuracy = real_val_accuracy(args.shards, args.images, net)
     print(f"floor (N={args.images} real val images): {floor:.3f}; the classifier's accuracy on them: "
           f"{100 * real_accuracy:.1f}%", flush=True)
-    for row in plan(args):
+    fitting = partial(steps_within, models["conditional"], args.steps, interval=args.guidance_interval)
+    for row in plan(args, fitting):
         if row_key(row) in done:
             continue
         loaded = models[row["model"]]

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel
 from diffusion_core.generate import SamplerSettings
+from diffusion_core.guidance import GuidanceInterval
 from pipelines.evaluation.classifier import ClassifierFeatures
 from pipelines.evaluation.distributed_sampling import num_blocks, sample_blocks
 from pipelines.evaluation.fd import FeatureStats, StatsCache, reference_and_floor
@@ -36,17 +37,19 @@ def recommended_settings(steps: int) -> SamplerSettings:
 
 
 def draw_samples(loaded: LoadedModel, settings: SamplerSettings, images: int, block: int, seed: int,
-                 classes: Sequence[int] | None = None, guidance_scale: float = 1.0) -> dict[str, np.ndarray]:
+                 classes: Sequence[int] | None = None, guidance_scale: float = 1.0,
+                 guidance_interval: GuidanceInterval | None = None) -> dict[str, np.ndarray]:
     """All N = ``images`` samples of ``loaded``, drawn in this process in seeded blocks of ``block``
     images (block b seeded from ``(seed, b)``: the images depend on the model, settings, N, block and
     seed only); class-balanced over ``classes`` (sample i asks for ``classes[i % len(classes)]``) at
-    ``guidance_scale`` for a class-conditional model, else ``None``.
+    ``guidance_scale`` (within ``guidance_interval`` when given) for a class-conditional model, else ``None``.
 
     Returns:
         ``sample_blocks``' ``{"index", "image": float32 [N, C, H, W], ("label")}``.
     """
     return sample_blocks(loaded.diffusion, loaded.model, loaded.unet_config.image_shape, settings, images, block,
-                         seed, np.arange(num_blocks(images, block)), classes=classes, guidance_scale=guidance_scale)
+                         seed, np.arange(num_blocks(images, block)), classes=classes, guidance_scale=guidance_scale,
+                         guidance_interval=guidance_interval)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from _bench_helpers import load_bench
 
 from diffusion_core.checkpoint import save_checkpoint
 from diffusion_core.config import DiffusionConfig, UNetConfig
+from diffusion_core.diffusion import GaussianDiffusion
+from diffusion_core.timesteps import sampling_timesteps
 from diffusion_core.unet import UNet
 from pipelines.data.shards.reader import read_split_numpy
 from pipelines.evaluation.classifier import load_classifier
@@ -28,6 +32,38 @@ def test_plan_draws_guided_scales_again_at_half_the_steps() -> None:
     assert rows == [("unconditional", None, 20), ("conditional", 0.0, 20), ("conditional", 1.0, 20),
                     ("conditional", 2.0, 20), ("conditional", 5.0, 20), ("conditional", 2.0, 10),
                     ("conditional", 5.0, 10)]
+
+
+def test_plan_with_a_guidance_interval_marks_guided_rows_and_fits_their_steps() -> None:
+    """Oracle: the rows written out by hand; s in {0, 1} are never guided, so they carry no interval."""
+    args = bench.parse_args(["--cond-model", "c", "--uncond-model", "u", "--classifier", "k", "--steps", "20",
+                             "--scales", "1", "2", "--guidance-interval", "0.28", "5.42"])
+    rows = [(r["model"], r["scale"], r["steps"], r.get("interval")) for r in bench.plan(args, lambda s: 14)]
+    assert rows == [("unconditional", None, 20, None), ("conditional", 1.0, 20, None),
+                    ("conditional", 2.0, 20, [0.28, 5.42]), ("conditional", 2.0, 14, [0.28, 5.42])]
+    assert bench.row_key({"model": "conditional", "scale": 2.0, "steps": 14, "interval": [0.28, 5.42]}) != \
+        bench.row_key({"model": "conditional", "scale": 2.0, "steps": 14})
+    for bad in (["1", "0.5"], ["-1", "2"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--cond-model", "c", "--uncond-model", "u", "--classifier", "k",
+                              "--guidance-interval", *bad])
+
+
+def test_interval_evaluations_are_counted_per_guided_step() -> None:
+    """Oracle: one evaluation per sampler step plus one more at each step whose timestep (the quadratic
+    spacing of ``sampling_timesteps``) has sigma_t in the interval, computed here from the schedule."""
+    diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=1000))
+    loaded = SimpleNamespace(model=lambda x, t, y: torch.zeros_like(x), diffusion=diffusion,
+                             unet_config=SimpleNamespace(image_shape=(1, 4, 4)))
+    sigma = np.sqrt(1.0 / diffusion.alphas_cumprod - 1.0)
+    for steps in (6, 14, 20):
+        visited = sampling_timesteps(diffusion.alphas_cumprod, steps, "quadratic")
+        want = steps + int(sum(0.28 < sigma[t] <= 5.42 for t in visited))
+        assert bench.evaluations_per_image(loaded, steps, 2.0, [0.28, 5.42]) == want
+        assert bench.evaluations_per_image(loaded, steps, 2.0, None) == 2 * steps
+    fitted = bench.steps_within(loaded, 20, 2.0, [0.28, 5.42])
+    assert bench.evaluations_per_image(loaded, fitted, 2.0, [0.28, 5.42]) <= 20
+    assert bench.evaluations_per_image(loaded, fitted + 1, 2.0, [0.28, 5.42]) > 20
 
 
 def test_recommended_sampler_is_the_sde_solver_on_quadratic_steps() -> None:

@@ -30,9 +30,11 @@ from diffusion_core import DiffusionConfig, GaussianDiffusion
 from diffusion_core.generate import SamplerSettings, generate
 from diffusion_core.guidance import (
     NO_LABEL,
+    check_guidance_interval,
     classifier_free_guidance,
     guidance_evaluations,
     guide_outputs,
+    guided_timesteps,
     with_class_labels,
 )
 from diffusion_core.timesteps import sampling_timesteps
@@ -321,3 +323,77 @@ def test_labels_follow_the_input_device_and_sequences_are_accepted():
     got = classifier_free_guidance(model, [1, 0], 2.0, d.process)(x, t)
     want = classifier_free_guidance(model, torch.tensor([1, 0]), 2.0, d.process)(x, t)
     assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ guidance interval (Kynkaanniemi et al. 2024)
+
+
+def test_guided_timesteps_are_those_whose_sigma_is_in_the_interval():
+    """Oracle: sigma_t = sqrt(1 / abar_t - 1) computed here from the schedule, compared with the bounds."""
+    d = make()
+    sigma = np.sqrt(1.0 / d.alphas_cumprod - 1.0)
+    inside = guided_timesteps(d.process, (0.5, 2.0))
+    assert inside.dtype == bool and inside.shape == (T,)
+    assert np.array_equal(inside, (sigma > 0.5) & (sigma <= 2.0))
+    assert 0 < inside.sum() < T  # the interval cuts the chain at both ends
+    first, last = np.flatnonzero(inside)[[0, -1]]
+    assert sigma[first - 1] <= 0.5 < sigma[first] and sigma[last] <= 2.0 < sigma[last + 1]
+    assert guided_timesteps(d.process, None).all() and guided_timesteps(d.process, (0.0, math.inf)).all()
+
+
+def test_interval_guides_rows_inside_and_leaves_the_conditional_output_outside():
+    """Oracle: the plain guided output (no interval) inside and the s = 1 output outside, row by row;
+    a call with no row inside is one conditional call of N images."""
+    d = make()
+    model = ExactClassGaussians(d)
+    inside = guided_timesteps(d.process, (0.5, 2.0))
+    t_in, t_out = int(np.flatnonzero(inside)[0]), int(np.flatnonzero(~inside)[-1])
+    x, _ = _inputs(d)
+    t = torch.tensor([t_in, t_out, t_in, t_out, t_in, t_out])
+    labels = torch.tensor([0, 1, 1, 0, NO_LABEL, NO_LABEL])
+    got = classifier_free_guidance(model, labels, 3.0, d.process, guidance_interval=(0.5, 2.0))(x, t)
+    everywhere = classifier_free_guidance(model, labels, 3.0, d.process)(x, t)
+    conditional = model(x, t, labels)
+    rows_in = torch.from_numpy(inside)[t]
+    assert torch.equal(got[rows_in], everywhere[rows_in]) and torch.equal(got[~rows_in], conditional[~rows_in])
+    assert not torch.equal(everywhere[~rows_in][:2], conditional[~rows_in][:2])  # guidance does change them
+    seen = []
+
+    def recording(x_t, t_, y):
+        seen.append(x_t.shape[0])
+        return model(x_t, t_, y)
+
+    outside = classifier_free_guidance(recording, labels, 3.0, d.process, guidance_interval=(0.5, 2.0))
+    assert torch.equal(outside(x, torch.full_like(t, t_out)), model(x, torch.full_like(t, t_out), labels))
+    outside(x, torch.full_like(t, t_in))
+    assert seen == [6, 12]  # 1 evaluation per image outside the interval, 2 inside
+
+
+def test_interval_covering_every_level_is_plain_guidance_in_a_sampler():
+    """Oracle: the sampler without an interval (same seed), and with an empty-at-every-step interval
+    the s = 1 sampler, exactly."""
+    d = make()
+    model = ExactClassGaussians(d)
+    labels = LABELS[:64]
+    settings = SamplerSettings("dpm_solver", 10, algorithm="sde-dpmsolver++", spacing="quadratic")
+    shape = (64, 1, 8, 8)
+
+    def draw(**kwargs):
+        return generate(d, model, shape, settings, generator=seeded(5), class_labels=labels, **kwargs)
+
+    assert torch.equal(draw(guidance_scale=2.0, guidance_interval=(0.0, math.inf)), draw(guidance_scale=2.0))
+    above_every_level = (float(d.process.sqrt_recipm1_alphas_cumprod.max()) + 1.0, math.inf)
+    assert torch.equal(draw(guidance_scale=2.0, guidance_interval=above_every_level), draw(guidance_scale=1.0))
+
+
+@pytest.mark.parametrize("interval", [(1.0, 0.5), (-0.1, 1.0), (math.inf, math.inf), (0.1, math.nan),
+                                      (0.1,), (0.1, 0.2, 0.3), "ab", (True, 2.0), None])
+def test_bad_guidance_interval_raises_naming_it(interval):
+    d = make()
+    if interval is None:  # None is "guide every step", not an error
+        classifier_free_guidance(ExactClassGaussians(d), LABELS[:2], 2.0, d.process, guidance_interval=None)
+        return
+    with pytest.raises(ValueError, match="guidance_interval"):
+        classifier_free_guidance(ExactClassGaussians(d), LABELS[:2], 2.0, d.process, guidance_interval=interval)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        check_guidance_interval(interval)

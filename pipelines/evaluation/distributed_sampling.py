@@ -24,6 +24,7 @@ import torch
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate
+from diffusion_core.guidance import GuidanceInterval
 from pipelines.evaluation.block_pool import ModelActor, checkpoint_files, map_blocks
 from pipelines.evaluation.blocks import block_range, block_seed, num_blocks
 from pipelines.evaluation.metrics import class_balanced_labels
@@ -35,12 +36,14 @@ def sample_blocks(
     diffusion: Any, model: torch.nn.Module, image_shape: tuple[int, int, int], settings: SamplerSettings,
     num_images: int, block_size: int, seed: int, blocks: np.ndarray, device: str = "cpu",
     classes: Sequence[int] | None = None, guidance_scale: float = 1.0,
+    guidance_interval: GuidanceInterval | None = None,
 ) -> dict[str, np.ndarray]:
     """Draw the given blocks, one ``generate`` call each.
 
     Args:
         classes: for a class-conditional model, the labels to balance over (sample i gets
-            ``classes[i % len(classes)]``), drawn with guidance scale ``guidance_scale``;
+            ``classes[i % len(classes)]``), drawn with guidance scale ``guidance_scale`` (only at
+            the noise levels of ``guidance_interval`` when given, see ``generate``);
             ``None``: the model as it is (unconditional).
 
     Returns:
@@ -53,7 +56,7 @@ def sample_blocks(
         generator = torch.Generator(device=device).manual_seed(block_seed(seed, block))
         block_labels = None if classes is None else class_balanced_labels(count, classes, start)
         x = generate(diffusion, model, (count, *image_shape), settings, generator=generator, device=device,
-                     class_labels=block_labels, guidance_scale=guidance_scale)
+                     class_labels=block_labels, guidance_scale=guidance_scale, guidance_interval=guidance_interval)
         images.append(x.float().cpu().numpy())
         indices.append(np.arange(start, start + count, dtype=np.int64))
         if block_labels is not None:
