@@ -30,8 +30,8 @@ A ``guidance_interval`` (Kynkaanniemi et al. 2024, "Applying Guidance in a Limit
 Improves Sample and Distribution Quality in Diffusion Models") guides only the steps whose noise
 level sigma_t = sqrt(1 / abar_t - 1) (EDM's sigma of the VP chain, ``sqrt_recipm1_alphas_cumprod``)
 lies in (sigma_lo, sigma_hi]; the other steps use the conditional model alone (s = 1, one
-evaluation). Guidance at high noise levels mostly removes diversity, at low ones it does little,
-so limiting it keeps the class adherence at a lower cost in FD and in evaluations.
+evaluation). That paper finds guidance at high noise levels harmful to diversity and of little use
+at low ones; the unguided steps also cost one evaluation per image instead of two.
 """
 
 from __future__ import annotations
