@@ -99,20 +99,21 @@ def plan(args: argparse.Namespace, fitting_steps: Callable[[float], int] | None 
     """The rows to draw: the unconditional model, then each scale at ``--steps`` and (guided scales,
     ``--equal-evals``) at ``--steps // 2``; with ``--only-equal-evals`` guided scales only at the
     equal-evaluation steps. With ``--guidance-interval`` the guided rows carry it (``"interval"``)
-    and their equal-evaluation steps are ``fitting_steps(scale)``."""
+    and their equal-evaluation steps are ``fitting_steps(scale)`` (required then)."""
     interval = None if args.guidance_interval is None else list(args.guidance_interval)
+
+    def guided(scale: float) -> bool:
+        return guidance_evaluations(scale) == 2
+
+    def conditional(scale: float, steps: int) -> dict[str, Any]:
+        extra = {"interval": interval} if interval is not None and guided(scale) else {}
+        return {"model": "conditional", "scale": scale, "steps": steps, **extra}
+
     rows: list[dict[str, Any]] = [{"model": "unconditional", "scale": None, "steps": args.steps}]
-    for s in args.scales:
-        guided = guidance_evaluations(s) == 2
-        row = {"model": "conditional", "scale": s, **({"interval": interval} if guided and interval else {})}
-        if not (args.only_equal_evals and guided):
-            rows.append({**row, "steps": args.steps})
+    rows += [conditional(s, args.steps) for s in args.scales if not (args.only_equal_evals and guided(s))]
     if args.equal_evals or args.only_equal_evals:
-        for s in args.scales:
-            if guidance_evaluations(s) == 2:
-                steps = args.steps // 2 if interval is None or fitting_steps is None else fitting_steps(s)
-                rows.append({"model": "conditional", "scale": s, "steps": steps,
-                             **({"interval": interval} if interval else {})})
+        rows += [conditional(s, args.steps // 2 if interval is None else fitting_steps(s))
+                 for s in args.scales if guided(s)]
     return rows
 
 
@@ -198,6 +199,12 @@ def real_val_accuracy(shards: str, images: int, net: Any) -> float:
     return float((predicted_classes(net.model, real) == labels).mean())
 
 
+def interval_text(row: dict[str, Any]) -> str:
+    """A row's guidance interval as ``(LO, HI]``, or ``-`` for a row guided at every step (or not guided)."""
+    interval = row.get("interval")
+    return "-" if interval is None else "({:g}, {:g}]".format(*interval)
+
+
 def plot(rows: list[dict[str, Any]], floor: float, images: int, steps: int,
          real_accuracy: float | None = None) -> bytes:
     """PNG: FD (left) and sample class accuracy (right) against the guidance scale, at ``steps``
@@ -210,7 +217,7 @@ def plot(rows: list[dict[str, Any]], floor: float, images: int, steps: int,
         if r["scale"] is not None:
             label = f"{steps} steps" if r["steps"] == steps else "equal evaluations"
             if r.get("interval") is not None:
-                label += ", guided in ({:g}, {:g}]".format(*r["interval"])
+                label += f", guided in {interval_text(r)}"
             groups.setdefault(label, []).append(r)
     for label, chosen in groups.items():
         points = sorted((r["scale"], r["fd"], r["sample_class_accuracy"]) for r in chosen)
@@ -238,7 +245,7 @@ def table(rows: list[dict[str, Any]], floor: float) -> str:
     """Text table: model, scale, guidance interval, steps, evaluations, FD, FD / floor, class accuracy, s/image."""
     return format_table(rows, (
         Column("model", "model"), Column("scale", lambda r: "-" if r["scale"] is None else r["scale"]),
-        Column("interval", lambda r: "-" if r.get("interval") is None else "({:g}, {:g}]".format(*r["interval"])),
+        Column("interval", interval_text),
         Column("steps", "steps"), Column("evals", "evals"), Column("FD", "fd", ".3f"),
         Column("FD/floor", lambda r: r["fd"] / floor, ".2f"),
         Column("class acc %", lambda r: 100 * r["sample_class_accuracy"], ".1f"),
