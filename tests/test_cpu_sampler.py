@@ -39,7 +39,12 @@ def test_processes_are_labelled_by_ray_actor_daemon_or_executable() -> None:
     daemon = subprocess.Popen(["bash", "-c", "exec -a /venv/ray/core/src/ray/raylet/raylet sleep 30"])
     try:
         deadline = time.monotonic() + 30
-        while not all(psutil.Process(p.pid).cmdline()[0] != "bash" for p in (actor, daemon)):
+
+        def exec_done(proc: subprocess.Popen) -> bool:  # the command line reads empty while exec runs
+            cmdline = psutil.Process(proc.pid).cmdline()
+            return bool(cmdline) and cmdline[0] != "bash"
+
+        while not all(exec_done(p) for p in (actor, daemon)):
             assert time.monotonic() < deadline, "exec never replaced bash"
             time.sleep(0.05)
         assert bench_train.process_label(psutil.Process(actor.pid)) == "ray::SplitCoordinator.start"
