@@ -52,7 +52,7 @@ from table import Column, format_table
 from timing import time_calls
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
-from diffusion_core.generate import generate, seeded_generator
+from diffusion_core.generate import guided_network_evaluations
 from diffusion_core.guidance import check_guidance_interval, guidance_evaluations
 from pipelines.data.shards.reader import read_split_numpy
 from pipelines.evaluation.conditioning import class_accuracy, predicted_classes
@@ -124,18 +124,10 @@ def row_key(row: dict[str, Any]) -> tuple[str, float | None, int, tuple[float, .
 
 
 def evaluations_per_image(loaded: LoadedModel, steps: int, scale: float, interval: Sequence[float] | None) -> int:
-    """Network evaluations per image of one conditional row, counted: the sampler is run on one
-    image (class 0) and every image the network sees is counted (a doubled batch counts 2)."""
-    seen: list[int] = []
-
-    def counting(x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        seen.append(x_t.shape[0])
-        return loaded.model(x_t, t, class_labels)
-
-    generate(loaded.diffusion, counting, (1, *loaded.unet_config.image_shape), recommended_settings(steps),
-             generator=seeded_generator(0), class_labels=[0], guidance_scale=scale,
-             guidance_interval=None if interval is None else tuple(interval))
-    return sum(seen)
+    """Network evaluations per image of one conditional row (``guided_network_evaluations``: a doubled
+    batch counts 2, and with ``interval`` only the calls at guided timesteps are doubled)."""
+    return guided_network_evaluations(loaded.diffusion, recommended_settings(steps), scale,
+                                      None if interval is None else tuple(interval))
 
 
 def steps_within(loaded: LoadedModel, budget: int, scale: float, interval: Sequence[float]) -> int:
@@ -181,12 +173,10 @@ def score(row: dict[str, Any], samples: dict[str, np.ndarray], seconds: float, l
     """The row's figures: evaluations, FD, class accuracy (every row is asked for class i mod K;
     the unconditional model's accuracy is the chance that a sample falls in the class its index
     names, about 1/K), seconds per image."""
-    if row.get("interval") is not None:
-        evals = evaluations_per_image(loaded, row["steps"], row["scale"], row["interval"])
-    else:
+    if row["scale"] is None:
         evals = recommended_settings(row["steps"]).network_evaluations(loaded.diffusion.num_timesteps)
-        if row["scale"] is not None:
-            evals *= guidance_evaluations(row["scale"])
+    else:
+        evals = evaluations_per_image(loaded, row["steps"], row["scale"], row.get("interval"))
     asked = np.arange(len(samples["image"])) % num_classes
     accuracy = class_accuracy(predicted_classes(net.model, samples["image"]), asked, range(num_classes))
     return {**row, "evals": evals, "fd": images_fd(net, samples["image"], reference), "seconds": seconds,

@@ -16,8 +16,10 @@ import torch
 from diffusion_core.guidance import (
     GuidanceInterval,
     as_class_labels,
+    check_guidance_interval,
     check_guidance_scale,
     classifier_free_guidance,
+    guidance_evaluations,
     model_num_classes,
 )
 from diffusion_core.rng import Generator
@@ -187,6 +189,49 @@ def generate(
     with torch.no_grad():
         return loop(model, shape, generator=generator, clip_denoised=settings.clip_denoised, device=device,
                     **parameters)
+
+
+def guided_network_evaluations(
+    diffusion, settings: SamplerSettings, guidance_scale: float, guidance_interval: GuidanceInterval | None = None,
+) -> int:
+    """Network evaluations per image of one :func:`generate` call with class labels, guidance scale s
+    = ``guidance_scale`` and ``guidance_interval``: a doubled batch counts 2 per image.
+
+    Without an interval (or for s in {0, 1}) this is ``settings.network_evaluations(T) *
+    guidance_evaluations(s)``. With one, each model call at a guided timestep (``guided_timesteps``,
+    Kynkaanniemi et al. 2024) counts 2 and every other call 1; which timesteps a sampler calls the
+    network at does not depend on the network's output, so they are counted on a dry run of the sampler
+    on one [1, 1, 2, 2] image with a stand-in network that records its batch size and returns zeros
+    (no real network runs; milliseconds for T = 1000).
+
+    Args:
+        diffusion: a ``GaussianDiffusion``.
+        settings: the sampler and its parameters.
+        guidance_scale: s, finite and >= 0.
+        guidance_interval: ``(sigma_lo, sigma_hi)`` or ``None`` (every step guided).
+
+    Returns:
+        int >= 1.
+
+    Raises:
+        ValueError: naming ``guidance_scale`` / ``guidance_interval`` on invalid values, or from
+            ``settings.network_evaluations`` (e.g. num_steps > T).
+    """
+    per_call = guidance_evaluations(guidance_scale)
+    evaluations = settings.network_evaluations(diffusion.num_timesteps)
+    if guidance_interval is None or per_call == 1:
+        return evaluations * per_call
+    check_guidance_interval(guidance_interval)
+    batch_sizes: list[int] = []
+    channels = 2 if diffusion.config.learn_sigma else 1
+
+    def stand_in(x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        batch_sizes.append(x_t.shape[0])
+        return x_t.new_zeros(x_t.shape[0], channels, *x_t.shape[2:])
+
+    generate(diffusion, stand_in, (1, 1, 2, 2), settings, generator=seeded_generator(0), class_labels=[0],
+             guidance_scale=guidance_scale, guidance_interval=guidance_interval)
+    return sum(batch_sizes)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

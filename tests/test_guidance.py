@@ -27,7 +27,7 @@ from _diffusion_helpers import single_thread  # noqa: F401 (autouse fixture)
 from _gaussian_chain import MU, Moments, S, pc_moments, target
 
 from diffusion_core import DiffusionConfig, GaussianDiffusion
-from diffusion_core.generate import SamplerSettings, generate
+from diffusion_core.generate import SamplerSettings, generate, guided_network_evaluations
 from diffusion_core.guidance import (
     NO_LABEL,
     check_guidance_interval,
@@ -397,3 +397,35 @@ def test_bad_guidance_interval_raises_naming_it(interval):
         classifier_free_guidance(ExactClassGaussians(d), LABELS[:2], 2.0, d.process, guidance_interval=interval)
     with pytest.raises(ValueError, match="guidance_interval"):
         check_guidance_interval(interval)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "pc", "langevin", "dpm_solver", "edm_heun"])
+def test_guided_evaluations_are_the_images_the_network_sees(sampler):
+    """Oracle: the images the exact two-class network is handed in a real guided run (a doubled batch
+    counts 2 per image), and for plain guidance twice the sampler's registry cost."""
+    d = make()
+    settings = SamplerSettings(sampler, 12, spacing="quadratic", corrector_steps=1)
+    interval = (0.5, 2.0)
+    model = ExactClassGaussians(d)
+    generate(d, model, (1, 1, 8, 8), settings, generator=seeded(0), class_labels=[1], guidance_scale=2.0,
+             guidance_interval=interval)
+    counted = guided_network_evaluations(d, settings, 2.0, interval)
+    assert counted == sum(model.batch_sizes)
+    plain = settings.network_evaluations(T)
+    assert plain < counted < 2 * plain  # the interval cuts the chain at both ends
+    assert guided_network_evaluations(d, settings, 2.0) == 2 * plain
+    assert guided_network_evaluations(d, settings, 1.0, interval) == plain
+
+
+def test_guided_evaluations_of_the_dpm_solver_count_its_steps_in_the_interval():
+    """Oracle: one evaluation per step plus one at each visited timestep (``sampling_timesteps``)
+    whose sigma_t = sqrt(1 / abar_t - 1) is in the interval, computed here from the schedule."""
+    d = make()
+    sigma = np.sqrt(1.0 / d.alphas_cumprod - 1.0)
+    for steps in (6, 14, 20):
+        visited = sampling_timesteps(d.alphas_cumprod, steps, "quadratic")
+        want = steps + int(sum(0.5 < sigma[t] <= 2.0 for t in visited))
+        settings = SamplerSettings("dpm_solver", steps, spacing="quadratic")
+        assert guided_network_evaluations(d, settings, 3.0, (0.5, 2.0)) == want
+    with pytest.raises(ValueError, match="guidance_interval"):
+        guided_network_evaluations(d, settings, 3.0, (2.0, 0.5))
