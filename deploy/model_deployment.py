@@ -27,6 +27,7 @@ from deploy.config import ModelDeploymentConfig
 from deploy.errors import RequestError
 from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob, load_runner
 from deploy.request_models import LikelihoodOptions, SampleRequest
+from pipelines.registry.guidance_fields import interval_as_json
 
 
 def replica_cpus() -> int:
@@ -104,7 +105,8 @@ class DDPMModel:
     async def sample(self, request: SampleRequest, seed: int, max_num_steps: int) -> dict[str, Any] | RequestError:
         """Samples for one validated request: ``{"images": float32 [N, C, H, W], "num_steps": int,
         "settings": SamplerSettings.params() dict, "network_evaluations": int (per image, guidance's
-        doubled batch counted), "class_labels": the request's labels as class indices, one per image
+        doubled batch counted), "guidance_interval": [sigma_lo, sigma_hi] of the job (``None``
+        when every step or none is guided; ``None`` for an unbounded upper end), "class_labels": the request's labels as class indices, one per image
         (``None`` for an image without), or ``None`` when it gives none, "model": ModelSource dict}``,
         or the ``RequestError`` explaining why not."""
         runner = self._require_runner()
@@ -117,7 +119,8 @@ class DDPMModel:
         if isinstance(result, Exception):
             return as_request_error(result)
         return {"images": result.numpy(), "num_steps": job.num_steps, "settings": job.sampler_settings.params(),
-                "network_evaluations": job.network_evaluations(runner.num_timesteps),
+                "network_evaluations": job.network_evaluations(runner.loaded.diffusion),
+                "guidance_interval": interval_as_json(job.guidance_interval),
                 "class_labels": None if labels is None else [None if label < 0 else label for label in labels],
                 "model": runner.source.to_dict()}
 

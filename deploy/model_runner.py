@@ -10,7 +10,7 @@ No Ray here, so it is tested directly. A ``ModelRunner`` holds a ``LoadedModel``
   result (an ``Exception``) and never affects the other jobs.
 
 Jobs with equal settings (for sampling, the sampler and every parameter it uses, as
-``SamplerSettings.params()``, and the classifier-free guidance scale; method and K for the
+``SamplerSettings.params()``, and the classifier-free guidance scale and interval; method and K for the
 likelihood) form one group, computed by one
 call of ``diffusion_core.generate.generate`` (the core's unchanged samplers) or of
 ``calc_bpd_estimate`` / ``calc_bpd_loop`` on all their images at once, with a ``diffusion_core.RowGenerators`` that gives each job's rows its own
@@ -18,10 +18,11 @@ generator: every job gets exactly the random draws it would get alone, and the n
 per step for the whole group.
 
 Class-conditional models (``UNetConfig.num_classes``): class labels may differ from row to row of
-a group (each job's labels, -1 for a job without one), the guidance scale may not, since it changes
-every labelled row's output. A job's scale is what acts on it: a job without labels, or at scale 0,
-runs as the unconditional model at scale 1 (the same output, ``diffusion_core.guidance``), so it
-shares its batch with every unguided job.
+a group (each job's labels, -1 for a job without one), the guidance scale and guidance interval may
+not, since they change every labelled row's output. A job's scale is what acts on it: a job without
+labels, or at scale 0, runs as the unconditional model at scale 1 (the same output,
+``diffusion_core.guidance``), and a job at scale 1 has no interval, so it shares its batch with every
+unguided job.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from deploy.errors import RequestError
 from deploy.limits import check_exact_cost, check_network_evaluations, resolve_num_steps
 from deploy.request_models import LikelihoodOptions, SampleRequest
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
-from diffusion_core.generate import SamplerName, SamplerSettings, generate
-from diffusion_core.guidance import guidance_evaluations, with_class_labels
+from diffusion_core.generate import SamplerName, SamplerSettings, generate, guided_network_evaluations
+from diffusion_core.guidance import GuidanceInterval, with_class_labels
 from diffusion_core.images import uint8_to_float
 from diffusion_core.inference_network import InferenceNetwork, NetworkMode, build_inference_network
 from diffusion_core.rng import RowGenerators
@@ -75,6 +76,10 @@ class SampleJob:
         guidance_scale: s of classifier-free guidance that acts on the labelled images (1: the
             conditional model; ``ModelRunner.make_sample_job`` stores 1 for a job whose scale acts on
             no image: no labels, or s = 0, whose labels it drops).
+        guidance_interval: ``(sigma_lo, sigma_hi)`` (``sigma_hi`` may be inf): guide only the steps
+            with sigma_lo < sigma_t <= sigma_hi, sigma_t = sqrt(1 / abar_t - 1) (Kynkaanniemi et al.
+            2024; ``diffusion_core.guidance``), the others use the conditional model; ``None``: every
+            step (``make_sample_job`` stores ``None`` for a job at scale 1).
 
     Raises:
         ValueError: naming the field, on values ``SamplerSettings`` refuses.
@@ -93,20 +98,23 @@ class SampleJob:
     algorithm: str = SamplerSettings.algorithm
     class_labels: tuple[int, ...] | None = None
     guidance_scale: float = 1.0
+    guidance_interval: GuidanceInterval | None = None
 
     def __post_init__(self) -> None:
         self.sampler_settings  # noqa: B018 - validates the fields (ValueError naming the bad one)
 
     @property
     def group(self) -> tuple[Any, ...]:
-        """Jobs with an equal group run in one network batch: ``settings`` and ``guidance_scale``."""
-        return (self.settings, float(self.guidance_scale))
+        """Jobs with an equal group run in one network batch: ``settings``, ``guidance_scale`` and
+        ``guidance_interval``."""
+        return (self.settings, float(self.guidance_scale), self.guidance_interval)
 
-    def network_evaluations(self, num_timesteps: int) -> int:
-        """Network evaluations per image for a model with T = ``num_timesteps``: the sampler's
-        (``SamplerSettings.network_evaluations``) times ``guidance_evaluations(guidance_scale)`` (2
-        for a guided job, whose every step runs the network on the doubled batch)."""
-        return self.sampler_settings.network_evaluations(num_timesteps) * guidance_evaluations(self.guidance_scale)
+    def network_evaluations(self, diffusion: Any) -> int:
+        """Network evaluations per image with the model's ``GaussianDiffusion``: the sampler's
+        (``SamplerSettings.network_evaluations``), with each call at a guided step counted twice (the
+        doubled batch; ``diffusion_core.generate.guided_network_evaluations``)."""
+        return guided_network_evaluations(diffusion, self.sampler_settings, self.guidance_scale,
+                                          self.guidance_interval)
 
     @property
     def settings(self) -> tuple[tuple[str, Any], ...]:
@@ -255,14 +263,15 @@ class ModelRunner:
     def make_sample_job(self, request: SampleRequest, seed: int, max_num_steps: int) -> SampleJob:
         """A ``SampleJob`` for ``request`` with ``seed`` (already resolved when the request had none).
 
-        The job's ``class_labels`` and ``guidance_scale`` are the ones that act (see ``SampleJob``):
-        a request without labels, or at scale 0, becomes a job without labels at scale 1.
+        The job's ``class_labels``, ``guidance_scale`` and ``guidance_interval`` are the ones that act
+        (see ``SampleJob``): a request without labels, or at scale 0, becomes a job without labels at
+        scale 1, and a job at scale 1 has no interval (a ``null`` upper end becomes inf).
 
         Raises:
             RequestError: 422 if ``num_steps`` does not fit the model (or a value the core
                 refuses), naming ``class_label`` if the labels do not fit the model
                 (``resolve_class_labels``), naming ``guidance_scale`` if an unconditional model is
-                asked for a scale other than 1; 413 if the network evaluations per image
+                asked for a scale other than 1 and ``guidance_interval`` if it is given one; 413 if the network evaluations per image
                 (``SampleJob.network_evaluations``: the sampler's, twice over when guided) exceed
                 ``max_num_steps``, naming ``num_steps``, or ``corrector_steps`` when the correctors
                 are what goes over.
@@ -272,20 +281,27 @@ class ModelRunner:
         if self.num_classes is None and scale != 1.0:
             raise RequestError(422, "guidance_scale", f"{scale} asks for classifier-free guidance, but this model is "
                                                       "unconditional (trained without class labels); omit guidance_scale")
+        interval = request.guidance_interval_or_none()
+        if self.num_classes is None and interval is not None:
+            raise RequestError(422, "guidance_interval", "this model is unconditional (trained without class labels) "
+                                                         "and takes no guidance; omit guidance_interval")
         if labels is None or scale == 0.0 or all(label == NO_LABEL for label in labels):
             labels, scale = None, 1.0  # the unconditional model, whatever the scale (diffusion_core.guidance)
+        if scale == 1.0:
+            interval = None  # nothing is guided: the job joins the unguided batches
         steps = resolve_num_steps(request.sampler, request.num_steps, self.num_timesteps, max_num_steps)
         parameters = request.sampler_parameters()
         try:
             job = SampleJob(request.num_images, request.sampler, steps, parameters.pop("eta", 0.0), int(seed),
                             request.clip_denoised, **parameters,
-                            class_labels=None if labels is None else tuple(labels), guidance_scale=scale)
+                            class_labels=None if labels is None else tuple(labels), guidance_scale=scale,
+                            guidance_interval=interval)
             settings = job.sampler_settings
-            evaluations = job.network_evaluations(self.num_timesteps)
+            evaluations = job.network_evaluations(self.loaded.diffusion)
             fewest = evaluations
             if "corrector_steps" in settings.uses():
                 least = SAMPLERS[settings.sampler].min_corrector_steps
-                fewest = dataclasses.replace(job, corrector_steps=least).network_evaluations(self.num_timesteps)
+                fewest = dataclasses.replace(job, corrector_steps=least).network_evaluations(self.loaded.diffusion)
         except ValueError as err:  # the pydantic schema already checks each field; this is the core's word
             raise RequestError(422, "body", str(err)) from err
         check_network_evaluations(request.sampler, evaluations, fewest, max_num_steps)
@@ -318,9 +334,9 @@ class ModelRunner:
     def sample_many(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor | Exception]:
         """Samples for every job, float32 [num_images, C, H, W] in [-1, 1] when clipped, on CPU.
 
-        Jobs with equal ``group`` (settings and guidance scale) run as one batch (``sample_group``);
-        each job's images equal ``generate`` with the job's ``sampler_settings``, ``class_labels`` and
-        ``guidance_scale`` (the core sampler) run alone with ``torch.Generator().manual_seed(seed)``
+        Jobs with equal ``group`` (settings, guidance scale and interval) run as one batch
+        (``sample_group``); each job's images equal ``generate`` with the job's ``sampler_settings``,
+        ``class_labels``, ``guidance_scale`` and ``guidance_interval`` (the core sampler) run alone with ``torch.Generator().manual_seed(seed)``
         (up to float rounding of the larger network batch). A group that fails is retried job by
         job, so a failure is returned only for the job that causes it.
         """
@@ -328,11 +344,11 @@ class ModelRunner:
 
     @torch.no_grad()
     def sample_group(self, jobs: Sequence[SampleJob]) -> list[torch.Tensor]:
-        """Run jobs of identical ``group`` (settings and guidance scale) as one ``generate`` call (the
+        """Run jobs of identical ``group`` (settings, guidance scale and interval) as one ``generate`` call (the
         core sampler the settings name: ``p_sample_loop``, ``ddim_sample_loop``, ``pc_sample_loop``,
         ``langevin_sample_loop``, ``dpm_solver_sample_loop`` or ``edm_heun_sample_loop``) on all their
         images, with one generator per job (``RowGenerators``) and, when any job has labels, every
-        job's labels (-1 for a job without) under classifier-free guidance at the group's scale.
+        job's labels (-1 for a job without) under classifier-free guidance at the group's scale and interval.
 
         Returns:
             per job, float32 [num_images, C, H, W] on CPU.
@@ -345,7 +361,8 @@ class ModelRunner:
         generators = RowGenerators.from_seeds([job.seed for job in jobs], sizes, self.device)
         shape = (sum(sizes), *self.image_shape)
         x = generate(self.loaded.diffusion, self.network, shape, first.sampler_settings, generators, self.device,
-                     class_labels=self._group_labels(jobs, sizes), guidance_scale=first.guidance_scale)
+                     class_labels=self._group_labels(jobs, sizes), guidance_scale=first.guidance_scale,
+                     guidance_interval=first.guidance_interval)
         return list(x.float().cpu().split(sizes))
 
     @staticmethod

@@ -2,8 +2,8 @@
 
 ``SampleRequest`` and ``LikelihoodOptions`` / ``LikelihoodJsonRequest`` reject unknown fields,
 wrong types, NaN/inf, non-positive counts and unknown choices with the field's name (a 422 through
-``deploy.errors.request_error_from_validation``). ``class_label`` and ``guidance_scale`` (class-conditional
-models, classifier-free guidance) are checked here for their form; whether a label fits the model
+``deploy.errors.request_error_from_validation``). ``class_label``, ``guidance_scale`` and
+``guidance_interval`` (class-conditional models, classifier-free guidance) are checked here for their form; whether a label fits the model
 (its classes, or that it has any) is checked on the replica (``deploy.model_runner``). The cost of a request is checked against the
 limits in ``deploy.limits``; uploaded images are decoded by ``deploy.decoding``.
 """
@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from deploy.errors import field_error
+from diffusion_core.guidance import GuidanceInterval
 from diffusion_core.samplers.registry import DEFAULT_SAMPLER, ETA, PARAMETERS, SAMPLERS, Parameter, SamplerName, takers
 from pipelines.registry.class_labels import check_class_label_value
+from pipelines.registry.guidance_fields import interval_from_request
 
 MAX_SEED = 2**63 - 1
 """Largest accepted ``seed`` (seeds are 0 <= seed <= 2**63 - 1, the range of torch.Generator)."""
@@ -51,6 +53,11 @@ DEFAULT_GUIDANCE_SCALE = 1.0
 """``guidance_scale`` of a request that omits it: s = 1 is the conditional model itself, unguided
 (diffusers' convention: s = 0 the unconditional model, s > 1 guides; Ho & Salimans' w = s - 1)."""
 
+GuidanceIntervalField = tuple[float, float | None] | None
+"""A request's ``guidance_interval``: ``[sigma_lo, sigma_hi]`` with 0 <= sigma_lo < sigma_hi, or
+``[sigma_lo, null]`` for no upper end (JSON has no inf), or absent (guide every step)."""
+
+
 ClassLabelField = int | str | list[int | str | None] | None
 """A request's ``class_label``: a class index >= 0 or a class name (one label for every image), or a
 list of those with one entry per image (``null``: that image has no label), or absent (no label)."""
@@ -81,6 +88,21 @@ class _SampleRequestBase(_ClassLabelMixin):
     num_steps: int | None = Field(None, gt=0)
     eta: float = Field(ETA.default, ge=ETA.low, le=MAX_ETA)
     guidance_scale: float = Field(DEFAULT_GUIDANCE_SCALE, ge=0.0)
+    guidance_interval: GuidanceIntervalField = None
+
+    @field_validator("guidance_interval", mode="before")
+    @classmethod
+    def _guidance_interval_form(cls, value: object) -> object:
+        try:
+            interval_from_request(value)
+        except ValueError as err:  # pydantic would prefix "Value error, "
+            raise PydanticCustomError("guidance_interval", "{message}", {"message": str(err)}) from None
+        return value if value is None else tuple(value)  # a JSON array; the strict field takes a tuple
+
+    def guidance_interval_or_none(self) -> GuidanceInterval | None:
+        """``guidance_interval`` as the core takes it: ``(sigma_lo, sigma_hi)`` with a ``null`` upper
+        end as inf, or ``None``."""
+        return interval_from_request(self.guidance_interval)
 
     @model_validator(mode="after")
     def _parameters_fit_the_sampler(self) -> "_SampleRequestBase":
@@ -165,6 +187,12 @@ Attributes:
         (``eps_u + s (eps_c - eps_u)``). A scale other than 0 and 1 costs 2 network evaluations per
         image per step. It acts on labelled images only; an unconditional model refuses a scale
         other than 1 (422).
+    guidance_interval: ``[sigma_lo, sigma_hi]``: guide only the steps whose noise level sigma_t =
+        sqrt(1 / abar_t - 1) lies in (sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024, "Applying
+        Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion
+        Models"); the other steps use the conditional model and cost 1 network evaluation per image
+        instead of 2. 0 <= sigma_lo < sigma_hi; ``null`` as sigma_hi: no upper end. Omitted: every
+        step is guided. It has no effect at s = 0 or 1; an unconditional model refuses it (422).
     format: "png" (JSON with one base64 PNG per image), "grid" (one PNG, ``image/png``) or
         "npy" (``application/octet-stream``: ``np.save`` of uint8 ``[N, H, W, C]``).
 

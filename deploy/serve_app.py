@@ -12,8 +12,9 @@ request, 503 with ``Retry-After`` when the model replica holding the request die
   "dpm_solver" or "edm_heun", with its parameters): images as base64 PNGs in JSON, one PNG grid, or an ``.npy``
   (uint8 [N, H, W, C]); the same ``seed`` gives the same images. The JSON answer also carries the
   sampler's resolved parameters and its ``network_evaluations`` per image. A class-conditional model
-  takes ``class_label`` (a class index or name, or one per image) and ``guidance_scale``
-  (classifier-free guidance); the answer gives ``class_labels`` (the indices) and ``guidance_scale``.
+  takes ``class_label`` (a class index or name, or one per image), ``guidance_scale``
+  (classifier-free guidance) and ``guidance_interval`` (guide only a range of noise levels); the answer
+  gives ``class_labels`` (the indices), ``guidance_scale`` and the ``guidance_interval`` that acted.
 * ``POST /likelihood``: PNG/JPEG uploads (multipart field ``files``; options as form fields) or
   JSON ``{"pixels": uint8 [N, H, W, C] or [N, H, W], "method", "num_samples", "seed",
   "breakdown", "class_label"}``; bits/dim per image (exact bound or stratified estimate with standard
@@ -132,6 +133,7 @@ class DDPMIngress:
             "seed": seed, "sampler": sample.sampler, "num_steps": result["num_steps"], "eta": sample.eta,
             **result["settings"], "network_evaluations": result["network_evaluations"],
             "class_labels": result["class_labels"], "guidance_scale": sample.guidance_scale,
+            "guidance_interval": result["guidance_interval"],
             "model": _model_ref(result["model"]),
         }
         return sample_response(result["images"], sample.format, metadata)

@@ -38,11 +38,18 @@ labels (-log p(x | y)). ``--class-label LABEL ...`` (indices or the manifest's c
 the default, is every class) picks the classes of the grid (one row each) and of the FD's
 class-balanced samples, drawn with classifier-free guidance at ``--guidance-scale S`` (1: the
 conditional model; 0: the unconditional one; other values cost two network evaluations per step).
+``--guidance-interval LO HI`` (with such a scale) guides only the steps whose noise level sigma_t =
+sqrt(1 / abar_t - 1) lies in (LO, HI] (HI may be ``inf``) and uses the conditional model, one
+evaluation, at the others (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval
+Improves Sample and Distribution Quality in Diffusion Models"); it is logged as the
+``guidance_interval`` param ("LO,HI", or "none"), with the counted ``sample_guided_network_evaluations``.
 With ``--fd-features classifier`` the classifier's predictions of those samples give the class
 accuracy, per class and overall (``sample_class_accuracy*``):
 
     python pipelines/evaluate.py --model models:/ddpm-fashion-mnist-cond/1 --shards ... --split test \
         --class-label Sandal Sneaker --guidance-scale 2 --fd 1000 --fd-classifier models:/fd-classifier-fashion-mnist/1
+    python pipelines/evaluate.py --model models:/ddpm-fashion-mnist-cond/1 --shards ... \
+        --guidance-scale 3 --guidance-interval 0.28 5.42 --fd 1000 --fd-classifier models:/fd-classifier-fashion-mnist/1
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import sys
 from typing import Sequence
 
 from diffusion_core.generate import SamplerSettings
+from diffusion_core.guidance import check_guidance_interval, guidance_evaluations
 from diffusion_core.samplers.registry import (
     ALGORITHM,
     CORRECTOR_STEPS,
@@ -96,6 +104,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="class-conditional models: classifier-free guidance scale s >= 0 of the samples "
                              "(1: conditional, 0: unconditional, > 1 guides; s not in {0, 1} costs 2 network "
                              "evaluations per step)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="class-conditional models, with --guidance-scale S not in {0, 1}: guide only the steps "
+                             "with noise level LO < sigma_t <= HI, sigma_t = sqrt(1/abar_t - 1) (HI may be inf; "
+                             "Kynkaanniemi et al. 2024); the other steps use the conditional model (1 network "
+                             "evaluation); default: guide every step")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bound's noise and the samples")
     parser.add_argument("--experiment", default=None,
@@ -143,11 +156,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
     if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         parser.error(f"--guidance-scale={args.guidance_scale} must be a finite number >= 0")
+    check_guidance_interval_flag(parser, args)
     try:
         sampler_settings_from_args(args)
     except ValueError as err:  # names the field: corrector_steps, snr, order
         parser.error(f"sampler settings: {err}")
     return args
+
+
+def check_guidance_interval_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``parser.error``, exit code 2, naming ``--guidance-interval``) an interval that is not
+    0 <= LO < HI (``diffusion_core.guidance.check_guidance_interval``; HI may be ``inf``, LO must be
+    finite, neither NaN), or one given with a ``--guidance-scale`` of 0 or 1, which does not guide."""
+    if args.guidance_interval is None:
+        return
+    low, high = args.guidance_interval
+    try:
+        check_guidance_interval((low, high))
+    except ValueError:
+        parser.error(f"--guidance-interval {low:g} {high:g}: must be LO HI with 0 <= LO < HI (HI may be inf)")
+    if guidance_evaluations(args.guidance_scale) == 1:
+        parser.error(f"--guidance-interval {low:g} {high:g} needs --guidance-scale S other than 0 and 1 "
+                     f"(got {args.guidance_scale:g}, which does not guide)")
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,6 +283,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         experiment=args.experiment, device=args.device, threads=args.threads, compile=args.compile,
         fd=fd_settings_from_args(args), split=args.split,
         class_labels=tuple(args.class_label) if args.class_label else None, guidance_scale=args.guidance_scale,
+        guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
     )
 
 

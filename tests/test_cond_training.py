@@ -1,28 +1,44 @@
 """Class-conditional training and evaluation: label dropout, the conditional training step,
-the config and data checks, ``--class-label`` / ``--guidance-scale`` of evaluate.py, and (slow, real
-Ray) a tiny conditional run through ``launcher.run`` and evaluate.py on its checkpoint."""
+the config and data checks, ``--class-label`` / ``--guidance-scale`` / ``--guidance-interval`` of
+evaluate.py (the interval against ``generate`` with it and against the evaluations the network is
+handed), and (slow, real Ray) a tiny conditional run through ``launcher.run`` and evaluate.py on its
+checkpoint, and evaluate.py's grid and Ray-drawn FD samples with a guidance interval."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _eval_helpers import save_computing_checkpoint
+from _class_gaussians import ExactClassGaussians
+from _eval_helpers import UNET_28, latest_run, save_computing_checkpoint
+from _inception_standin import save_stand_in
 from _train_helpers import TINY_CONFIG, tiny_config
+from _unet_helpers import computing_unet
 from mlflow import MlflowClient
 from PIL import Image
 
-from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
+from diffusion_core.config import DiffusionConfig, UNetConfig
 from diffusion_core.diffusion import GaussianDiffusion
+from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.guidance import with_class_labels
-from diffusion_core.images import make_grid
+from diffusion_core.images import encode_png, make_grid
 from pipelines.data.shards.manifest import Manifest
-from pipelines.evaluate import main
+from pipelines.evaluate import main, parse_args, settings_from_args
+from pipelines.evaluation.blocks import block_range, block_seed, num_blocks
 from pipelines.evaluation.conditioning import class_accuracy, class_names, resolve_class_labels
-from pipelines.evaluation.metrics import class_balanced_labels, class_grid_labels
+from pipelines.evaluation.distributed_sampling import sample_locally
+from pipelines.evaluation.fd import StatsCache, images_fd, reference_and_floor_slices, slice_stats
+from pipelines.evaluation.features import build_feature_net
+from pipelines.evaluation.job import EvalSettings, guidance_params
+from pipelines.evaluation.metrics import class_balanced_labels, class_grid_labels, sample_grid
+from pipelines.registry.tracking_uri import resolve_tracking_uri
 from pipelines.training.batches import checked_labels
 from pipelines.training.config import load_config
 from pipelines.training.example_noise import example_label_dropout, example_timesteps_and_noise
@@ -185,6 +201,129 @@ def test_class_label_for_an_unconditional_model_exits_2_naming_the_flag(tmp_path
     with pytest.raises(SystemExit):
         main([*common, "--guidance-scale", "-1"])
     assert "--guidance-scale" in capsys.readouterr().err
+    assert main([*common, "--guidance-scale", "2", "--guidance-interval", "0.5", "inf"]) == 2
+    assert "--guidance-scale 2 --guidance-interval 0.5 inf: this model is unconditional" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- guidance interval
+
+ARGS = ["--model", "m", "--shards", "s"]
+#: T = 200 (linear schedule): sigma_t = sqrt(1 / abar_t - 1) runs from 0.03 to 157, so (0.5, 2.0]
+#: guides some of a 12-step DDIM chain's timesteps and leaves others to the conditional model
+INTERVAL = (0.5, 2.0)
+
+
+def _gaussians() -> tuple[GaussianDiffusion, ExactClassGaussians]:
+    diffusion = GaussianDiffusion(DiffusionConfig(num_timesteps=200))
+    return diffusion, ExactClassGaussians(diffusion)
+
+
+def test_guidance_interval_flag_reaches_the_settings() -> None:
+    assert settings_from_args(parse_args(ARGS)).guidance_interval is None
+    settings = settings_from_args(parse_args([*ARGS, "--guidance-scale", "3", "--guidance-interval", "0.28", "inf"]))
+    assert settings.guidance_interval == (0.28, math.inf) and settings.guidance_scale == 3.0
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (["2", "1"], "--guidance-interval 2 1: must be LO HI with 0 <= LO < HI"),
+    (["1", "1"], "--guidance-interval 1 1: must be LO HI with 0 <= LO < HI"),
+    (["-0.5", "1"], "--guidance-interval -0.5 1: must be LO HI with 0 <= LO < HI"),
+    (["nan", "1"], "--guidance-interval nan 1: must be LO HI"),
+    (["0", "nan"], "--guidance-interval 0 nan: must be LO HI"),
+    (["inf", "inf"], "--guidance-interval inf inf: must be LO HI"),
+    (["0.5"], "argument --guidance-interval: expected 2 arguments"),
+    (["low", "1"], "argument --guidance-interval: invalid float value: 'low'"),
+])
+def test_bad_guidance_interval_exits_2_naming_the_flag(values: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args([*ARGS, "--guidance-scale", "3", "--guidance-interval", *values])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [[], ["--guidance-scale", "1"], ["--guidance-scale", "0"]])
+def test_guidance_interval_without_a_guiding_scale_exits_2(scale: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args([*ARGS, *scale, "--guidance-interval", "0.5", "2"])
+    assert info.value.code == 2
+    assert "--guidance-interval 0.5 2 needs --guidance-scale S other than 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval", [(2.0, 1.0), (-0.1, 1.0), (math.inf, math.inf), (0.1, math.nan), (0.1,),
+                                      (0.1, 0.2, 0.3), "ab", (True, 2.0)])
+def test_eval_settings_refuse_a_bad_guidance_interval(interval) -> None:
+    with pytest.raises(ValueError, match="guidance_interval"):
+        EvalSettings(model="m", shards="s", guidance_scale=3.0, guidance_interval=interval)
+
+
+def test_eval_settings_guidance_interval_needs_a_guiding_scale() -> None:
+    for scale in (0.0, 1.0):
+        with pytest.raises(ValueError, match="guidance_interval=.* needs a guidance_scale other than 0 and 1"):
+            EvalSettings(model="m", shards="s", guidance_scale=scale, guidance_interval=(0.5, 2.0))
+    settings = EvalSettings(model="m", shards="s", guidance_scale=3.0, guidance_interval=[0, math.inf])
+    assert settings.guidance_interval == (0.0, math.inf) and isinstance(settings.guidance_interval, tuple)
+
+
+def test_guidance_params_count_the_evaluations_the_network_is_handed() -> None:
+    """Oracle: the batch sizes the exact two-class network sees in a real guided draw of 2 images
+    (a doubled batch counts 2 per image): fewer with the interval than 2 per step."""
+    diffusion, model = _gaussians()
+    settings = SamplerSettings("ddim", 12)
+    generate(diffusion, model, (2, 1, 4, 4), settings, seeded_generator(0), class_labels=[0, 1], guidance_scale=3.0,
+             guidance_interval=INTERVAL)
+    seen = sum(model.batch_sizes) // 2
+    args = EvalSettings(model="m", shards="s", sampling=settings, guidance_scale=3.0, guidance_interval=INTERVAL)
+    assert guidance_params(args, (0, 1), diffusion) == {
+        "class_labels": "0,1", "guidance_scale": 3.0, "guidance_interval": "0.5,2.0",
+        "sample_guided_network_evaluations": seen}
+    assert 12 < seen < 24
+    everywhere = guidance_params(dataclasses.replace(args, guidance_interval=None), (0, 1), diffusion)
+    assert (everywhere["guidance_interval"], everywhere["sample_guided_network_evaluations"]) == ("none", 24)
+    inf = guidance_params(dataclasses.replace(args, guidance_interval=(0.28, math.inf)), (0, 1), diffusion)
+    assert inf["guidance_interval"] == "0.28,inf"
+
+
+def test_sample_grid_is_generate_with_the_guidance_interval() -> None:
+    diffusion, model = _gaussians()
+    settings, labels = SamplerSettings("ddim", 12), class_grid_labels((0, 1), 3)
+
+    def draw(**interval) -> torch.Tensor:
+        return generate(diffusion, model, (6, 1, 4, 4), settings, seeded_generator(5), class_labels=labels,
+                        guidance_scale=3.0, **interval)
+
+    images, png = sample_grid(diffusion, model, (1, 4, 4), 6, settings, seed=5, class_labels=labels,
+                              guidance_scale=3.0, guidance_interval=INTERVAL, nrow=3)
+    expected = draw(guidance_interval=INTERVAL)
+    assert torch.equal(images, expected) and png == encode_png(make_grid(expected, nrow=3))
+    assert (images - draw()).abs().max() > 1e-3  # guiding every step draws other images
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample_grid(diffusion, model, (1, 4, 4), 6, settings, seed=5, class_labels=labels, guidance_scale=3.0,
+                    guidance_interval=(2.0, 0.5))
+
+
+COND_UNET_8 = UNetConfig(image_size=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
+                         num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_groups=4, num_classes=3)
+
+
+def test_fd_samples_of_one_process_take_the_guidance_interval(tmp_path: Path) -> None:
+    """Oracle: ``generate`` with the interval on each seeded block of class-balanced labels
+    (T = 24: sigma_t runs from 0.07 to 2624; a 6-step DDIM chain visits t = 23, 18, 14, 9, 5, 0, and
+    (0.5, 20] guides t = 14, 9, 5)."""
+    diffusion = DiffusionConfig(num_timesteps=24)
+    folder = save_checkpoint(tmp_path / "ckpt", computing_unet(COND_UNET_8).state_dict(), COND_UNET_8, diffusion)
+    settings, interval, classes = SamplerSettings("ddim", 6), (0.5, 20.0), (0, 2)
+    got = sample_locally(folder, settings, 5, 2, seed=4, classes=classes, guidance_scale=3.0,
+                         guidance_interval=interval)
+    loaded = load_checkpoint(folder)
+    blocks = []
+    for block in range(num_blocks(5, 2)):
+        start, count = block_range(block, 2, 5)
+        blocks.append(generate(loaded.diffusion, loaded.model, (count, 1, 8, 8), settings,
+                               torch.Generator().manual_seed(block_seed(4, block)),
+                               class_labels=class_balanced_labels(count, classes, start), guidance_scale=3.0,
+                               guidance_interval=interval).numpy())
+    np.testing.assert_array_equal(got, np.concatenate(blocks))
+    everywhere = sample_locally(folder, settings, 5, 2, seed=4, classes=classes, guidance_scale=3.0)
+    assert np.abs(got - everywhere).max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- real Ray (slow)
@@ -252,3 +391,65 @@ def test_evaluate_reports_both_bounds_and_class_accuracy(cond_run, fmnist_shards
     assert params["sample_guided_network_evaluations"] == str(2 * int(params["sample_network_evaluations"]))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/samples.png", "eval/bpd_per_timestep_estimate_cond.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_evaluate_guides_the_grid_and_the_ray_fd_samples_only_in_the_interval(
+    train_sandbox, ray_local, fmnist_shards: Path, tmp_path: Path, capsys,
+) -> None:
+    """evaluate.py --guidance-interval end to end on a 10-class ``computing_unet`` (T = 24, 6 DDIM
+    steps, (0.5, 20] guides 3 of them). Oracles: the logged grid is ``generate`` with the interval; the
+    FD (samples drawn by a Ray actor) is that of ``sample_locally`` with the interval (the actors draw
+    the same images bit for bit, tests/test_fd_ray.py) against the cached reference; the counted
+    evaluations are the batch sizes the network is handed in a real guided draw of one image."""
+    experiment = "ddpm-test-guidance-interval"
+    config = dataclasses.replace(UNET_28, num_classes=10)
+    folder = save_checkpoint(tmp_path / "cond", computing_unet(config).state_dict(), config,
+                             DiffusionConfig(num_timesteps=24))
+    weights = save_stand_in(tmp_path / "inception.pt", dim=16)
+    cache = tmp_path / "cache"
+    interval, settings = (0.5, 20.0), SamplerSettings("ddim", 6)
+    assert main(["--model", str(folder), "--shards", str(fmnist_shards), "--images", "1", "--estimate", "2",
+                 "--samples", "4", "--sample-steps", "6", "--seed", "3", "--threads", "1", "--no-compile",
+                 "--experiment", experiment, "--class-label", "0", "1", "--guidance-scale", "3",
+                 "--guidance-interval", "0.5", "20", "--fd", "4", "--fd-features", "inception",
+                 "--inception-weights", str(weights), "--fd-reference-split", "val", "--fd-reference-images", "6",
+                 "--fd-floor-split", "train", "--fd-cache", str(cache), "--fd-workers", "1",
+                 "--fd-block", "2"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    client = MlflowClient(resolve_tracking_uri())
+    run = latest_run(client, experiment)
+    params, loaded = run.data.params, load_checkpoint(folder)
+
+    seen: list[int] = []
+
+    def recording(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(x_t.shape[0])
+        return loaded.model(x_t, t, y)
+
+    generate(loaded.diffusion, recording, (1, 1, 28, 28), settings, seeded_generator(0), class_labels=[0],
+             guidance_scale=3.0, guidance_interval=interval)
+    assert (params["guidance_scale"], params["guidance_interval"]) == ("3.0", "0.5,20.0")
+    assert params["sample_guided_network_evaluations"] == str(sum(seen)) == "9"  # 3 guided steps of 6
+    assert params["sample_network_evaluations"] == "6"  # fully guided: 12
+
+    labels = class_grid_labels((0, 1), 2)
+    grid = generate(loaded.diffusion, loaded.model, (4, 1, 28, 28), settings, seeded_generator(3),
+                    class_labels=labels, guidance_scale=3.0, guidance_interval=interval)
+    everywhere = generate(loaded.diffusion, loaded.model, (4, 1, 28, 28), settings, seeded_generator(3),
+                          class_labels=labels, guidance_scale=3.0)
+    assert (grid - everywhere).abs().max() > 1e-3
+    logged = np.asarray(Image.open(client.download_artifacts(run.info.run_id, "eval/samples.png")))
+    assert np.array_equal(logged, np.asarray(Image.open(io.BytesIO(encode_png(make_grid(grid, nrow=2))))))
+
+    net = build_feature_net("inception", inception_weights=str(weights))
+    reference, _ = reference_and_floor_slices(str(fmnist_shards), 4, "val", "train", 6)
+    reference_stats, hit = slice_stats(reference, net, StatsCache(cache))
+    assert hit  # the statistics the evaluation cached
+
+    def fd(**interval_kwarg) -> float:
+        samples = sample_locally(folder, settings, 4, 2, seed=3, classes=(0, 1), guidance_scale=3.0, **interval_kwarg)
+        return images_fd(net, samples, reference_stats)
+
+    assert run.data.metrics["fd"] == pytest.approx(fd(guidance_interval=interval), rel=1e-9)
+    assert run.data.metrics["fd"] != pytest.approx(fd(), rel=1e-6)  # guiding every step: other samples

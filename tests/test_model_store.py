@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -207,17 +208,24 @@ def test_pyfunc_of_a_conditional_model_takes_class_label_and_guidance_scale(trac
     ref = _log(folder, tracking, registered_model_name="ddpm-pyfunc-cond", manifest={**MANIFEST, "classes": CLASSES})
     pyfunc = mlflow.pyfunc.load_model(ref.model_uri)
     request = {"num_images": 2, "seed": 5, "num_steps": 4, "class_label": "Sandal", "guidance_scale": 2.0}
-    named, listed = pyfunc.predict([request, {**request, "class_label": [1, None]}])
+    named, listed, limited = pyfunc.predict([request, {**request, "class_label": [1, None]},
+                                             {**request, "guidance_interval": [0.5, None]}])
     diffusion = GaussianDiffusion(TINY_DIFFUSION)
 
-    def expected(labels: list[int], scale: float) -> np.ndarray:
+    def expected(labels: list[int], scale: float, interval: tuple[float, float] | None = None) -> np.ndarray:
         return generate(diffusion, model, (2, 1, 8, 8), SamplerSettings("ddim", 4), seeded_generator(5),
-                        class_labels=labels, guidance_scale=scale).numpy()
+                        class_labels=labels, guidance_scale=scale, guidance_interval=interval).numpy()
 
     np.testing.assert_allclose(np.asarray(named, dtype=np.float32), expected([1, 1], 2.0), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(listed, dtype=np.float32), expected([1, -1], 2.0), rtol=0, atol=1e-6)
     assert np.abs(np.asarray(named, dtype=np.float32) - expected([1, 1], 1.0)).max() > 1e-3  # the scale acts
     assert np.abs(np.asarray(named, dtype=np.float32) - expected([2, 2], 2.0)).max() > 1e-3  # the label acts
+    guided_in = expected([1, 1], 2.0, (0.5, math.inf))
+    np.testing.assert_allclose(np.asarray(limited, dtype=np.float32), guided_in, rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(named, dtype=np.float32) - guided_in).max() > 1e-3  # the interval acts
+    for bad in ([2, 1], [0.5], "0.5"):
+        with pytest.raises(mlflow.exceptions.MlflowException, match="guidance_interval"):
+            pyfunc.predict([{**request, "guidance_interval": bad}])
     for bad in (-1.0, float("nan")):
         with pytest.raises(mlflow.exceptions.MlflowException, match="guidance_scale"):
             pyfunc.predict([{**request, "guidance_scale": bad}])
@@ -234,5 +242,7 @@ def test_pyfunc_predict_refuses_labels_and_guidance_for_an_unconditional_model()
         wrapper.predict(None, [PyfuncSampleRequest(num_images=1, num_steps=2, class_label=0)])
     with pytest.raises(ValueError, match="guidance_scale: 3.0 asks for classifier-free guidance"):
         wrapper.predict(None, [PyfuncSampleRequest(num_images=1, num_steps=2, guidance_scale=3)])
+    with pytest.raises(ValueError, match="guidance_interval: this model is unconditional"):
+        wrapper.predict(None, [PyfuncSampleRequest(num_images=1, num_steps=2, guidance_interval=[0.5, 2])])
     (images,) = wrapper.predict(None, [PyfuncSampleRequest(num_images=1, num_steps=2, guidance_scale=1)])
     assert np.asarray(images).shape == (1, 1, 8, 8)

@@ -4,6 +4,9 @@ the conditional bound, and the inference network's third input."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,7 @@ from deploy.model_runner import LikelihoodJob, ModelRunner, SampleJob
 from deploy.request_models import LikelihoodOptions, SampleRequest
 from diffusion_core import DiffusionConfig, GaussianDiffusion, UNet, UNetConfig
 from diffusion_core.checkpoint import LoadedModel
-from diffusion_core.generate import generate
+from diffusion_core.generate import generate, guided_network_evaluations
 from diffusion_core.guidance import with_class_labels
 from diffusion_core.images import uint8_to_float
 from diffusion_core.inference_network import CHECK_TOLERANCE, PaddedNetwork, build_inference_network
@@ -127,9 +130,10 @@ def test_sample_job_resolves_labels_and_counts_guidance(runner: ModelRunner) -> 
     guided = runner.make_sample_job(_request('{"num_images": 2, "class_label": "Bag", "guidance_scale": 2, '
                                              '"num_steps": 5}'), 1, 100)
     assert (guided.class_labels, guided.guidance_scale) == ((2, 2), 2.0)
-    assert guided.network_evaluations(24) == 10  # the doubled batch: 2 evaluations per image per step
+    assert guided.network_evaluations(runner.loaded.diffusion) == 10  # the doubled batch: 2 per image per step
     plain = runner.make_sample_job(_request('{"num_images": 2, "class_label": [1, null], "num_steps": 5}'), 1, 100)
-    assert (plain.class_labels, plain.guidance_scale, plain.network_evaluations(24)) == ((1, -1), 1.0, 5)
+    assert (plain.class_labels, plain.guidance_scale, plain.network_evaluations(runner.loaded.diffusion)) == \
+        ((1, -1), 1.0, 5)
     # scale 0 and no labels are the unconditional model at scale 1: one evaluation, batched with unguided jobs
     for body in ('{"class_label": 1, "guidance_scale": 0}', '{"guidance_scale": 3}', '{"class_label": [null]}'):
         job = runner.make_sample_job(_request(body), 1, 100)
@@ -144,12 +148,33 @@ def test_sample_job_resolves_labels_and_counts_guidance(runner: ModelRunner) -> 
         assert err.body()["error"].startswith("class_label: ")
 
 
+def test_sample_job_takes_a_guidance_interval_only_where_it_acts(runner: ModelRunner) -> None:
+    """Oracle: ``guided_network_evaluations`` (tested against the network's own calls in
+    tests/test_guidance.py); the interval is dropped where nothing is guided (s = 1, s = 0, no labels),
+    so those jobs batch with the unguided ones."""
+    diffusion = runner.loaded.diffusion
+    body = '{"num_images": 2, "class_label": "Bag", "guidance_scale": 2, "num_steps": 8, "guidance_interval": [%s]}'
+    bounded = runner.make_sample_job(_request(body % "0.5, 2"), 1, 100)
+    open_ended = runner.make_sample_job(_request(body % "0.5, null"), 1, 100)
+    assert (bounded.guidance_interval, open_ended.guidance_interval) == ((0.5, 2.0), (0.5, math.inf))
+    for job in (bounded, open_ended):
+        want = guided_network_evaluations(diffusion, job.sampler_settings, 2.0, job.guidance_interval)
+        assert job.network_evaluations(diffusion) == want and 8 < want < 16
+    assert bounded.group != open_ended.group != runner.make_sample_job(_request(body % "0, null"), 1, 100).group
+    for unguided in ('"class_label": "Bag", "guidance_scale": 1', '"class_label": "Bag", "guidance_scale": 0',
+                     '"guidance_scale": 2'):
+        job = runner.make_sample_job(_request('{%s, "guidance_interval": [0.5, 2]}' % unguided), 1, 100)
+        assert job.guidance_interval is None and job.guidance_scale == 1.0, unguided
+
+
 def test_unconditional_model_refuses_labels_and_guidance(unconditional: ModelRunner) -> None:
     err = _error(unconditional.make_sample_job, _request('{"class_label": 0}'), 1, 100)
     assert (err.status, err.field) == (422, "class_label") and "unconditional" in err.message
     err = _error(unconditional.make_sample_job, _request('{"guidance_scale": 2}'), 1, 100)
     assert (err.status, err.field) == (422, "guidance_scale") and "unconditional" in err.message
     assert unconditional.make_sample_job(_request('{"guidance_scale": 1}'), 1, 100).class_labels is None
+    err = _error(unconditional.make_sample_job, _request('{"guidance_interval": [0.5, 2]}'), 1, 100)
+    assert (err.status, err.field) == (422, "guidance_interval") and "unconditional" in err.message
     pixels = np.zeros((1, 8, 8, 1), np.uint8)
     err = _error(unconditional.make_likelihood_job, LikelihoodOptions(class_label=1), pixels, 0, "pixels", 100)
     assert (err.status, err.field) == (422, "class_label")
@@ -176,7 +201,7 @@ def _alone(runner: ModelRunner, job: SampleJob) -> torch.Tensor:
         return generate(runner.loaded.diffusion, runner.loaded.model, (job.num_images, *runner.image_shape),
                         job.sampler_settings, torch.Generator().manual_seed(job.seed),
                         class_labels=None if job.class_labels is None else list(job.class_labels),
-                        guidance_scale=job.guidance_scale)
+                        guidance_scale=job.guidance_scale, guidance_interval=job.guidance_interval)
 
 
 def test_guided_and_unguided_jobs_batch_by_scale_and_equal_each_job_alone(runner: ModelRunner) -> None:
@@ -186,14 +211,20 @@ def test_guided_and_unguided_jobs_batch_by_scale_and_equal_each_job_alone(runner
         SampleJob(2, "ddim", 4, 0.0, 13, True),  # no labels: with the unguided job
         SampleJob(1, "ddim", 4, 0.0, 14, True, class_labels=(1,), guidance_scale=2.0),
         SampleJob(1, "ddim", 4, 0.0, 15, True, class_labels=(1,), guidance_scale=4.0),
+        SampleJob(1, "ddim", 4, 0.0, 16, True, class_labels=(0,), guidance_scale=2.0, guidance_interval=(1.0, math.inf)),
     ]
     with _CountCalls(runner) as calls:
         results = runner.sample_many(jobs)
     for job, result in zip(jobs, results):
         assert isinstance(result, torch.Tensor), result
         torch.testing.assert_close(result, _alone(runner, job), rtol=RTOL, atol=ATOL)
-    # s = 2: 3 images on the doubled batch (6); s = 1: 3 images (1 labelled, 2 not); s = 4: 1 image doubled (2)
-    assert sorted(calls.sizes) == sorted([6] * 4 + [3] * 4 + [2] * 4)
+    # s = 2: 3 images on the doubled batch (6); s = 1: 3 images (1 labelled, 2 not); s = 4: 1 image doubled (2);
+    # s = 2 guided for sigma_t > 1 only: 1 image, doubled at the steps inside, alone at the others
+    inside = guided_network_evaluations(runner.loaded.diffusion, jobs[-1].sampler_settings, 2.0, (1.0, math.inf)) - 4
+    assert 0 < inside < 4
+    assert sorted(calls.sizes) == sorted([6] * 4 + [3] * 4 + [2] * 4 + [2] * inside + [1] * (4 - inside))
+    interval_free = runner.sample_many([dataclasses.replace(jobs[-1], guidance_interval=None)])[0]
+    assert (results[-1] - interval_free).abs().max() > 1e-3  # the interval acts
     # the guidance acts: the same seed and label at s = 1, 2 and 4 gives three different images
     unguided = runner.sample_many([SampleJob(1, "ddim", 4, 0.0, 14, True, class_labels=(1,))])[0]
     assert (results[3] - unguided).abs().max() > 1e-3 and (results[4] - results[3]).abs().max() > 1e-3

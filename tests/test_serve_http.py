@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from _serve_helpers import (
 from PIL import Image
 
 from diffusion_core.checkpoint import load_checkpoint
-from diffusion_core.generate import SamplerSettings, generate
+from diffusion_core.generate import SamplerSettings, generate, guided_network_evaluations
 from diffusion_core.guidance import with_class_labels
 from diffusion_core.images import encode_png, images_to_pngs, uint8_to_float
 from tooling.local_cluster import LocalRayCluster, derive_serve_config
@@ -423,6 +424,16 @@ def test_conditional_model_over_http(served, models: RegisteredModels, condition
         unguided = generate(local.diffusion, local.model, (2, 1, 28, 28), SamplerSettings("ddim", 4),
                             torch.Generator().manual_seed(31), class_labels=[5, 5], guidance_scale=1.0)
         assert np.abs(_png_pixels(unguided) - _png_pixels(expected)).max() > 1  # the guidance shaped the images
+        assert body["guidance_interval"] is None
+        # guided only at noise levels sigma_t in (0.5, inf): 2 evaluations at the steps inside, 1 outside
+        interval = requests.post(f"{http}/sample", json={**sandal, "guidance_interval": [0.5, None]}, timeout=120)
+        steps = SamplerSettings("ddim", 4)
+        want = guided_network_evaluations(local.diffusion, steps, 2.0, (0.5, math.inf))
+        assert interval.status_code == 200 and interval.json()["guidance_interval"] == [0.5, None], interval.text
+        assert 4 < interval.json()["network_evaluations"] == want < 8
+        expected = generate(local.diffusion, local.model, (2, 1, 28, 28), steps, torch.Generator().manual_seed(31),
+                            class_labels=[5, 5], guidance_scale=2.0, guidance_interval=(0.5, math.inf))
+        assert np.abs(_decoded(_pngs(interval)) - _png_pixels(expected)).max() <= 1
         listed = requests.post(f"{http}/sample", json={**sandal, "num_images": 3, "class_label": ["Sandal", 0, None]},
                                timeout=120)
         assert listed.status_code == 200 and listed.json()["class_labels"] == [5, 0, None], listed.text
@@ -441,9 +452,11 @@ def test_conditional_model_over_http(served, models: RegisteredModels, condition
         for body, status in [({"class_label": "Spaceship"}, 422), ({"class_label": 10}, 422),
                              ({"num_images": 2, "class_label": ["Bag", 12]}, 422),
                              ({"num_images": 3, "class_label": ["Bag", "Coat"]}, 422),
-                             ({"class_label": "Bag", "guidance_scale": -2}, 422)]:
+                             ({"class_label": "Bag", "guidance_scale": -2}, 422),
+                             ({"class_label": "Bag", "guidance_scale": 2, "guidance_interval": [3, 1]}, 422),
+                             ({"class_label": "Bag", "guidance_interval": [0.5]}, 422)]:
             bad = requests.post(f"{http}/sample", json={"num_steps": 2, **body}, timeout=120)
-            field = "guidance_scale" if "guidance_scale" in body else "class_label"
+            field = next((f for f in ("guidance_interval", "guidance_scale") if f in body), "class_label")
             assert bad.status_code == status and bad.json()["field"] == field, (body, bad.text)
         assert "Spaceship' is not a class of this model" in requests.post(
             f"{http}/sample", json={"class_label": "Spaceship"}, timeout=120).json()["error"]

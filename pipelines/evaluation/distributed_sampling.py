@@ -10,8 +10,10 @@ one-process reference.
 
 A class-conditional model draws class-balanced samples: sample index i gets the label
 ``classes[i % len(classes)]`` (``metrics.class_balanced_labels``), sampled with classifier-free
-guidance at ``guidance_scale`` (``diffusion_core.guidance``); the labels, like the noise, depend on
-the index alone.
+guidance at ``guidance_scale`` (``diffusion_core.guidance``), only at the noise levels sigma_t =
+sqrt(1 / abar_t - 1) inside ``guidance_interval`` when one is given (Kynkaanniemi et al. 2024,
+"Applying Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion
+Models"); the labels, like the noise, depend on the index alone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate
-from diffusion_core.guidance import GuidanceInterval
+from diffusion_core.guidance import GuidanceInterval, check_guidance_interval
 from pipelines.evaluation.block_pool import ModelActor, checkpoint_files, map_blocks
 from pipelines.evaluation.blocks import block_range, block_seed, num_blocks
 from pipelines.evaluation.metrics import class_balanced_labels
@@ -70,12 +72,13 @@ def sample_blocks(
 
 def sample_locally(checkpoint: str | Path, settings: SamplerSettings, num_images: int, block_size: int, seed: int,
                    device: str = "cpu", classes: Sequence[int] | None = None,
-                   guidance_scale: float = 1.0) -> np.ndarray:
-    """The images :func:`sample_distributed` returns, drawn in this process: float32 ``[N, C, H, W]``."""
+                   guidance_scale: float = 1.0, guidance_interval: GuidanceInterval | None = None) -> np.ndarray:
+    """The images :func:`sample_distributed` returns for the same arguments, drawn in this process
+    (:func:`sample_blocks` on every block): float32 ``[N, C, H, W]``."""
     loaded = load_checkpoint(checkpoint, device=device)
     out = sample_blocks(loaded.diffusion, loaded.model, loaded.unet_config.image_shape, settings, num_images,
                         block_size, seed, np.arange(num_blocks(num_images, block_size)), device, classes,
-                        guidance_scale)
+                        guidance_scale, guidance_interval)
     return out["image"]
 
 
@@ -84,15 +87,15 @@ class _SamplerActor(ModelActor):
 
     def __init__(self, files: dict[str, bytes], settings: SamplerSettings, num_images: int, block_size: int,
                  seed: int, use_gpu: bool, threads: int | None, classes: Sequence[int] | None = None,
-                 guidance_scale: float = 1.0) -> None:
+                 guidance_scale: float = 1.0, guidance_interval: GuidanceInterval | None = None) -> None:
         super().__init__(files, use_gpu, threads)
         self.settings, self.num_images, self.block_size, self.seed = settings, num_images, block_size, seed
-        self.classes, self.guidance_scale = classes, guidance_scale
+        self.classes, self.guidance_scale, self.guidance_interval = classes, guidance_scale, guidance_interval
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = sample_blocks(self.loaded.diffusion, self.loaded.model, self.loaded.unet_config.image_shape,
                             self.settings, self.num_images, self.block_size, self.seed, batch["id"], self.device,
-                            self.classes, self.guidance_scale)
+                            self.classes, self.guidance_scale, self.guidance_interval)
         out.pop("label", None)  # a function of the index alone: the caller knows it
         return out
 
@@ -101,6 +104,7 @@ def sample_distributed(
     checkpoint: str | Path, settings: SamplerSettings, num_images: int, *, block_size: int = 16, seed: int = 0,
     workers: int = 2, blocks_per_batch: int = 1, use_gpu: bool | None = None, threads: int | None = 1,
     classes: Sequence[int] | None = None, guidance_scale: float = 1.0,
+    guidance_interval: GuidanceInterval | None = None,
 ) -> np.ndarray:
     """Draw ``num_images`` samples of the checkpoint folder over Ray (see the module docstring).
 
@@ -114,20 +118,29 @@ def sample_distributed(
         classes: for a class-conditional model, the labels to balance over (sample i gets
             ``classes[i % len(classes)]``, ``metrics.class_balanced_labels``), drawn with
             classifier-free guidance at ``guidance_scale``; ``None``: unconditional.
+        guidance_interval: with ``classes``, ``(sigma_lo, sigma_hi)``: guide only the timesteps
+            with sigma_lo < sigma_t <= sigma_hi, sigma_t = sqrt(1 / abar_t - 1), and use the
+            conditional model at the others (Kynkaanniemi et al. 2024; ``generate``); ``None``:
+            guide every timestep.
 
     Returns:
         float32 ``[N, C, H, W]`` in sample-index order.
 
     Raises:
-        ValueError: on N, block_size, workers or blocks_per_batch < 1; FileNotFoundError: on a
-            missing checkpoint file.
+        ValueError: on N, block_size, workers or blocks_per_batch < 1; naming
+            ``guidance_interval`` on an invalid interval (checked here, before any actor starts,
+            when ``classes`` are given); FileNotFoundError: on a missing checkpoint file.
     """
     for name, value in (("num_images", num_images), ("block_size", block_size)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if classes is not None and guidance_interval is not None:
+        check_guidance_interval(guidance_interval)
+        guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
     kwargs = {"files": checkpoint_files(checkpoint), "settings": settings, "num_images": num_images,
               "block_size": block_size, "seed": seed, "threads": threads,
-              "classes": None if classes is None else [int(c) for c in classes], "guidance_scale": guidance_scale}
+              "classes": None if classes is None else [int(c) for c in classes], "guidance_scale": guidance_scale,
+              "guidance_interval": guidance_interval}
     out = map_blocks(_SamplerActor, kwargs, num_blocks(num_images, block_size), num_images, workers=workers,
                      blocks_per_batch=blocks_per_batch, use_gpu=use_gpu)
     return out["image"].astype(np.float32, copy=False)

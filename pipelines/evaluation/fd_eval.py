@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from diffusion_core.generate import SamplerSettings
+from diffusion_core.guidance import GuidanceInterval
 from pipelines.evaluation.distributed_sampling import sample_distributed
 from pipelines.evaluation.fd import (
     FeatureNet,
@@ -65,10 +66,13 @@ class FDSettings:
 def run_fd(
     checkpoint: str | Path, shards: str, net: FeatureNet, fd: FDSettings, sampling: SamplerSettings, seed: int,
     threads: int | None = 1, classes: Sequence[int] | None = None, guidance_scale: float = 1.0,
+    guidance_interval: GuidanceInterval | None = None,
 ) -> dict[str, Any]:
     """FD of N samples of ``checkpoint`` and the floor, against the reference of ``shards``; for a
     class-conditional model the samples are class-balanced over ``classes`` (sample i of class
-    ``classes[i % len(classes)]``) and guided at ``guidance_scale``
+    ``classes[i % len(classes)]``) and guided at ``guidance_scale``, only at the timesteps whose
+    noise level sigma_t = sqrt(1 / abar_t - 1) lies in ``guidance_interval`` = (sigma_lo, sigma_hi]
+    when given (Kynkaanniemi et al. 2024; the others use the conditional model)
     (``distributed_sampling.sample_distributed``).
 
     Returns:
@@ -76,7 +80,8 @@ def run_fd(
         "reference_cache_hit": bool, "floor_cache_hit": bool, "samples": float32 [N, C, H, W]}``.
 
     Raises:
-        ValueError: when a split has too few images, or the sampler does not fit the model.
+        ValueError: when a split has too few images, or the sampler does not fit the model;
+            naming ``guidance_interval`` on an invalid interval (with ``classes``).
     """
     reference, floor = reference_and_floor_slices(shards, fd.images, fd.reference_split, fd.floor_split,
                                                   fd.reference_images)
@@ -85,7 +90,7 @@ def run_fd(
     floor_stats, floor_hit = slice_stats(floor, net, cache)
     samples = sample_distributed(checkpoint, sampling, fd.images, block_size=fd.block_size, seed=seed,
                                  workers=fd.workers, threads=threads, classes=classes,
-                                 guidance_scale=guidance_scale)
+                                 guidance_scale=guidance_scale, guidance_interval=guidance_interval)
     return {"fd": images_fd(net, samples, ref_stats), "fd_floor": frechet_distance(floor_stats, ref_stats),
             "reference": reference, "floor": floor, "reference_cache_hit": ref_hit, "floor_cache_hit": floor_hit,
             "cache_folder": str(cache.folder), "samples": samples}

@@ -12,7 +12,11 @@ model's) and ``eval_*_cond`` with the split's true labels (the bound on -log p(x
 has one row per class of ``EvalSettings.class_labels`` and its FD samples are class-balanced over
 them (sample i of class ``classes[i % len(classes)]``), drawn with classifier-free guidance at
 ``EvalSettings.guidance_scale``; with classifier features the FD classifier's predictions of those
-samples give the class accuracy (``conditioning.class_accuracy``).
+samples give the class accuracy (``conditioning.class_accuracy``). With
+``EvalSettings.guidance_interval`` (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited
+Interval Improves Sample and Distribution Quality in Diffusion Models") the grid and the FD samples
+are guided only at the noise levels sigma_t = sqrt(1 / abar_t - 1) inside the interval and use the
+conditional model at the others (``diffusion_core.guidance``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import torch
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
-from diffusion_core.generate import SamplerSettings
-from diffusion_core.guidance import NO_LABEL, guidance_evaluations
+from diffusion_core.generate import SamplerSettings, guided_network_evaluations
+from diffusion_core.guidance import NO_LABEL, GuidanceInterval, check_guidance_interval, guidance_evaluations
 from diffusion_core.inference_network import build_inference_network
 from diffusion_core.validation import check_choice, check_int_in_range, check_number_in, check_positive_int
 from pipelines.data.shards.reader import load_manifest, read_split_numpy
@@ -91,6 +95,19 @@ class EvalSettings:
         guidance_scale: s >= 0 of the grid's and the FD's classifier-free guidance (1: the
             conditional model; 0: the unconditional one; else two network evaluations per step).
             Only 1.0 for an unconditional model.
+        guidance_interval: ``(sigma_lo, sigma_hi)``, 0 <= sigma_lo < sigma_hi (sigma_hi may be
+            ``inf``), in the units of the noise level sigma_t = sqrt(1 / abar_t - 1) (EDM's sigma
+            of the VP chain): the grid and the FD samples are guided at ``guidance_scale`` only at
+            the timesteps with sigma_lo < sigma_t <= sigma_hi and use the conditional model (one
+            network evaluation per image) at the others (Kynkaanniemi et al. 2024, "Applying
+            Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion
+            Models"; ``diffusion_core.guidance``). ``None``: every timestep is guided. Needs a
+            ``guidance_scale`` other than 0 and 1 (those do not guide) and a class-conditional
+            model (``evaluate`` refuses it for an unconditional one). Stored as a tuple of two floats.
+
+    Raises:
+        ValueError: naming the field, on a value out of range; naming ``guidance_interval`` on an
+            invalid interval or one given with ``guidance_scale`` 0 or 1.
     """
 
     model: str
@@ -111,10 +128,17 @@ class EvalSettings:
     split: EvalSplit = "val"
     class_labels: tuple[str, ...] | None = None
     guidance_scale: float = 1.0
+    guidance_interval: GuidanceInterval | None = None
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, EvalSplit)
         check_number_in("guidance_scale", self.guidance_scale, 0.0, float("inf"), high_open=True)
+        if self.guidance_interval is not None:
+            check_guidance_interval(self.guidance_interval)
+            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+            if guidance_evaluations(self.guidance_scale) == 1:
+                raise ValueError(f"guidance_interval={self.guidance_interval!r} needs a guidance_scale other than "
+                                 f"0 and 1 (got {self.guidance_scale:g}, which does not guide)")
         if self.images is not None:
             check_positive_int("images", self.images)
         check_int_in_range("exact_images", self.exact_images, 0)
@@ -249,12 +273,15 @@ def resolve_conditioning(args: EvalSettings, num_classes: int | None,
     unconditional model.
 
     Raises:
-        ValueError: naming ``--class-label`` or ``--guidance-scale`` for an unconditional model, or
-            on an unknown label (``conditioning.resolve_class_labels``).
+        ValueError: naming ``--class-label``, ``--guidance-scale`` or ``--guidance-interval`` for an
+            unconditional model, or on an unknown label (``conditioning.resolve_class_labels``).
     """
     if num_classes is None:
-        if args.guidance_scale != 1.0:
-            raise ValueError(f"--guidance-scale {args.guidance_scale:g}: this model is unconditional "
+        flags = [f"--guidance-scale {args.guidance_scale:g}"] if args.guidance_scale != 1.0 else []
+        if args.guidance_interval is not None:
+            flags.append("--guidance-interval " + " ".join(f"{v:g}" for v in args.guidance_interval))
+        if flags:
+            raise ValueError(f"{' '.join(flags)}: this model is unconditional "
                              "(UNetConfig.num_classes is null); there is nothing to guide")
         resolve_class_labels(args.class_labels, None)
         return None, ()
@@ -262,12 +289,33 @@ def resolve_conditioning(args: EvalSettings, num_classes: int | None,
     return resolve_class_labels(args.class_labels, num_classes, names), names
 
 
-def guidance_params(args: EvalSettings, classes: tuple[int, ...], sampling: dict[str, Any]) -> dict[str, Any]:
-    """MLflow params of a conditional model's samples: the labels, the guidance scale and the
-    network evaluations per image with guidance (``diffusion_core.guidance.guidance_evaluations``)."""
+def format_guidance_interval(guidance_interval: GuidanceInterval | None) -> str:
+    """The ``guidance_interval`` MLflow param: ``"LO,HI"`` (each ``repr(float)``, e.g.
+    ``"0.28,5.42"``, ``"0.5,inf"``), or ``"none"`` for ``None`` (every timestep guided)."""
+    if guidance_interval is None:
+        return "none"
+    return ",".join(repr(float(v)) for v in guidance_interval)
+
+
+def guidance_params(args: EvalSettings, classes: tuple[int, ...], diffusion: Any) -> dict[str, Any]:
+    """MLflow params of a conditional model's samples: the labels (``class_labels``, "k1,k2,..."),
+    the guidance scale (``guidance_scale``), the guidance interval (``guidance_interval``,
+    :func:`format_guidance_interval`) and the network evaluations per image of one guided draw with
+    ``args.sampling`` (``sample_guided_network_evaluations``,
+    ``diffusion_core.generate.guided_network_evaluations``: a doubled batch counts 2 per image; with
+    an interval only the model calls at guided timesteps are doubled).
+
+    Args:
+        args: the evaluation's settings; classes: the labels sampled; diffusion: the model's
+            ``GaussianDiffusion``.
+
+    Raises:
+        ValueError: if ``args.sampling`` does not fit the model (num_steps > T).
+    """
     return {"class_labels": ",".join(str(k) for k in classes), "guidance_scale": args.guidance_scale,
-            "sample_guided_network_evaluations":
-                sampling["sample_network_evaluations"] * guidance_evaluations(args.guidance_scale)}
+            "guidance_interval": format_guidance_interval(args.guidance_interval),
+            "sample_guided_network_evaluations": guided_network_evaluations(
+                diffusion, args.sampling, args.guidance_scale, args.guidance_interval)}
 
 
 def conditional_bounds(args: EvalSettings, folder: Path, loaded: LoadedModel, network: Callable[..., torch.Tensor],
@@ -297,7 +345,10 @@ def conditional_bounds(args: EvalSettings, folder: Path, loaded: LoadedModel, ne
 
 def evaluate(args: EvalSettings) -> dict[str, Any]:
     """Run the evaluation and log it (the sampler settings as ``sample_*`` params, see
-    ``metrics.sampler_params``).
+    ``metrics.sampler_params``; for a class-conditional model also :func:`guidance_params`:
+    ``class_labels``, ``guidance_scale``, ``guidance_interval`` and
+    ``sample_guided_network_evaluations``). The grid and the FD samples are drawn with
+    ``args.guidance_scale`` within ``args.guidance_interval``.
 
     Returns:
         ``{"metrics": {name: bits/dim}, "run_id", "experiment_id", "tracking_uri", "run_at", "artifact_uri",
@@ -310,8 +361,9 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     Raises:
         ValueError / FileNotFoundError: on a bad model URI, a missing model or bad shards, or
             sampler settings that do not fit the model (``num_steps`` > T; checked before the
-            bound is computed, when samples are drawn); naming ``--class-label`` or
-            ``--guidance-scale`` when given to an unconditional model, or on an unknown class.
+            bound is computed, when samples are drawn); naming ``--class-label``,
+            ``--guidance-scale`` or ``--guidance-interval`` when given to an unconditional model
+            (before the bound is computed), or on an unknown class.
     """
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -332,7 +384,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     images, true_labels, manifest = load_labelled_split(shards, shape, args.images, args.split)
     classes, names = resolve_conditioning(args, loaded.unet_config.num_classes, manifest)
     if classes is not None and draws_samples:
-        sampling_params.update(guidance_params(args, classes, sampling_params))
+        sampling_params.update(guidance_params(args, classes, loaded.diffusion))
     net = None
     if args.fd is not None:  # bad FD flags (classifier, weights file) fail before the bound is computed
         net = build_feature_net(args.fd.features, args.fd.classifier, args.fd.inception_weights, args.device)
@@ -345,7 +397,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     fd_tags: dict[str, str] = {}
     if args.fd is not None:
         fd_out = run_fd(folder, shards, net, args.fd, args.sampling, args.seed, threads=args.threads or 1,
-                        classes=classes, guidance_scale=args.guidance_scale)
+                        classes=classes, guidance_scale=args.guidance_scale,
+                        guidance_interval=args.guidance_interval)
         metrics.update(fd=fd_out["fd"], fd_floor=fd_out["fd_floor"])
         if classes is not None and isinstance(net, ClassifierFeatures):
             asked = class_balanced_labels(args.fd.images, classes).numpy()
@@ -363,7 +416,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         per_class = -(-args.samples // len(classes))
         grid = sample_grid(loaded.diffusion, network, shape, per_class * len(classes), args.sampling, args.seed,
                            class_labels=class_grid_labels(classes, per_class), guidance_scale=args.guidance_scale,
-                           nrow=per_class)[1]
+                           guidance_interval=args.guidance_interval, nrow=per_class)[1]
 
     experiment = args.experiment
     if experiment is None and source.run_id:

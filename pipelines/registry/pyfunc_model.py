@@ -5,8 +5,9 @@ pickled; its one artifact is the core checkpoint folder. Its ``predict`` is type
 list[PyfuncSampleRequest]``, MLflow 3's type-hint signatures), so MLflow infers the signature and
 validates every request against ``PyfuncSampleRequest`` before ``predict`` runs. The request's
 sampler fields are generated from the sampler registry (``diffusion_core.samplers.registry``); a
-class-conditional model also takes ``class_label`` and ``guidance_scale``, as the HTTP ``/sample``
-does (``pipelines.registry.class_labels`` resolves the labels for both).
+class-conditional model also takes ``class_label``, ``guidance_scale`` and ``guidance_interval``, as
+the HTTP ``/sample`` does (``pipelines.registry.class_labels`` resolves the labels and
+``pipelines.registry.guidance_fields`` the interval for both).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.generate import SamplerSettings, generate, seeded_generator
 from diffusion_core.samplers.registry import DEFAULT_SAMPLER, NUM_STEPS, PARAMETERS
 from pipelines.registry.class_labels import check_class_label_value, model_class_names, resolve_class_labels
+from pipelines.registry.guidance_fields import interval_from_request
 from pipelines.registry.model_store import find_checkpoint_dir, read_manifest_summary
 
 MAX_IMAGES = 256
@@ -31,18 +33,25 @@ class _SampleRequestBase(BaseModel):
 
     ``class_label`` is typed ``Optional[Any]`` (MLflow's signature has no union type) and checked
     here (``check_class_label_value``): an index >= 0, a class name, or a list of those with ``None``
-    for an image without a label.
+    for an image without a label. ``guidance_interval`` is ``Optional[Any]`` for the same reason and
+    checked by ``interval_from_request``: ``[sigma_lo, sigma_hi]`` or ``[sigma_lo, None]``.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     class_label: Optional[Any] = None
     guidance_scale: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    guidance_interval: Optional[Any] = None
 
     @field_validator("class_label", mode="before")
     @classmethod
     def _class_label_form(cls, value: Any) -> Any:
         return check_class_label_value(value)
+
+    @field_validator("guidance_interval", mode="before")
+    @classmethod
+    def _guidance_interval_form(cls, value: Any) -> Any:
+        return interval_from_request(value)
 
     def settings(self) -> SamplerSettings:
         """The ``SamplerSettings`` of this request (``spacing`` "" is the sampler's default).
@@ -87,6 +96,10 @@ Attributes:
     guidance_scale: s of classifier-free guidance (Ho & Salimans 2022), finite and >= 0; 1
         (default) is the conditional model, 0 the unconditional one, s > 1 guides (2 network
         evaluations per image per step).
+    guidance_interval: ``[sigma_lo, sigma_hi]`` (or ``[sigma_lo, None]``: no upper end): guide only
+        the steps whose noise level sigma_t = sqrt(1 / abar_t - 1) lies in (sigma_lo, sigma_hi]
+        (Kynkaanniemi et al. 2024), the others use the conditional model (1 network evaluation per
+        image); omitted: every step.
 """
 
 
@@ -121,14 +134,15 @@ class DDPMCheckpointModel(PythonModel):
                 ``num_steps`` exceeds the model's T; naming ``class_label`` if the labels do not fit
                 the model (an unconditional one, an index out of range, an unknown name, a list of
                 another length than ``num_images``); naming ``guidance_scale`` if a scale other than
-                1 is given to an unconditional model.
+                1 is given to an unconditional model; naming ``guidance_interval`` if an unconditional
+                model is given one.
         """
         results = []
         for request in model_input:
             shape = (request.num_images, *self.loaded.unet_config.image_shape)
             images = generate(self.loaded.diffusion, self.loaded.model, shape, request.settings(),
                               generator=seeded_generator(request.seed), class_labels=self._labels(request),
-                              guidance_scale=request.guidance_scale)
+                              guidance_scale=request.guidance_scale, guidance_interval=request.guidance_interval)
             results.append(images.tolist())
         return results
 
@@ -138,6 +152,9 @@ class DDPMCheckpointModel(PythonModel):
         if num_classes is None and request.guidance_scale != 1.0:
             raise ValueError(f"guidance_scale: {request.guidance_scale} asks for classifier-free guidance, but this "
                              "model is unconditional (trained without class labels)")
+        if num_classes is None and request.guidance_interval is not None:
+            raise ValueError("guidance_interval: this model is unconditional (trained without class labels) and "
+                             "takes no guidance; omit guidance_interval")
         try:
             names = model_class_names(num_classes, self.loaded.metadata, self.manifest)
             return resolve_class_labels(request.class_label, request.num_images, num_classes, names)
