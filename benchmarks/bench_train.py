@@ -18,6 +18,11 @@ and per process (Ray's daemons and each actor: where Ray's overhead goes).
 
     python benchmarks/bench_train.py --shards data/fashion-mnist-shards --threads 1 2
 
+``--precision fp32 bf16`` runs the whole comparison once per precision (``scaling.precision``: fp32, or
+bf16 autocast in the step, the bfloat16 format of Kalamkar et al. 2019, "A Study of BFLOAT16 for Deep
+Learning Training"; weights, optimizer state and the loss reduction stay fp32), so the real loop's
+images/s in bf16 and in fp32 come from one run on the same machine state.
+
 Prints a table and writes ``benchmarks/results/bench_train.json``.
 """
 
@@ -67,13 +72,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_threads(parser, None, many=True,
                 help="torch thread counts to measure, each a full comparison (default: the config's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                        help="scaling.precision of both loops, each a full comparison (default: fp32)")
     args = parser.parse_args(argv)
     require_at_least(parser, args, {"window": 1, "windows": 1, "threads": 1})
     return args
 
 
-def bench_config(args: argparse.Namespace, threads: int | None, storage: str) -> Any:
-    """The config under test: one worker reserving one CPU, nothing but training and loss logging."""
+def bench_config(args: argparse.Namespace, threads: int | None, storage: str, precision: str = "fp32") -> Any:
+    """The config under test: one worker reserving one CPU, nothing but training and loss logging, in
+    ``precision`` ("fp32" or "bf16", ``scaling.precision``)."""
     config = load_config(args.config)
     overrides = {
         "data.shards": str(Path(args.shards).resolve()),
@@ -81,6 +89,7 @@ def bench_config(args: argparse.Namespace, threads: int | None, storage: str) ->
         "train.checkpoint_every": args.window * (args.windows + 1), "train.sample_every": 0, "train.bpd_every": 0,
         "train.final_bpd_images": 0, "train.storage_path": storage, "train.run_name": f"bench-{int(time.time())}",
         "scaling.num_workers": 1, "scaling.cpus_per_worker": 1.0, "scaling.use_gpu": False, "scaling.max_failures": 0,
+        "scaling.precision": precision,
         "tracking.registered_model_name": None, "tracking.experiment_name": "bench-train",
     }
     if threads:
@@ -95,7 +104,7 @@ def plain_loop(config: Any) -> tuple[list[float], list[float]]:
     the end of each window (first window's rate dropped as warm-up; its end time kept, as the start
     of the measured period)."""
     device = torch.device("cpu")
-    configure_torch(config.scaling, device)
+    bf16 = configure_torch(config.scaling, device)
     images, _ = read_split_numpy(config.data.shards, "train")
     data = torch.from_numpy(images)
     trainee = build_trainee(config, Worker(rank=0, world_size=1, device=device), None, prepare=lambda net: net)
@@ -105,7 +114,7 @@ def plain_loop(config: Any) -> tuple[list[float], list[float]]:
     while trainee.step < config.train.total_steps:
         if start + batch > len(data):
             start = 0
-        losses, t, grad_norm = train_step(trainee, diffusion, data[start : start + batch], config, bf16=False)
+        losses, t, grad_norm = train_step(trainee, diffusion, data[start : start + batch], config, bf16=bf16)
         start += batch
         window.add(losses, t, grad_norm)
         if trainee.step % config.train.log_every == 0:
@@ -188,11 +197,11 @@ def mean_rate(rates: list[float], window: int, batch: int) -> float:
     return len(rates) * window * batch / sum(window * batch / r for r in rates)
 
 
-def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str, Any]:
-    """For one thread count: plain loop, plain loop beside an idle Ray node, Ray job with one
-    worker, Ray job with one single-threaded worker per thread (if threads > 1), plain loop again;
+def measure(args: argparse.Namespace, threads: int | None, tmp: str, precision: str = "fp32") -> dict[str, Any]:
+    """For one thread count and precision: plain loop, plain loop beside an idle Ray node, Ray job with
+    one worker, Ray job with one single-threaded worker per thread (if threads > 1), plain loop again;
     images/s, cores used, and ratios to the plain loop (before and after averaged)."""
-    config = bench_config(args, threads, f"{tmp}/runs-{threads}")
+    config = bench_config(args, threads, f"{tmp}/runs-{threads}-{precision}", precision)
     load_start = load_average_1m()
     loops = {"plain_before": timed(plain_loop, config, False),
              "plain_beside_idle_ray": timed(plain_loop_beside_idle_ray, config, False),
@@ -209,7 +218,7 @@ def measure(args: argparse.Namespace, threads: int | None, tmp: str) -> dict[str
         loop["mean"] = mean_rate(loop["windows"], args.window, batch)
     plain = mean_rate(loops["plain_before"]["windows"] + loops["plain_after"]["windows"], args.window, batch)
     return {
-        "torch_threads": torch_threads, "batch": batch, "loops": loops, "plain_mean": plain,
+        "torch_threads": torch_threads, "precision": precision, "batch": batch, "loops": loops, "plain_mean": plain,
         "ratios_over_plain": {name: loop["mean"] / plain for name, loop in loops.items()},
         "load_average_1m": {"start": load_start, "end": load_average_1m()},
     }
@@ -221,7 +230,7 @@ LABELS = {"plain_before": "plain PyTorch (before)", "plain_beside_idle_ray": "pl
 
 
 COLUMNS = (
-    Column("threads", "threads"), Column("loop", "loop", align="<"), Column("images/s", "mean", ".2f"),
+    Column("threads", "threads"), Column("precision", "precision", align="<"), Column("loop", "loop", align="<"), Column("images/s", "mean", ".2f"),
     Column("/ plain", "ratio", ".3f"), Column("train cores", "training_cores", ".2f"),
     Column("other cores", "other_cores", ".2f"), Column("windows", "windows", align="<"),
 )
@@ -230,7 +239,7 @@ COLUMNS = (
 def show(results: list[dict[str, Any]]) -> None:
     """One row per (thread count, loop): images/s, ratio to the plain loop, cores used by the
     training and by every other process over the measured windows; then the windows."""
-    print_table([{"threads": r["torch_threads"], "loop": LABELS[name], "mean": loop["mean"],
+    print_table([{"threads": r["torch_threads"], "precision": r.get("precision", "fp32"), "loop": LABELS[name], "mean": loop["mean"],
                   "ratio": r["ratios_over_plain"][name], "training_cores": loop["cores"]["training"],
                   "other_cores": loop["cores"]["other"], "windows": str([round(w, 1) for w in loop["windows"]])}
                  for r in results for name, loop in r["loops"].items()], COLUMNS)
@@ -239,9 +248,18 @@ def show(results: list[dict[str, Any]]) -> None:
             if name.startswith("ray"):
                 top = ", ".join(f"{proc} {used:.3f}" for proc, used in list(loop["cores"]["other_by_process"].items())[:8])
                 print(f"{'':>9}other cores during {LABELS[name]}: {top}")
-        print(f"threads {r['torch_threads']}: target Ray / plain >= 0.95; plain = mean of before and after "
+        print(f"threads {r['torch_threads']}, {r.get('precision', 'fp32')}: target Ray / plain >= 0.95; plain = mean of before and after "
               f"({r['plain_mean']:.2f}); batch {r['batch']}; load average {r['load_average_1m']['start']:.1f} -> "
               f"{r['load_average_1m']['end']:.1f}")
+
+
+def precision_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per thread count measured in both precisions: each loop's bf16 images/s over its fp32 images/s
+    (``{}`` unless both were measured)."""
+    by_key = {(r["torch_threads"], r["precision"]): r for r in results}
+    return {str(threads): {name: by_key[(threads, "bf16")]["loops"][name]["mean"] / loop["mean"]
+                           for name, loop in by_key[(threads, "fp32")]["loops"].items()}
+            for threads, precision in by_key if precision == "fp32" and (threads, "bf16") in by_key}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,13 +276,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = load_average_1m()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        results = [measure(args, threads, tmp) for threads in (args.threads or [None])]
+        results = [measure(args, threads, tmp, precision)
+                   for precision in args.precision for threads in (args.threads or [None])]
     figures = {
         "config": str(Path(args.config).resolve()), "shards": str(Path(args.shards).resolve()),
         "train_images": manifest.counts["train"], "window_steps": args.window, "windows": args.windows,
-        "target_ratio": 0.95, "results": results,
+        "target_ratio": 0.95, "results": results, "bf16_over_fp32": precision_ratios(results),
     }
     show(results)
+    for threads, ratios in figures["bf16_over_fp32"].items():
+        print(f"threads {threads}: bf16 / fp32 images/s: " + ", ".join(f"{LABELS[k]} {v:.3f}" for k, v in ratios.items()))
     report = build_report(SCRIPT, argv, machine_info(torch.device("cpu")), load_start, figures)
     print(f"wrote {write_report(args.output, report)}")
     return 0
